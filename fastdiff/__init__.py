@@ -1,0 +1,23 @@
+"""fastdiff: fast, exact, reproducible diffusion-model sampling.
+
+Solver math is float64 host code that compiles every sampler into per-stage coefficient rows (``fastdiff.plan``);
+backends execute a row in one memory pass; Philox noise makes a seed's sample independent of batch and backend.
+
+    import fastdiff as fd
+    plan = fd.plan("dpmpp_2m", fd.schedules.DiscreteVP.scaled_linear(), steps=20)
+    x = fd.sample(model, plan, shape=(4, 4, 64, 64), seeds=[1, 2, 3, 4])
+"""
+
+from . import schedules
+from .plan import PREDICTIONS, Plan, plan
+from .sampler import Sampler, sample
+from .solvers import SOLVERS as _SOLVER_TABLE
+from .solvers import solver_options
+from .timesteps import SPACINGS, timesteps
+
+SOLVERS = tuple(sorted(_SOLVER_TABLE))
+
+__version__ = "0.1.0"
+
+__all__ = ["schedules", "plan", "Plan", "sample", "Sampler", "timesteps", "SOLVERS", "SPACINGS", "PREDICTIONS",
+           "solver_options", "__version__"]

@@ -1,0 +1,21 @@
+"""Backend registry: which implementations of the step can run here, and the choice behind ``backend="auto"``."""
+
+from __future__ import annotations
+
+BACKENDS = ("torch",)
+
+
+def available() -> list[str]:
+    """Backends that work on this machine, fastest first."""
+    return ["torch"]
+
+
+def resolve(backend: str, device=None) -> str:
+    """Map a user's ``backend=`` to a concrete one, with a clear error for unknown names."""
+    if backend == "auto":
+        return available()[0]
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {', '.join(BACKENDS)}")
+    if backend not in available():
+        raise ValueError(f"backend {backend!r} is not available here; available: {', '.join(available())}")
+    return backend

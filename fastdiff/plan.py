@@ -1,0 +1,373 @@
+"""Plan: a sampler compiled to per-stage coefficient rows (float64), built once and cached.
+
+A sampler run is a sequence of *stages*.  A stage optionally calls the model once at a time ``t_k``, converts the
+output to the data estimate ``D`` affinely, and then updates the registers affinely:
+
+    D      = cx * x + co * out                              (out: the model output, guidance already combined)
+    x'     = M[0] . [x, D, S_0 .. S_{K-1}] + g * z          (z: fresh Philox noise, draw index ``draw[k]``)
+    S_i'   = M[1+i] . [x, D, S_0 .. S_{K-1}]                (only rows marked in ``writes[k]``; others keep S_i)
+
+``S_i`` are K history slots (earlier D's, a saved x, an accumulator); every right-hand side reads the values from
+before the stage, so one pass over memory executes it.  Langevin corrector stages add a term whose step size
+needs a per-sample reduction first (Song et al. 2021, Algorithm 4):
+
+    s = lsx * x + lsD * D  (the score),  eps = 2 * r * (snr * ||z|| / ||s||)^2,  x' += eps * s + sqrt(2 eps) z
+
+The flat row for a kernel (``Plan.rows``) is ``[cx, co, g, snr, r, lsx, lsD, M (row-major)]``.  All numbers exist
+before the loop starts: no value-dependent branching, no host syncs, nothing a CUDA graph could go stale on.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .schedules import Schedule
+from .timesteps import custom_times, timesteps
+
+PREDICTIONS = ("epsilon", "x0", "v", "score", "flow")
+ROW_HEADER = ("cx", "co", "g", "snr", "r", "lsx", "lsD")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A tiny linear-expression type, so solver code reads like the paper: x_next = a * X + b * D + c * S(0)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class Lin:
+    """A linear combination of registers: keys "x", "D" or a slot index (int)."""
+
+    __slots__ = ("c",)
+
+    def __init__(self, c=None):
+        self.c = dict(c or {})
+
+    def __add__(self, other):
+        if not isinstance(other, Lin):
+            return NotImplemented
+        out = dict(self.c)
+        for k, v in other.c.items():
+            out[k] = out.get(k, 0.0) + v
+        return Lin(out)
+
+    def __sub__(self, other):
+        return self + (-1.0) * other
+
+    def __mul__(self, a):
+        a = float(a)
+        return Lin({k: a * v for k, v in self.c.items()})
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, a):
+        return self * (1.0 / float(a))
+
+    def __neg__(self):
+        return self * -1.0
+
+    def __repr__(self):
+        return " + ".join(f"{v:.6g}*{k}" for k, v in self.c.items()) or "0"
+
+
+ZERO = Lin()
+
+
+@dataclass
+class _Stage:
+    t: float  # schedule time of the model call (nan: no model call)
+    cx: float = 0.0
+    co: float = 0.0
+    x: Lin = None
+    slots: dict = None
+    g: float = 0.0
+    langevin: tuple = (0.0, 0.0, 0.0, 0.0)  # snr, r, lsx, lsD
+
+
+class Builder:
+    """Collects stages; each solver module drives one through ``call`` / ``update``."""
+
+    def __init__(self, schedule: Schedule, prediction: str, num_slots: int):
+        self.schedule = schedule
+        self.prediction = prediction
+        self.num_slots = num_slots
+        self.stages: list[_Stage] = []
+        self._open: _Stage | None = None
+
+    X = Lin({"x": 1.0})
+    D = Lin({"D": 1.0})
+
+    @staticmethod
+    def S(i: int) -> Lin:
+        return Lin({int(i): 1.0})
+
+    def call(self, t: float):
+        """Open a stage that calls the model at schedule time ``t``; returns the registers (X, D)."""
+        assert self._open is None, "previous stage not closed"
+        t = float(t)
+        cx, co = conversion(self.schedule, self.prediction, t)
+        self._open = _Stage(t=t, cx=cx, co=co)
+        return self.X, self.D
+
+    def update(self, x: Lin, slots: dict | None = None, noise: float = 0.0, langevin=None):
+        """Close the open stage with x' = ``x`` + noise * z and the slot writes ``slots`` {index: Lin}."""
+        st = self._open
+        assert st is not None, "update() without call()"
+        st.x, st.slots, st.g = x, dict(slots or {}), float(noise)
+        if langevin is not None:
+            st.langevin = tuple(float(v) for v in langevin)
+        self.stages.append(st)
+        self._open = None
+
+    def add_noise(self, scale: float, gain: float):
+        """x <- scale * x + gain * z before the next model call (EDM churn), fused into the previous stage."""
+        if gain == 0.0 and scale == 1.0:
+            return
+        prev = self.stages[-1] if self.stages else None
+        if prev is not None and prev.g == 0.0 and prev.langevin[0] == 0.0:
+            prev.x, prev.g = scale * prev.x, gain
+        else:  # nothing to fuse into: a stage without a model call
+            self.stages.append(_Stage(t=math.nan, x=scale * self.X, slots={}, g=gain))
+
+
+def conversion(schedule: Schedule, prediction: str, t: float):
+    """(cx, co) with D = cx * x + co * out for a model output in ``prediction`` parameterization at time t."""
+    a, s = schedule.alpha(t), schedule.sigma(t)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if prediction == "epsilon":  # x = a D + s eps
+            cx, co = 1.0 / a, -s / a
+        elif prediction == "x0":
+            cx, co = 0.0, 1.0
+        elif prediction == "v":  # v = a eps - s x0  (Salimans & Ho 2022)
+            n = a * a + s * s
+            cx, co = a / n, -s / n
+        elif prediction == "score":  # score = (a D - x) / s^2
+            cx, co = 1.0 / a, s * s / a
+        elif prediction == "flow":  # out = dx / d(model time);  dx/dt = da D + ds eps
+            da, ds, rate = schedule.dalpha(t), schedule.dsigma(t), schedule.model_time_rate
+            det = ds * a - s * da
+            cx, co = ds / det, -s * rate / det
+        else:
+            raise ValueError(f"unknown prediction {prediction!r}; choose one of {', '.join(PREDICTIONS)}")
+    if not (math.isfinite(cx) and math.isfinite(co)):
+        raise ValueError(
+            f"a model predicting {prediction!r} cannot be converted to a data estimate at t={t:g} on {schedule!r} "
+            f"(alpha={a:g}, sigma={s:g}); this solver calls the model there. Use an 'x0', 'v' or 'flow' model, "
+            "or a spacing / t_max that avoids alpha = 0"
+        )
+    return float(cx), float(co)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The Plan
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class Plan:
+    """An immutable, hashable sampler program: per-stage coefficient rows over float64 numbers.
+
+    Attributes
+    ----------
+    solver, schedule, steps, prediction, spacing, final, options
+        What was asked for (``options``: a sorted tuple of (name, value)).
+    times, alphas, sigmas : ndarray, float64 [steps + 1]
+        Step boundaries from start to end; with ``final="zero"`` the last is the clean point (alpha 1, sigma 0).
+    init_scale : float
+        Std of the prior noise x_T = init_scale * n.
+    nfe : int
+        Model evaluations (one batched call each, also with guidance).
+    model_times : ndarray [nfe]
+        The time each model call receives (the schedule's ``model_time`` of the stage time).
+    num_slots : int
+        History slots K the stages use.
+    stage_times : ndarray [S]
+        Schedule time of each stage (NaN for a stage without model call).
+    calls_model : ndarray bool [S]
+    conv : ndarray [S, 2]            (cx, co)
+    update : ndarray [S, 1+K, 2+K]   rows (x', S_0'..), columns (x, D, S_0..)
+    noise_gain : ndarray [S]
+    langevin : ndarray [S, 4]        (snr, r, lsx, lsD); snr = 0 means no corrector term
+    writes : ndarray bool [S, K]     slot rows that are written
+    draw : ndarray int64 [S]         Philox draw index of the stage's noise (-1: none); draw 0 is the prior
+    num_draws : int                  largest draw index + 1
+    """
+
+    def __init__(self, *, key, solver, schedule, steps, prediction, spacing, final, options, times, stages,
+                 num_slots):
+        self._key = key
+        self.solver, self.schedule, self.steps = solver, schedule, steps
+        self.prediction, self.spacing, self.final, self.options = prediction, spacing, final, options
+        self.times = _ro(times)
+        alphas = np.asarray(schedule.alpha(times), dtype=np.float64).copy()
+        sigmas = np.asarray(schedule.sigma(times), dtype=np.float64).copy()
+        if final == "zero":
+            alphas[-1], sigmas[-1] = 1.0, 0.0
+        self.alphas, self.sigmas = _ro(alphas), _ro(sigmas)
+        self.init_scale = float(schedule.init_scale)
+        self.num_slots = K = int(num_slots)
+
+        S = len(stages)
+        self.stage_times = _ro(np.array([st.t for st in stages], dtype=np.float64))
+        self.calls_model = _ro(~np.isnan(self.stage_times))
+        self.conv = _ro(np.array([[st.cx, st.co] for st in stages], dtype=np.float64).reshape(S, 2))
+        upd = np.zeros((S, 1 + K, 2 + K))
+        writes = np.zeros((S, K), dtype=bool)
+        cols = {"x": 0, "D": 1, **{i: 2 + i for i in range(K)}}
+        for k, st in enumerate(stages):
+            for reg, v in st.x.c.items():
+                upd[k, 0, cols[reg]] += v
+            for i, lin in st.slots.items():
+                writes[k, i] = True
+                for reg, v in lin.c.items():
+                    upd[k, 1 + i, cols[reg]] += v
+        _drop_dead_writes(upd, writes)
+        self.update = _ro(upd)
+        self.writes = _ro(writes)
+        self.noise_gain = _ro(np.array([st.g for st in stages], dtype=np.float64))
+        self.langevin = _ro(np.array([st.langevin for st in stages], dtype=np.float64).reshape(S, 4))
+        noisy = (self.noise_gain != 0) | (self.langevin[:, 0] != 0)
+        draw = np.full(S, -1, dtype=np.int64)
+        draw[noisy] = 1 + np.arange(int(noisy.sum()))  # draw 0 is reserved for the prior x_T
+        self.draw = _ro(draw)
+        self.num_draws = int(draw.max() + 1) if noisy.any() else 1
+        self.nfe = int(self.calls_model.sum())
+        self.model_times = _ro(np.asarray(schedule.model_time(self.stage_times[self.calls_model]), dtype=np.float64))
+        self._check_finite()
+
+    # hashable by what was asked for; equal plans are the same program
+    def __hash__(self):
+        return hash(self._key)
+
+    def __eq__(self, other):
+        return isinstance(other, Plan) and other._key == self._key
+
+    def __setattr__(self, name, value):
+        if getattr(self, "_frozen", False):
+            raise AttributeError("Plan is immutable; build another with fastdiff.plan(...)")
+        object.__setattr__(self, name, value)
+
+    def __repr__(self):
+        return (f"Plan({self.solver!r}, {self.schedule!r}, steps={self.steps}, prediction={self.prediction!r}, "
+                f"nfe={self.nfe}, stages={self.num_stages}, slots={self.num_slots})")
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stage_times)
+
+    def rows(self) -> np.ndarray:
+        """Flat float64 coefficient rows [S, 7 + (1+K)(2+K)]: ``[cx, co, g, snr, r, lsx, lsD, M row-major]``."""
+        S = self.num_stages
+        return np.concatenate([self.conv, self.noise_gain[:, None], self.langevin, self.update.reshape(S, -1)], axis=1)
+
+    def _check_finite(self):
+        for name in ("conv", "update", "noise_gain", "langevin"):
+            arr = getattr(self, name)
+            if not np.all(np.isfinite(arr)):
+                k = int(np.argwhere(~np.isfinite(arr.reshape(len(arr), -1)))[0, 0])
+                raise ValueError(
+                    f"solver {self.solver!r} on {self.schedule!r} gives a non-finite coefficient at stage {k} "
+                    f"(t={self.stage_times[k]:g}): the solver divides by alpha or sigma there. Flow schedules start "
+                    "at alpha = 0: use flow_euler / flow_heun / ddim / euler there, or lower t_max"
+                )
+        object.__setattr__(self, "_frozen", True)
+
+
+def _drop_dead_writes(upd, writes):
+    """Remove slot writes that no later stage reads before overwriting them (saves a store per element)."""
+    S, K = writes.shape
+    live = np.zeros(K, dtype=bool)  # slot read later (before being overwritten)
+    for k in range(S - 1, -1, -1):
+        for i in range(K):
+            if writes[k, i] and not live[i]:
+                writes[k, i] = False
+                upd[k, 1 + i, :] = 0.0
+        reads = np.any(upd[k, :, 2:] != 0, axis=0)
+        # slots written here are dead before this stage unless this stage reads them
+        live = (live & ~writes[k]) | reads
+
+
+def _ro(a):
+    a = np.array(a, copy=True)
+    a.setflags(write=False)
+    return a
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fastdiff.plan(...)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _freeze(v):
+    if isinstance(v, (list, tuple, np.ndarray)):
+        return tuple(float(x) for x in np.asarray(v, dtype=np.float64).ravel())
+    return v
+
+
+def plan(solver: str, schedule: Schedule, steps: int | None = None, prediction: str = "epsilon",
+         spacing: str | None = None, final: str = "zero", *, timesteps=None, sigmas=None, **options) -> Plan:
+    """Build (or fetch from the cache) the Plan of ``solver`` on ``schedule``.
+
+    Parameters
+    ----------
+    solver : str
+        One of ``fastdiff.SOLVERS``.
+    schedule : Schedule
+    steps : int
+        Solver steps (>= 1). Implied by ``timesteps`` / ``sigmas`` when those are given.
+    prediction : {"epsilon", "x0", "v", "score", "flow"}
+        What the model outputs.
+    spacing : str, optional
+        A spacing of ``fastdiff.timesteps``; the schedule's default when omitted.
+    final : {"zero", "t_min"}
+        End on the clean point (sigma = 0) or on the schedule's smallest time.
+    timesteps, sigmas : sequence of float, optional
+        A custom descending grid (see ``fastdiff.timesteps.custom_times``).
+    **options
+        Solver options (``eta``, ``s_churn``, ``order``, ...); ``fastdiff.solver_options(name)`` lists them.
+    """
+    from .solvers import SOLVERS, build
+
+    if not isinstance(solver, str) or solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(sorted(SOLVERS))}")
+    if not isinstance(schedule, Schedule):
+        raise ValueError(f"schedule must be a fastdiff.schedules.Schedule, got {type(schedule).__name__}")
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"unknown prediction {prediction!r}; choose one of {', '.join(PREDICTIONS)}")
+    key = (solver, schedule, steps, prediction, spacing, final, _freeze(timesteps), _freeze(sigmas),
+           tuple(sorted((k, _freeze(v)) for k, v in options.items())))
+    try:
+        return _cached_plan(key)
+    except TypeError as e:  # an unhashable option value
+        raise ValueError(f"solver options must be numbers, strings or sequences: {e}") from None
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_plan(key) -> Plan:
+    from .solvers import build
+
+    solver, schedule, steps, prediction, spacing, final, ts, sg, options = key
+    spacing_opts = {}
+    opts = dict(options)
+    for name in ("rho", "steps_offset"):
+        if name in opts:
+            spacing_opts[name] = opts.pop(name)
+    if ts is not None or sg is not None:
+        if spacing is not None:
+            raise ValueError("give either spacing= or a custom timesteps= / sigmas=, not both")
+        times = custom_times(schedule, timesteps=ts, sigmas=sg, final=final)
+        if steps is not None and steps != len(times) - 1:
+            raise ValueError(f"steps={steps} disagrees with the {len(times) - 1} steps of the custom sequence")
+        steps = len(times) - 1
+        if sg is not None:
+            final = "zero" if sg[-1] == 0 else "t_min"
+    else:
+        if steps is None:
+            raise ValueError("plan() needs steps= (or a custom timesteps= / sigmas=)")
+        times = timesteps(schedule, steps, spacing, final=final, **spacing_opts)
+    stages, num_slots, opts_used = build(solver, schedule, prediction, times, final, opts)
+    return Plan(key=key, solver=solver, schedule=schedule, steps=int(steps), prediction=prediction,
+                spacing=spacing or (None if ts is not None or sg is not None else schedule.default_spacing),
+                final=final, options=tuple(sorted(opts_used.items())), times=times, stages=stages,
+                num_slots=num_slots)

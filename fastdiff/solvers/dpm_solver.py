@@ -1,0 +1,175 @@
+"""DPM-Solver (Lu et al. 2022a) and DPM-Solver++ (Lu et al. 2022b), exponential integrators in lambda.
+
+h = lambda_t - lambda_s with lambda = log(alpha / sigma).  Singlestep DPM-Solver-1/2/3 are Algorithms 1-2 of
+the first paper (noise prediction, r1 = 1/2 for order 2, r1 = 1/3, r2 = 2/3 for order 3); the multistep
+DPM-Solver++ 2M / 3M / 2M-SDE follow Algorithm 2 of the second paper in the form diffusers and k-diffusion use
+(midpoint or heun second-order term).  A step that ends on the clean point (h = inf) is first order and returns D.
+Multistep solvers warm up at lower order; with ``lower_order_final`` and fewer than 15 steps they also cool down
+(diffusers' rule), which keeps few-step sampling stable.
+"""
+
+import math
+
+from . import ETA1, LOWER_ORDER_FINAL, S_NOISE, Option, eps_hat, expm1_neg, solver
+from .ode import ancestral_split, euler_to
+
+
+def sigma_expm1(alpha_u, sigma_u, lam_u, alpha_s, sigma_s, lam_s):
+    """sigma_u (e^{lam_u - lam_s} - 1), via expm1 when finite, else as alpha_u sigma_s / alpha_s - sigma_u."""
+    if math.isfinite(lam_u) and math.isfinite(lam_s):
+        return sigma_u * math.expm1(lam_u - lam_s)
+    return alpha_u * sigma_s / alpha_s - sigma_u
+
+
+def neg_expm1(h, e_h):
+    """1 - e^{-h}, accurate for small h; e_h = e^{-h} given as a ratio handles h = inf."""
+    return -math.expm1(-h) if math.isfinite(h) else 1.0 - e_h
+
+
+# ---- singlestep DPM-Solver, noise prediction ---------------------------------------------------------------
+
+
+def _dpm_solver_step(b, g, i, order):
+    a_s, sg_s, lam_s = g.alpha[i], g.sigma[i], g.lam[i]
+    a_t, sg_t, lam_t = g.alpha[i + 1], g.sigma[i + 1], g.lam[i + 1]
+    X, D = b.call(g.t[i])
+    eps_s = eps_hat(X, D, a_s, sg_s)
+    if order == 1 or g.zero[i + 1]:
+        # DPM-Solver-1 (= DDIM): x_t = (alpha_t / alpha_s) x - sigma_t (e^h - 1) eps_s
+        b.update(x=(a_t / a_s) * X - sigma_expm1(a_t, sg_t, lam_t, a_s, sg_s, lam_s) * eps_s)
+        return
+    h = lam_t - lam_s
+    phi_t = sigma_expm1(a_t, sg_t, lam_t, a_s, sg_s, lam_s)  # sigma_t (e^h - 1)
+    rs = (0.5,) if order == 2 else (1.0 / 3.0, 2.0 / 3.0)
+    pts = []
+    for r in rs:
+        lam_u = lam_s + r * h
+        t_u = g.t_of_lambda(lam_u)
+        a_u, sg_u = g.at(t_u)
+        pts.append((t_u, a_u, sg_u, sigma_expm1(a_u, sg_u, lam_u, a_s, sg_s, lam_s)))
+    r1 = rs[0]
+    t1, a1, sg1, phi1 = pts[0]
+    # u1 = (alpha_s1 / alpha_s) x - sigma_s1 (e^{r1 h} - 1) eps_s; slots: 0 = x_s, 1 = eps_s
+    b.update(x=(a1 / a_s) * X - phi1 * eps_s, slots={0: X, 1: eps_s})
+    X, D = b.call(t1)
+    d1 = eps_hat(X, D, a1, sg1) - b.S(1)
+    if order == 2:
+        # Algorithm 1: x_t = ... - sigma_t / (2 r1) (e^h - 1) (eps(u1) - eps_s)
+        b.update(x=(a_t / a_s) * b.S(0) - phi_t * b.S(1) - (phi_t / (2 * r1)) * d1)
+        return
+    r2 = rs[1]
+    t2, a2, sg2, phi2 = pts[1]
+    # Algorithm 2: u2 = (alpha_s2/alpha_s) x - sigma_s2 (e^{r2 h} - 1) eps_s - sigma_s2 r2/r1 (phi_1(r2 h) - 1) D1
+    c2 = (sg2 * r2 / r1) * (phi2 / (sg2 * r2 * h) - 1.0)
+    b.update(x=(a2 / a_s) * b.S(0) - phi2 * b.S(1) - c2 * d1)
+    X, D = b.call(t2)
+    d2 = eps_hat(X, D, a2, sg2) - b.S(1)
+    # x_t = (alpha_t/alpha_s) x - sigma_t (e^h - 1) eps_s - sigma_t / r2 ((e^h - 1)/h - 1) D2
+    b.update(x=(a_t / a_s) * b.S(0) - phi_t * b.S(1) - ((phi_t / h - sg_t) / r2) * d2)
+
+
+def _singlestep(order):
+    def fn(b, g):
+        for i in range(g.steps):
+            _dpm_solver_step(b, g, i, order)
+
+    fn.__name__ = f"dpm_solver_{order}"
+    return fn
+
+
+for _order in (1, 2, 3):
+    solver(f"dpm_solver_{_order}", 0 if _order == 1 else 2)(_singlestep(_order))
+
+
+# ---- multistep DPM-Solver++ (data prediction) -----------------------------------------------------------------
+
+
+def step_orders(g, order, lower_order_final):
+    """Order of each step: warm-up min(order, i + 1); cool-down for < 15 steps; 1 on a step to the clean point."""
+    orders = []
+    for i in range(g.steps):
+        o = min(order, i + 1)
+        if lower_order_final and g.steps < 15:
+            o = min(o, g.steps - i)
+        if g.zero[i + 1]:
+            o = 1
+        orders.append(o)
+    return orders
+
+
+SOLVER_TYPE = Option("midpoint", lambda v: v in ("midpoint", "heun"), "solver_type must be 'midpoint' or 'heun'")
+
+
+def _multistep(b, g, order, lower_order_final, solver_type, eta=0.0, s_noise=1.0):
+    """DPM-Solver++(2M/3M), and the SDE variant when eta > 0; slot i % (order - 1) holds D_i."""
+    nring = max(order - 1, 1)
+    orders = step_orders(g, order, lower_order_final)
+    for i in range(g.steps):
+        a_s, sg_s, lam_s = g.alpha[i], g.sigma[i], g.lam[i]
+        a_t, sg_t, lam_t = g.alpha[i + 1], g.sigma[i + 1], g.lam[i + 1]
+        h = lam_t - lam_s
+        e_h = expm1_neg(a_t, sg_t, a_s, sg_s)  # e^{-h}
+        X, D = b.call(g.t[i])
+        o = orders[i]
+        # Exponential integrator with data prediction; eta > 0 gives the SDE variant (k-diffusion's h_eta).
+        e_eta = e_h**eta if eta else 1.0
+        h_eta = h * (1.0 + eta)
+        one_minus = neg_expm1(h_eta, e_h ** (1.0 + eta))  # 1 - e^{-h (1 + eta)}
+        x_next = (sg_t / sg_s) * e_eta * X + a_t * one_minus * D
+        if o >= 2:
+            D_prev = b.S((i - 1) % nring)
+            r0 = (lam_s - g.lam[i - 1]) / h
+            D1_0 = (D - D_prev) / r0
+            if o == 2:
+                D1 = D1_0
+            else:
+                D_prev2 = b.S((i - 2) % nring)
+                r1 = (g.lam[i - 1] - g.lam[i - 2]) / h
+                D1_1 = (D_prev - D_prev2) / r1
+                D1 = D1_0 + (r0 / (r0 + r1)) * (D1_0 - D1_1)
+                D2 = (D1_0 - D1_1) / (r0 + r1)
+            if o == 2 and solver_type == "midpoint":
+                x_next = x_next + (0.5 * a_t * one_minus) * D1
+            else:  # heun form, and the 3rd-order expansion (diffusers' multistep_dpm_solver_third_order_update)
+                x_next = x_next + (a_t * (one_minus / (-h_eta) + 1.0)) * D1
+            if o == 3:
+                phi_3 = (math.expm1(-h) + h) / (h * h) - 0.5
+                x_next = x_next - (a_t * phi_3) * D2
+        noise = sg_t * math.sqrt(max(-math.expm1(-2.0 * eta * h), 0.0)) * s_noise if eta and sg_t > 0 else 0.0
+        b.update(x=x_next, slots={i % nring: D} if order > 1 else {}, noise=noise)
+
+
+@solver("dpmpp_2m", 1, lower_order_final=LOWER_ORDER_FINAL, solver_type=SOLVER_TYPE)
+def dpmpp_2m(b, g, lower_order_final, solver_type):
+    _multistep(b, g, 2, lower_order_final, solver_type)
+
+
+@solver("dpmpp_3m", 2, lower_order_final=LOWER_ORDER_FINAL)
+def dpmpp_3m(b, g, lower_order_final):
+    _multistep(b, g, 3, lower_order_final, "heun")
+
+
+@solver("dpmpp_2m_sde", 1, eta=ETA1, s_noise=S_NOISE, lower_order_final=LOWER_ORDER_FINAL, solver_type=SOLVER_TYPE)
+def dpmpp_2m_sde(b, g, eta, s_noise, lower_order_final, solver_type):
+    _multistep(b, g, 2, lower_order_final, solver_type, eta=eta, s_noise=s_noise)
+
+
+@solver("dpmpp_2s_ancestral", 1, eta=ETA1, s_noise=S_NOISE)
+def dpmpp_2s_ancestral(b, g, eta, s_noise):
+    """k-diffusion's DPM-Solver++(2S) ancestral: a midpoint step to sigma_down, then noise up; slot 0 = y_i."""
+    for i in range(g.steps):
+        s, a_t = g.s[i], g.alpha[i + 1]
+        down, up = ancestral_split(s, g.s[i + 1], eta)
+        X, D = b.call(g.t[i])
+        if down == 0:
+            b.update(x=euler_to(D, eps_hat(X, D, g.alpha[i], g.sigma[i]), a_t, 0.0))
+            continue
+        h = math.log(s / down)
+        s_mid = s * math.exp(-0.5 * h)
+        t_mid = g.t_of_s(s_mid)
+        a_mid, _ = g.at(t_mid)
+        y = X / g.alpha[i]
+        # x_2 = (sigma(s)/sigma(t)) y - expm1(-h/2) D, in x = alpha y
+        b.update(x=a_mid * ((s_mid / s) * y - math.expm1(-0.5 * h) * D), slots={0: y})
+        X, D2 = b.call(t_mid)
+        b.update(x=a_t * ((down / s) * b.S(0) - math.expm1(-h) * D2), noise=a_t * up * s_noise)

@@ -1,0 +1,100 @@
+"""Probability-flow ODE solvers in k-diffusion's sigma space (Karras et al. 2022).
+
+With y = x / alpha and s = sigma / alpha the PF-ODE of any schedule is dy/ds = (y - D) / s = eps_hat
+(EDM's choice sigma(t) = t, s(t) = 1, their Sec. 3); on the EDM schedule (alpha = 1) these are EDM Algorithms 1
+and 2 literally.  Coefficients are mapped back to x = alpha y.  A step that ends on the clean point is the Euler
+step, which returns D.  Euler here is algebraically DDIM with eta = 0: y + (s' - s) eps_hat = D + s' eps_hat.
+"""
+
+import math
+
+from . import ETA1, S_NOISE, Option, _nonneg, eps_hat, solver
+
+
+def euler_to(D, d, alpha_next, s_next):
+    """x' = alpha' (y + (s' - s) d) written as alpha' (D + s' d): finite even where alpha = 0."""
+    return alpha_next * (D + s_next * d)
+
+
+@solver("euler", 0)
+def euler(b, g):
+    for i in range(g.steps):
+        X, D = b.call(g.t[i])
+        b.update(x=euler_to(D, eps_hat(X, D, g.alpha[i], g.sigma[i]), g.alpha[i + 1], g.s[i + 1]))
+
+
+def _churn_gamma(s_churn, s_tmin, s_tmax, steps, s):
+    return min(s_churn / steps, math.sqrt(2.0) - 1.0) if s_tmin <= s <= s_tmax else 0.0
+
+
+@solver("heun", 2, s_churn=Option(0.0, _nonneg, "s_churn must be >= 0"),
+        s_tmin=Option(0.0, _nonneg, "s_tmin must be >= 0"),
+        s_tmax=Option(math.inf, lambda v: isinstance(v, (int, float)) and v >= 0, "s_tmax must be >= 0"),
+        s_noise=S_NOISE)
+def heun(b, g, s_churn, s_tmin, s_tmax, s_noise):
+    """EDM Algorithm 2 (stochastic when s_churn > 0); slots: 0 = y_hat, 1 = d_i."""
+    for i in range(g.steps):
+        s_cur, s_next, a_next = g.s[i], g.s[i + 1], g.alpha[i + 1]
+        gamma = _churn_gamma(s_churn, s_tmin, s_tmax, g.steps, s_cur)
+        if gamma > 0:
+            # Increase noise temporarily: s_hat = (1 + gamma) s, y_hat = y + sqrt(s_hat^2 - s^2) S_noise z.
+            s_hat = s_cur * (1.0 + gamma)
+            t_hat = g.t_of_s(s_hat)
+            a_hat, sg_hat = g.at(t_hat)
+            b.add_noise(scale=a_hat / g.alpha[i], gain=a_hat * math.sqrt(s_hat**2 - s_cur**2) * s_noise)
+        else:
+            s_hat, t_hat, a_hat, sg_hat = s_cur, g.t[i], g.alpha[i], g.sigma[i]
+        X, D = b.call(t_hat)
+        d_cur = eps_hat(X, D, a_hat, sg_hat)
+        if g.zero[i + 1]:
+            b.update(x=euler_to(D, d_cur, a_next, s_next))
+            continue
+        # Euler step from s_hat to s_next, then the second-order correction at s_next.
+        b.update(x=euler_to(D, d_cur, a_next, s_next), slots={0: X / a_hat, 1: d_cur})
+        X, D = b.call(g.t[i + 1])
+        d_prime = eps_hat(X, D, a_next, g.sigma[i + 1])
+        b.update(x=a_next * (b.S(0) + (s_next - s_hat) * 0.5 * (b.S(1) + d_prime)))
+
+
+@solver("rk4", 2)
+def rk4(b, g):
+    """Classical Runge-Kutta 4 on dy/ds = eps_hat; slots: 0 = y_i, 1 = k1 + 2 k2 + 2 k3."""
+    for i in range(g.steps):
+        X, D = b.call(g.t[i])
+        k1 = eps_hat(X, D, g.alpha[i], g.sigma[i])
+        if g.zero[i + 1]:
+            b.update(x=euler_to(D, k1, 1.0, 0.0))
+            continue
+        s, s_next, a, a_next = g.s[i], g.s[i + 1], g.alpha[i], g.alpha[i + 1]
+        h = s_next - s
+        t_mid = g.t_of_s(s + h / 2)
+        a_mid, sg_mid = g.at(t_mid)
+        y = X / a
+        b.update(x=a_mid * (y + (h / 2) * k1), slots={0: y, 1: k1})
+        X, D = b.call(t_mid)
+        k2 = eps_hat(X, D, a_mid, sg_mid)
+        b.update(x=a_mid * (b.S(0) + (h / 2) * k2), slots={1: b.S(1) + 2.0 * k2})
+        X, D = b.call(t_mid)
+        k3 = eps_hat(X, D, a_mid, sg_mid)
+        b.update(x=a_next * (b.S(0) + h * k3), slots={1: b.S(1) + 2.0 * k3})
+        X, D = b.call(g.t[i + 1])
+        k4 = eps_hat(X, D, a_next, g.sigma[i + 1])
+        b.update(x=a_next * (b.S(0) + (h / 6) * (b.S(1) + k4)))
+
+
+def ancestral_split(s_from, s_to, eta):
+    """k-diffusion's get_ancestral_step: (sigma_down, sigma_up) with sigma_down^2 + sigma_up^2 = s_to^2."""
+    if s_to == 0 or eta == 0:
+        return s_to, 0.0
+    up = min(s_to, eta * math.sqrt(s_to**2 * (s_from**2 - s_to**2) / s_from**2))
+    return math.sqrt(s_to**2 - up**2), up
+
+
+@solver("euler_ancestral", 0, eta=ETA1, s_noise=S_NOISE)
+def euler_ancestral(b, g, eta, s_noise):
+    for i in range(g.steps):
+        X, D = b.call(g.t[i])
+        down, up = ancestral_split(g.s[i], g.s[i + 1], eta)
+        d = eps_hat(X, D, g.alpha[i], g.sigma[i])
+        # Euler to sigma_down, then add noise back up to sigma_{i+1} (in y = x / alpha).
+        b.update(x=euler_to(D, d, g.alpha[i + 1], down), noise=g.alpha[i + 1] * up * s_noise)
