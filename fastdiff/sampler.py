@@ -44,7 +44,7 @@ def _initial_state(plan, x_T, shape, noise, seeds, dtype, device):
     if seeds is None:
         raise ValueError(f"seeds= is needed to draw x_T for shape {shape}: give one integer seed per sample")
     _check_seeds(seeds, shape[0])
-    return plan.init_scale * rng.randn(shape, seeds, draw=0, dtype=dtype or torch.float32, device=device)
+    return plan.init_scale * rng.randn(shape, seeds, draw=0, dtype=dtype or torch.float32, device=device or "cpu")
 
 
 def _model_time(plan, k, batch, x):

@@ -71,6 +71,10 @@ class Schedule:
     def model_time(self, t):
         return t
 
+    def t_from_model_time(self, tau):
+        """Inverse of ``model_time``."""
+        return tau
+
     @property
     def init_scale(self) -> float:
         return float(self.sigma(self.t_max)) if self.kind == "ve" else 1.0
@@ -316,8 +320,9 @@ class SubVP(ContinuousVP):
         alpha = 2.0 * e / (1.0 + np.sqrt(1.0 + 4.0 * e * e))
         with np.errstate(divide="ignore"):
             neg_log_alpha = -np.log(alpha)
+        # t^2 db / 4 + t beta_min / 2 = -log alpha, solved without cancellation
         db = self.beta_max - self.beta_min
-        return 2.0 * neg_log_alpha / (np.sqrt(self.beta_min**2 + 2.0 * db * neg_log_alpha) + self.beta_min)
+        return 4.0 * neg_log_alpha / (np.sqrt(self.beta_min**2 + 4.0 * db * neg_log_alpha) + self.beta_min)
 
 
 @dataclass(frozen=True, repr=False)
@@ -435,6 +440,9 @@ class RectifiedFlow(Schedule):
 
     def model_time(self, t):
         return 1.0 - t if self.lipman_time else t
+
+    def t_from_model_time(self, tau):
+        return 1.0 - tau if self.lipman_time else tau
 
     def warp(self, t):
         """SD3's timestep shift; identity for shift = 1."""

@@ -100,9 +100,8 @@ def timesteps(schedule: Schedule, steps: int, spacing: str | None = None, *, fin
                              "there: use 'uniform' or lower t_max")
         s = (s_max ** (1 / rho) + u * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
         t = schedule.t_from_sigma_ratio(s)
-        t[0], t[-1] = t_max, t_min  # exact ends, no round trip through lambda
-    if n == 1:
-        t = np.array([t_max])
+    t = np.array(t, dtype=np.float64)
+    t[0], t[-1] = t_max, (t_min if n > 1 else t_max)  # exact ends, no rounding or round trip through lambda
     if isinstance(schedule, RectifiedFlow):
         t = schedule.warp(t)
     t = np.asarray(t, dtype=np.float64)

@@ -133,7 +133,7 @@ def _multistep(b, g, order, lower_order_final, solver_type, eta=0.0, s_noise=1.0
             else:  # heun form, and the 3rd-order expansion (diffusers' multistep_dpm_solver_third_order_update)
                 x_next = x_next + (a_t * (one_minus / (-h_eta) + 1.0)) * D1
             if o == 3:
-                phi_3 = (math.expm1(-h) + h) / (h * h) - 0.5
+                phi_3 = (one_minus / (-h_eta) + 1.0) / h_eta - 0.5  # = (e^{-h} - 1 + h) / h^2 - 1/2 for eta = 0
                 x_next = x_next - (a_t * phi_3) * D2
         noise = sg_t * math.sqrt(max(-math.expm1(-2.0 * eta * h), 0.0)) * s_noise if eta and sg_t > 0 else 0.0
         b.update(x=x_next, slots={i % nring: D} if order > 1 else {}, noise=noise)
@@ -152,6 +152,12 @@ def dpmpp_3m(b, g, lower_order_final):
 @solver("dpmpp_2m_sde", 1, eta=ETA1, s_noise=S_NOISE, lower_order_final=LOWER_ORDER_FINAL, solver_type=SOLVER_TYPE)
 def dpmpp_2m_sde(b, g, eta, s_noise, lower_order_final, solver_type):
     _multistep(b, g, 2, lower_order_final, solver_type, eta=eta, s_noise=s_noise)
+
+
+@solver("dpmpp_3m_sde", 2, eta=ETA1, s_noise=S_NOISE, lower_order_final=LOWER_ORDER_FINAL)
+def dpmpp_3m_sde(b, g, eta, s_noise, lower_order_final):
+    """k-diffusion's DPM-Solver++(3M) SDE."""
+    _multistep(b, g, 3, lower_order_final, "heun", eta=eta, s_noise=s_noise)
 
 
 @solver("dpmpp_2s_ancestral", 1, eta=ETA1, s_noise=S_NOISE)

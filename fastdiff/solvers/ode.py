@@ -8,6 +8,8 @@ step, which returns D.  Euler here is algebraically DDIM with eta = 0: y + (s' -
 
 import math
 
+import numpy as np
+
 from . import ETA1, S_NOISE, Option, _nonneg, eps_hat, solver
 
 
@@ -27,23 +29,32 @@ def _churn_gamma(s_churn, s_tmin, s_tmax, steps, s):
     return min(s_churn / steps, math.sqrt(2.0) - 1.0) if s_tmin <= s <= s_tmax else 0.0
 
 
-@solver("heun", 2, s_churn=Option(0.0, _nonneg, "s_churn must be >= 0"),
-        s_tmin=Option(0.0, _nonneg, "s_tmin must be >= 0"),
-        s_tmax=Option(math.inf, lambda v: isinstance(v, (int, float)) and v >= 0, "s_tmax must be >= 0"),
-        s_noise=S_NOISE)
-def heun(b, g, s_churn, s_tmin, s_tmax, s_noise):
+CHURN = dict(s_churn=Option(0.0, _nonneg, "s_churn must be >= 0"),
+             s_tmin=Option(0.0, _nonneg, "s_tmin must be >= 0"),
+             s_tmax=Option(math.inf, lambda v: isinstance(v, (int, float)) and v >= 0, "s_tmax must be >= 0"),
+             s_noise=S_NOISE)
+
+
+def churn(b, g, i, s_churn, s_tmin, s_tmax, s_noise):
+    """EDM's stochastic churn before step i: returns (s_hat, t_hat, alpha_hat, sigma_hat)."""
+    s_cur = g.s[i]
+    gamma = _churn_gamma(s_churn, s_tmin, s_tmax, g.steps, s_cur)
+    if gamma == 0:
+        return s_cur, g.t[i], g.alpha[i], g.sigma[i]
+    # Increase noise temporarily: s_hat = (1 + gamma) s, y_hat = y + sqrt(s_hat^2 - s^2) S_noise z.
+    s_hat = s_cur * (1.0 + gamma)
+    t_hat = g.t_of_s(s_hat)
+    a_hat, sg_hat = g.at(t_hat)
+    b.add_noise(scale=a_hat / g.alpha[i], gain=a_hat * math.sqrt(s_hat**2 - s_cur**2) * s_noise)
+    return s_hat, t_hat, a_hat, sg_hat
+
+
+@solver("heun", 2, **CHURN)
+def heun(b, g, **churn_opts):
     """EDM Algorithm 2 (stochastic when s_churn > 0); slots: 0 = y_hat, 1 = d_i."""
     for i in range(g.steps):
-        s_cur, s_next, a_next = g.s[i], g.s[i + 1], g.alpha[i + 1]
-        gamma = _churn_gamma(s_churn, s_tmin, s_tmax, g.steps, s_cur)
-        if gamma > 0:
-            # Increase noise temporarily: s_hat = (1 + gamma) s, y_hat = y + sqrt(s_hat^2 - s^2) S_noise z.
-            s_hat = s_cur * (1.0 + gamma)
-            t_hat = g.t_of_s(s_hat)
-            a_hat, sg_hat = g.at(t_hat)
-            b.add_noise(scale=a_hat / g.alpha[i], gain=a_hat * math.sqrt(s_hat**2 - s_cur**2) * s_noise)
-        else:
-            s_hat, t_hat, a_hat, sg_hat = s_cur, g.t[i], g.alpha[i], g.sigma[i]
+        s_next, a_next = g.s[i + 1], g.alpha[i + 1]
+        s_hat, t_hat, a_hat, sg_hat = churn(b, g, i, **churn_opts)
         X, D = b.call(t_hat)
         d_cur = eps_hat(X, D, a_hat, sg_hat)
         if g.zero[i + 1]:
@@ -98,3 +109,53 @@ def euler_ancestral(b, g, eta, s_noise):
         d = eps_hat(X, D, g.alpha[i], g.sigma[i])
         # Euler to sigma_down, then add noise back up to sigma_{i+1} (in y = x / alpha).
         b.update(x=euler_to(D, d, g.alpha[i + 1], down), noise=g.alpha[i + 1] * up * s_noise)
+
+
+@solver("dpm_2", 1, **CHURN)
+def dpm_2(b, g, **churn_opts):
+    """k-diffusion's sample_dpm_2: a midpoint (in log sigma) second-order step; slot 0 = y_hat."""
+    for i in range(g.steps):
+        s_next, a_next = g.s[i + 1], g.alpha[i + 1]
+        s_hat, t_hat, a_hat, sg_hat = churn(b, g, i, **churn_opts)
+        X, D = b.call(t_hat)
+        d = eps_hat(X, D, a_hat, sg_hat)
+        if g.zero[i + 1]:
+            b.update(x=euler_to(D, d, a_next, s_next))
+            continue
+        s_mid = math.exp(0.5 * (math.log(s_hat) + math.log(s_next)))
+        t_mid = g.t_of_s(s_mid)
+        a_mid, sg_mid = g.at(t_mid)
+        y_hat = X / a_hat
+        b.update(x=a_mid * (y_hat + (s_mid - s_hat) * d), slots={0: y_hat})
+        X, D = b.call(t_mid)
+        b.update(x=a_next * (b.S(0) + (s_next - s_hat) * eps_hat(X, D, a_mid, sg_mid)))
+
+
+def lms_coefficients(s, i, order):
+    """Integrals over [s_i, s_{i+1}] of the Lagrange basis on s_i, s_{i-1}, .. (exact polynomial integration)."""
+    nodes = [s[i - k] for k in range(order)]
+    coeffs = []
+    for j in range(order):
+        poly = np.poly1d([1.0])
+        for k in range(order):
+            if k != j:
+                poly *= np.poly1d([1.0, -nodes[k]]) / (nodes[j] - nodes[k])
+        antider = poly.integ()
+        coeffs.append(float(antider(s[i + 1]) - antider(s[i])))
+    return coeffs
+
+
+@solver("lms", lambda o: o["order"] - 1,
+        order=Option(4, lambda v: isinstance(v, int) and 1 <= v <= 6, "order must be an integer in 1..6"))
+def lms(b, g, order):
+    """k-diffusion's linear multistep (Adams-Bashforth in sigma); slot (i % (order-1)) holds d_i."""
+    nring = max(order - 1, 1)
+    for i in range(g.steps):
+        X, D = b.call(g.t[i])
+        d = eps_hat(X, D, g.alpha[i], g.sigma[i])
+        cur = min(i + 1, order)
+        c = lms_coefficients(g.s, i, cur)
+        y_next = X / g.alpha[i] + c[0] * d
+        for j in range(1, cur):
+            y_next = y_next + c[j] * b.S((i - j) % nring)
+        b.update(x=g.alpha[i + 1] * y_next, slots={i % nring: d} if order > 1 else {})
