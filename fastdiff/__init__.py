@@ -8,7 +8,7 @@ backends execute a row in one memory pass; Philox noise makes a seed's sample in
     x = fd.sample(model, plan, shape=(4, 4, 64, 64), seeds=[1, 2, 3, 4])
 """
 
-from . import schedules
+from . import backends, rng, schedules
 from .plan import PREDICTIONS, Plan, plan
 from .sampler import Sampler, sample
 from .solvers import SOLVERS as _SOLVER_TABLE
@@ -19,5 +19,5 @@ SOLVERS = tuple(sorted(_SOLVER_TABLE))
 
 __version__ = "0.1.0"
 
-__all__ = ["schedules", "plan", "Plan", "sample", "Sampler", "timesteps", "SOLVERS", "SPACINGS", "PREDICTIONS",
+__all__ = ["backends", "rng", "schedules", "plan", "Plan", "sample", "Sampler", "timesteps", "SOLVERS", "SPACINGS", "PREDICTIONS",
            "solver_options", "__version__"]

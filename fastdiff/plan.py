@@ -134,7 +134,7 @@ class Builder:
 
 def conversion(schedule: Schedule, prediction: str, t: float):
     """(cx, co) with D = cx * x + co * out for a model output in ``prediction`` parameterization at time t."""
-    a, s = schedule.alpha(t), schedule.sigma(t)
+    a, s = np.float64(schedule.alpha(t)), np.float64(schedule.sigma(t))
     with np.errstate(divide="ignore", invalid="ignore"):
         if prediction == "epsilon":  # x = a D + s eps
             cx, co = 1.0 / a, -s / a
@@ -268,8 +268,9 @@ class Plan:
                 k = int(np.argwhere(~np.isfinite(arr.reshape(len(arr), -1)))[0, 0])
                 raise ValueError(
                     f"solver {self.solver!r} on {self.schedule!r} gives a non-finite coefficient at stage {k} "
-                    f"(t={self.stage_times[k]:g}): the solver divides by alpha or sigma there. Flow schedules start "
-                    "at alpha = 0: use flow_euler / flow_heun / ddim / euler there, or lower t_max"
+                    f"(t={self.stage_times[k]:g}): the solver divides by alpha or sigma there. Schedules that reach "
+                    "alpha = 0 at t_max (flows, zero terminal SNR) work with flow_euler, flow_heun, ddim, euler, "
+                    "ddpm, dpmpp_2m/3m and unipc; for the others lower t_max or pass timesteps="
                 )
         object.__setattr__(self, "_frozen", True)
 

@@ -209,20 +209,22 @@ class DiscreteVP(Schedule):
     def _lambda(self, t):
         lam_tab = self._lam
         n = lam_tab.size
-        tc = np.clip(t, 0.0, n - 1.0)
+        bad = np.isnan(t)
+        tc = np.where(bad, 0.0, np.clip(t, 0.0, n - 1.0))
         lo = np.minimum(np.floor(tc).astype(np.int64), n - 2)
         w = tc - lo
         a, b = lam_tab[lo], lam_tab[lo + 1]
         with np.errstate(invalid="ignore"):
             lam = np.where(w == 0, a, np.where(w == 1, b, (1 - w) * a + w * b))
-        return np.where(t <= -1.0, np.inf, lam)
+        return np.where(bad, np.nan, np.where(t <= -1.0, np.inf, lam))
 
     def _dlambda(self, t):
         lam_tab = self._lam
         n = lam_tab.size
-        lo = np.clip(np.floor(t).astype(np.int64), 0, n - 2)
+        bad = np.isnan(t)
+        lo = np.clip(np.floor(np.where(bad, 0.0, t)).astype(np.int64), 0, n - 2)
         with np.errstate(invalid="ignore"):
-            return lam_tab[lo + 1] - lam_tab[lo]
+            return np.where(bad, np.nan, lam_tab[lo + 1] - lam_tab[lo])
 
     def _alpha(self, t):
         lam = self._lambda(t)

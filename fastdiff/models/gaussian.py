@@ -94,14 +94,17 @@ class GaussianMixture:
 
         return model
 
-    def sample(self, n: int, event_shape=(), generator=None) -> torch.Tensor:
-        """n exact samples of the data distribution, float64 [n, *event_shape]."""
+    def sample(self, n: int, event_shape=None, generator=None) -> torch.Tensor:
+        """n exact samples of the data distribution, float64 [n, *event_shape] (default: the means' event shape)."""
+        if event_shape is None:
+            event_shape = tuple(self.means.shape[1:])
         comp = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         shape = (n,) + tuple(event_shape)
         z = torch.randn(shape, dtype=torch.float64, generator=generator)
-        m = self.means[comp].reshape((n,) + (1,) * len(event_shape)) if self.means.dim() == 1 else self.means[comp]
-        s = self.stds[comp].reshape((n,) + (1,) * len(event_shape))
-        return m + s * z
+        lead = (n,) + (1,) * (len(shape) - 1)
+        m = self.means[comp]
+        m = m.reshape(lead) if self.means.dim() == 1 else m
+        return m + self.stds[comp].reshape(lead) * z
 
     def pf_ode_solution(self, x_T, alpha_T, sigma_T, alpha_t, sigma_t):
         """Closed-form probability-flow ODE map from (alpha_T, sigma_T) to (alpha_t, sigma_t); one component only."""

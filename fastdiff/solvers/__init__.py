@@ -102,8 +102,9 @@ def build(name, schedule, prediction, times, final, opts):
     except (ZeroDivisionError, OverflowError) as e:
         raise ValueError(
             f"solver {name!r} cannot run on {schedule!r} over t in [{grid.t[-1]:g}, {grid.t[0]:g}] ({e}): it divides "
-            "by alpha or sigma where one is 0. Flow schedules start at alpha = 0: use flow_euler / flow_heun / ddim "
-            "/ euler there, or lower t_max"
+            "by alpha or sigma where one is 0. Schedules that reach alpha = 0 at t_max (flows, zero terminal SNR) "
+            "work with flow_euler, flow_heun, ddim, euler, ddpm, dpmpp_2m/3m and unipc; for the others lower t_max "
+            "or pass timesteps="
         ) from None
     return b.stages, K, used
 

@@ -1,0 +1,91 @@
+"""Plan structure: immutable, hashable, cached, row layout, NFE accounting, noise-draw bookkeeping."""
+
+import numpy as np
+import pytest
+
+import fastdiff as fd
+from fastdiff import schedules as S
+
+
+def test_plan_is_cached_hashable_and_immutable():
+    p1 = fd.plan("dpmpp_2m", S.DiscreteVP.scaled_linear(), 20)
+    p2 = fd.plan("dpmpp_2m", S.DiscreteVP.scaled_linear(), 20)
+    assert p1 is p2 and hash(p1) == hash(p2) and {p1: 1}[p2] == 1
+    assert p1 != fd.plan("dpmpp_2m", S.DiscreteVP.scaled_linear(), 21)
+    with pytest.raises(AttributeError):
+        p1.steps = 3
+    with pytest.raises(ValueError):
+        p1.update[0, 0, 0] = 1.0  # read-only arrays
+    assert p1.times.dtype == np.float64 and p1.update.dtype == np.float64
+
+
+@pytest.mark.parametrize("solver,steps,final,nfe", [
+    ("euler", 10, "zero", 10), ("heun", 10, "zero", 19), ("heun", 10, "t_min", 20),
+    ("dpm_solver_2", 6, "t_min", 12), ("dpm_solver_3", 6, "t_min", 18), ("dpm_solver_3", 6, "zero", 16),
+    ("rk4", 5, "t_min", 20), ("rk4", 5, "zero", 17), ("dpmpp_2m", 20, "zero", 20), ("unipc", 9, "zero", 9),
+    ("pc", 7, "zero", 14), ("annealed_langevin", 4, "zero", 3 * 100 + 1), ("dpmpp_2s_ancestral", 5, "zero", 9),
+])
+def test_nfe(solver, steps, final, nfe):
+    p = fd.plan(solver, S.EDM(), steps, final=final)
+    assert p.nfe == nfe
+    assert len(p.model_times) == nfe and len(p.times) == steps + 1
+
+
+def test_rows_layout_and_model_times():
+    p = fd.plan("dpmpp_3m", S.DiscreteVP(), 8)
+    K = p.num_slots
+    rows = p.rows()
+    assert rows.shape == (p.num_stages, 7 + (1 + K) * (2 + K))
+    np.testing.assert_array_equal(rows[:, :2], p.conv)
+    np.testing.assert_array_equal(rows[:, 7:].reshape(p.update.shape), p.update)
+    np.testing.assert_array_equal(p.model_times, p.times[:-1])  # one call per boundary for multistep solvers
+    lip = S.RectifiedFlow.lipman(1e-3)
+    q = fd.plan("flow_euler", lip, 4, prediction="flow")
+    np.testing.assert_allclose(q.model_times, 1.0 - q.times[:-1])
+
+
+def test_noise_draws_are_consecutive_and_skip_the_prior():
+    p = fd.plan("euler_ancestral", S.EDM(), 6)
+    noisy = p.draw[p.draw >= 0]
+    np.testing.assert_array_equal(noisy, np.arange(1, len(noisy) + 1))
+    assert p.num_draws == len(noisy) + 1
+    assert p.draw[-1] == -1  # the step to sigma = 0 adds no noise (sigma_up = 0): no draw wasted
+    assert fd.plan("heun", S.EDM(), 6).num_draws == 1  # deterministic: only the prior
+
+
+def test_dead_slot_writes_are_dropped():
+    p = fd.plan("dpmpp_2m", S.EDM(), 10)
+    # the last step is first order (to sigma = 0), so neither it nor the step before needs to store D
+    assert not p.writes[-2:].any()
+    assert p.writes[:-2].all()
+
+
+def test_final_zero_endpoint_and_t_min():
+    for sch in (S.DiscreteVP(), S.ContinuousVP(), S.VE(), S.EDM(), S.RectifiedFlow()):
+        p = fd.plan("euler", sch, 4, prediction="x0")
+        assert (p.alphas[-1], p.sigmas[-1]) == (1.0, 0.0)
+        q = fd.plan("euler", sch, 4, final="t_min", prediction="x0")
+        assert q.times[-1] == sch.t_min and q.sigmas[-1] > 0
+
+
+def test_solver_list_and_options():
+    for name in ["ddpm", "ddim", "euler", "heun", "rk4", "euler_maruyama", "pc", "annealed_langevin",
+                 "dpm_solver_1", "dpm_solver_2", "dpm_solver_3", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde",
+                 "dpmpp_2s_ancestral", "euler_ancestral", "flow_euler", "flow_heun", "unipc"]:
+        assert name in fd.SOLVERS
+    assert fd.solver_options("ddim") == {"eta": 0.0}
+    assert fd.solver_options("pc")["corrector_steps"] == 1
+
+
+def test_every_solver_builds_on_every_schedule_or_explains():
+    for sch in (S.DiscreteVP(), S.ContinuousVP(), S.SubVP(), S.VE(), S.EDM(), S.RectifiedFlow(),
+                S.DiscreteVP.scaled_linear(rescale_betas_zero_snr=True)):
+        for solver in fd.SOLVERS:
+            try:
+                p = fd.plan(solver, sch, 5, prediction="v")
+            except ValueError as e:
+                # only schedules that reach alpha = 0 may refuse, and they must say so
+                assert sch.alpha(sch.t_max) == 0.0, (solver, sch, e)
+                assert "alpha" in str(e)
+                continue
+            assert np.all(np.isfinite(p.rows()))

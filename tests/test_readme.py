@@ -1,0 +1,25 @@
+"""The README's two commands are what CI and users run: keep .ci/run and the CLI in step with them."""
+
+import pathlib
+import re
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def readme_commands():
+    return re.findall(r"```bash\n(.+?)\n```", (ROOT / "README.md").read_text())
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    main_cmd, test_cmd = readme_commands()[:2]
+    assert "pytest" in test_cmd and "fastdiff demo" in main_cmd
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert test_cmd in ci, "the last command of .ci/run must be the README's test command"
+
+
+def test_demo_runs_quickly(tmp_path):
+    from fastdiff.cli import main
+
+    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
+    png = (tmp_path / "ring_samples.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
