@@ -256,6 +256,15 @@ class Plan:
     def num_stages(self) -> int:
         return len(self.stage_times)
 
+    def slot_reads(self, k: int) -> int:
+        """Bitmask of the history slots stage k reads (bit i: slot i); lets kernels skip dead loads."""
+        cols = np.any(self.update[k, :, 2:] != 0, axis=0)
+        return int(sum(1 << i for i in range(self.num_slots) if cols[i]))
+
+    def slot_writes(self, k: int) -> int:
+        """Bitmask of the history slots stage k writes."""
+        return int(sum(1 << i for i in range(self.num_slots) if self.writes[k, i]))
+
     def rows(self) -> np.ndarray:
         """Flat float64 coefficient rows [S, 7 + (1+K)(2+K)]: ``[cx, co, g, snr, r, lsx, lsD, M row-major]``."""
         S = self.num_stages

@@ -327,3 +327,28 @@ def randn_numpy(shape, seeds: SeedsLike, draw: int = 0, stream: int = 0) -> np.n
     n2, n3 = box_muller(u[..., 2], u[..., 3])
     noise = np.stack([n0, n1, n2, n3], axis=-1).reshape(batch, nblocks * 4)[:, :numel]
     return np.ascontiguousarray(noise.reshape(shape), dtype=np.float32)
+
+
+def normals_per_sample(seeds: torch.Tensor, draws: torch.Tensor, numel: int, stream: int = 0) -> torch.Tensor:
+    """float32 normals [B, numel] on the seeds' device, with a draw index per sample.
+
+    ``seeds``: int64 [B] holding each 64-bit seed's bit pattern (negative values are seeds >= 2^63);
+    ``draws``: int64 [B] or [1].  Same stream as :func:`randn` (which has one draw for the whole batch):
+    ``normals_per_sample(s, d, n)[b] == randn((1, n), [seed_b], draw=d_b)[0]``.  The kernels' oracle.
+    """
+    device = seeds.device
+    seeds = seeds.to(torch.int64).reshape(-1, 1)
+    draws = draws.to(torch.int64).reshape(-1, 1)
+    nblocks = (numel + 3) // 4
+    blk = torch.arange(nblocks, dtype=torch.int64, device=device)[None, :]
+    words = philox_uint32_torch(blk & _MASK32, blk >> 32, draws, stream, seeds & _MASK32, (seeds >> 32) & _MASK32)
+    u = uint_to_uniform_float_torch(words)
+    n0, n1 = box_muller_torch(u[..., 0], u[..., 1])
+    n2, n3 = box_muller_torch(u[..., 2], u[..., 3])
+    return torch.stack([n0, n1, n2, n3], dim=-1).reshape(seeds.shape[0], nblocks * 4)[:, :numel]
+
+
+def seeds_tensor(seeds, device="cpu") -> torch.Tensor:
+    """Seeds (Python ints in [0, 2^64) and friends) as an int64 [B] tensor of their bit patterns."""
+    vals = _normalize_seeds(seeds, len(seeds) if not isinstance(seeds, torch.Tensor) else seeds.numel())
+    return torch.tensor([v - (1 << 64) if v >= (1 << 63) else v for v in vals], dtype=torch.int64, device=device)

@@ -5,6 +5,22 @@ from __future__ import annotations
 BACKENDS = ("torch",)
 
 
+def load(kernel: str):
+    """Import a kernel backend module (``fastdiff.backends.<kernel>``), building it on first use.
+
+    The module provides ``OPS = {"step": fn, "add_noise": fn, "randn": fn}`` with the signatures of
+    ``fastdiff.ops.step_reference`` etc.; an import or build failure raises RuntimeError saying what is missing.
+    """
+    import importlib
+
+    try:
+        return importlib.import_module(f"fastdiff.backends.{kernel}")
+    except ModuleNotFoundError as e:
+        if e.name == f"fastdiff.backends.{kernel}":
+            raise RuntimeError(f"the {kernel!r} kernel backend is not part of this build of fastdiff") from None
+        raise
+
+
 def available() -> list[str]:
     """Backends that work on this machine, fastest first."""
     return ["torch"]

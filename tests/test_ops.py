@@ -1,0 +1,144 @@
+"""fastdiff::step / add_noise / randn on the torch kernel: the flat-row contract equals the Plan's stage semantics,
+ops pass torch.library.opcheck, compile without graph breaks, and serve per-sample rows of different plans."""
+
+import numpy as np
+import pytest
+import torch
+
+import fastdiff as fd
+from fastdiff import ops, rng
+from fastdiff import schedules as S
+from fastdiff.backends.torch_eager import run_stage
+
+SHAPE = (3, 2, 5, 7)  # odd sizes on purpose
+PLANS = [
+    fd.plan("dpmpp_3m", S.DiscreteVP(), 6),
+    fd.plan("heun", S.EDM(), 4, s_churn=5.0),
+    fd.plan("pc", S.VE(), 3, corrector_steps=2),
+    fd.plan("unipc", S.DiscreteVP.scaled_linear(), 5, order=3),
+    fd.plan("euler_ancestral", S.EDM(), 4),
+    fd.plan("dpm_solver_3", S.ContinuousVP(), 3, final="t_min"),
+    fd.plan("flow_heun", S.RectifiedFlow(), 4, prediction="flow"),
+]
+
+
+def stage_call(plan, k, x, out, slots, seeds, kernel="torch", **kw):
+    rows = torch.as_tensor(plan.rows()[k : k + 1], dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+    draws = torch.tensor([int(plan.draw[k])])
+    return ops.step(x, out, slots, rows, seeds, draws, slot_reads=plan.slot_reads(k), slot_writes=plan.slot_writes(k),
+                    use_out=bool(plan.calls_model[k]), noise=bool(plan.draw[k] >= 0),
+                    langevin=bool(plan.langevin[k, 0] != 0), kernel=kernel, **kw)
+
+
+@pytest.mark.parametrize("plan", PLANS, ids=lambda p: p.solver)
+def test_flat_rows_equal_plan_stages(plan):
+    """Run every stage twice: through the readable run_stage and through the op on flat rows (float64)."""
+    g = torch.Generator().manual_seed(0)
+    seeds_list = [3, 1 << 40, 2**64 - 5]
+    seeds = rng.seeds_tensor(seeds_list)
+    x_a = torch.randn(SHAPE, generator=g, dtype=torch.float64)
+    x_b = x_a.clone()
+    slots_a = [None] * plan.num_slots
+    slots_b = torch.zeros((plan.num_slots,) + SHAPE, dtype=torch.float64)
+    for k in range(plan.num_stages):
+        out = torch.tanh(x_a) + 0.1 * k  # any deterministic "model"
+        z = rng.randn(SHAPE, seeds_list, draw=int(plan.draw[k]), dtype=torch.float64) if plan.draw[k] >= 0 else None
+        x_a = run_stage(plan, k, x_a, out, slots_a, z)
+        x_b = stage_call(plan, k, x_b, out, slots_b, seeds)
+        torch.testing.assert_close(x_b, x_a, rtol=1e-12, atol=1e-12)
+        for i, s in enumerate(slots_a):
+            if s is not None and plan.writes[k, i]:
+                torch.testing.assert_close(slots_b[i], s, rtol=1e-12, atol=1e-12)
+
+
+def test_guidance_inside_the_step():
+    plan = fd.plan("ddim", S.DiscreteVP(), 4)
+    x = torch.randn(SHAPE)
+    out = torch.randn((2 * SHAPE[0],) + SHAPE[1:])
+    w = torch.tensor([1.0, 3.0, 7.5])  # per-sample guidance
+    slots = torch.zeros((0,) + SHAPE)
+    seeds = rng.seeds_tensor([1, 2, 3])
+    got = stage_call(plan, 1, x, out, slots, seeds, guidance=w, cfg=True)
+    mixed = out[:3] + w[:, None, None, None] * (out[3:] - out[:3])
+    want = stage_call(plan, 1, x, mixed, slots, seeds)
+    torch.testing.assert_close(got, want)
+
+
+def test_per_sample_rows_from_different_plans():
+    """One launch serves samples at different stages of different plans (serving, img2img)."""
+    p1, p2 = fd.plan("euler_ancestral", S.EDM(), 5), fd.plan("ddim", S.EDM(), 3, eta=0.5)
+    k1, k2 = 2, 1
+    x = torch.randn(2, 4, 9)
+    out = torch.randn(2, 4, 9)
+    seeds = rng.seeds_tensor([10, 20])
+    rows = torch.tensor(np.stack([p1.rows()[k1], p2.rows()[k2]]), dtype=torch.float32)
+    draws = torch.tensor([p1.draw[k1], p2.draw[k2]])
+    both = ops.step(x, out, torch.zeros(0, 2, 4, 9), rows, seeds, draws, use_out=True, noise=True)
+    a = stage_call(p1, k1, x[:1], out[:1], torch.zeros(0, 1, 4, 9), seeds[:1])
+    b = stage_call(p2, k2, x[1:], out[1:], torch.zeros(0, 1, 4, 9), seeds[1:])
+    torch.testing.assert_close(both, torch.cat([a, b]), rtol=0, atol=0)
+
+
+def _sample_args():
+    plan = fd.plan("dpmpp_2m_sde", S.EDM(), 4)
+    x = torch.randn(2, 3, 5)
+    return plan, x, torch.randn(2, 3, 5), torch.zeros(1, 2, 3, 5), rng.seeds_tensor([1, 2])
+
+
+def test_opcheck():
+    plan, x, out, slots, seeds = _sample_args()
+    rows = torch.tensor(plan.rows()[1:2], dtype=torch.float32)
+    args = (x, out, slots, rows, seeds, torch.tensor([2]), torch.zeros(1), 1, 1, True, False, True, False, "torch")
+    torch.library.opcheck(torch.ops.fastdiff.step.default, args)
+    torch.library.opcheck(torch.ops.fastdiff.add_noise.default,
+                          (x, torch.tensor([0.9, 0.5]), torch.tensor([0.3, 0.8]), seeds, torch.tensor([0]), "torch"))
+    torch.library.opcheck(torch.ops.fastdiff.randn.default, (seeds, torch.tensor([3]), [2, 3, 5], torch.float32,
+                                                             "torch"))
+
+
+def test_compiled_loop_has_no_graph_break():
+    plan, x, out, slots, seeds = _sample_args()
+    rows = torch.tensor(plan.rows(), dtype=torch.float32)
+    draws = torch.tensor(plan.draw)
+    flags = [(plan.slot_reads(k), plan.slot_writes(k), bool(plan.draw[k] >= 0)) for k in range(plan.num_stages)]
+
+    def loop(x, slots):
+        for k in range(plan.num_stages):
+            model_out = torch.tanh(x)
+            x = ops.step(x, model_out, slots, rows[k : k + 1], seeds, draws[k : k + 1], slot_reads=flags[k][0],
+                         slot_writes=flags[k][1], noise=flags[k][2])
+        return x
+
+    eager = loop(x.clone(), slots.clone())
+    compiled = torch.compile(loop, fullgraph=True, backend="aot_eager")(x.clone(), slots.clone())
+    torch.testing.assert_close(compiled, eager)
+
+
+def test_add_noise_and_randn():
+    seeds = rng.seeds_tensor([7, 8, 9])
+    x0 = torch.randn(3, 4, 6)
+    alpha, sigma = torch.tensor([1.0, 0.5, 0.1]), torch.tensor([0.0, 0.8, 0.99])
+    xt = ops.add_noise(x0, alpha, sigma, seeds)
+    z = rng.randn((3, 4, 6), [7, 8, 9], draw=0)
+    torch.testing.assert_close(xt, alpha[:, None, None] * x0 + sigma[:, None, None] * z)
+    assert torch.equal(ops.randn((3, 4, 6), [7, 8, 9], draw=5), rng.randn((3, 4, 6), [7, 8, 9], draw=5))
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(out=torch.zeros(2, 3, 4)), "out has shape"),
+    (dict(out=torch.zeros(2, 3, 5, dtype=torch.float64)), "cast the model output"),
+    (dict(seeds=torch.tensor([1])), "seeds must be an int64 tensor with one entry per sample"),
+    (dict(rows=torch.zeros(1, 5)), "rows must be"),
+    (dict(draws=torch.tensor([1.0])), "draws must be int64"),
+    (dict(slots=torch.zeros(1, 2, 3, 4)), "slots must be"),
+    (dict(x=torch.zeros(2, 5, 3).transpose(1, 2), out=torch.zeros(2, 3, 5)), "contiguous"),
+    (dict(kernel="tpu"), "unknown kernel"),
+])
+def test_step_rejects_bad_input(change, match):
+    plan, x, out, slots, seeds = _sample_args()
+    args = dict(x=x, out=out, slots=slots, rows=torch.tensor(plan.rows()[1:2], dtype=torch.float32), seeds=seeds,
+                draws=torch.tensor([2]))
+    kernel = change.pop("kernel", "torch")
+    args.update(change)
+    with pytest.raises(ValueError, match=match):
+        ops.step(**args, kernel=kernel)
