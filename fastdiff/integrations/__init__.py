@@ -1,0 +1,1 @@
+"""Integrations with other stacks (diffusers, k-diffusion, torch.distributed)."""
