@@ -234,6 +234,13 @@ class Plan:
         self.num_draws = int(draw.max() + 1) if noisy.any() else 1
         self.nfe = int(self.calls_model.sum())
         self.model_times = _ro(np.asarray(schedule.model_time(self.stage_times[self.calls_model]), dtype=np.float64))
+        # Structural flags per stage, host constants for the kernels: (slot_reads, slot_writes, use_out, noise,
+        # langevin).
+        self.stage_flags = tuple(
+            (self.slot_reads(k), self.slot_writes(k), bool(self.calls_model[k]), bool(self.draw[k] >= 0),
+             bool(self.langevin[k, 0] != 0))
+            for k in range(S)
+        )
         self._check_finite()
 
     # hashable by what was asked for; equal plans are the same program

@@ -10,8 +10,8 @@ import math
 
 import torch
 
-from . import rng
-from .backends import resolve
+from . import ops, rng
+from .backends import BACKENDS, resolve
 from .backends.torch_eager import combine_guidance, run_stage
 from .plan import Plan
 
@@ -103,9 +103,12 @@ def sample(model, plan: Plan, x_T=None, shape=None, noise=None, seeds=None, back
         raise ValueError(f"plan must be a fastdiff Plan (from fastdiff.plan(...)), got {type(plan).__name__}")
     if check_finite not in ("end", "step", "off"):
         raise ValueError(f"check_finite must be 'end', 'step' or 'off', got {check_finite!r}")
-    resolve(backend)
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {', '.join(BACKENDS)}")
     x = _initial_state(plan, x_T, shape, noise, seeds, None, None)
     batch = x.shape[0]
+    # float64 runs on the torch backend only (the kernels compute in fp32)
+    kind = "torch" if backend == "auto" and x.dtype == torch.float64 else resolve(backend, x.device.type)
     _check_seeds(seeds, batch)
     if seeds is None and plan.num_draws > 1:
         raise ValueError(f"solver {plan.solver!r} draws noise: pass seeds= (one integer per sample)")
@@ -119,20 +122,14 @@ def sample(model, plan: Plan, x_T=None, shape=None, noise=None, seeds=None, back
         if v.device != x.device:
             raise ValueError(f"conditioning {key!r} is on {v.device} but x is on {x.device}: move it with .to()")
 
+    if kind != "torch":
+        return _sample_kernel(model, plan, x, seeds, kind, guidance_scale if guided else None, kwargs, callback,
+                              check_finite)
     slots = [None] * plan.num_slots
     for k in range(plan.num_stages):
         out = None
         if plan.calls_model[k]:
-            t = _model_time(plan, k, batch, x)
-            if guided:
-                out = model(torch.cat([x, x]), torch.cat([t, t]), **kwargs)
-            else:
-                out = model(x, t, **kwargs)
-            expect = (2 * batch if guided else batch,) + tuple(x.shape[1:])
-            if not isinstance(out, torch.Tensor) or tuple(out.shape) != expect:
-                got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-                raise ValueError(f"the model returned {got}, expected a tensor of shape {expect}")
-            out = out.to(x.dtype)
+            out = _call_model(model, plan, k, x, batch, guided, kwargs)
             if guided:
                 out = combine_guidance(out, guidance_scale)
         z = None
@@ -146,9 +143,70 @@ def sample(model, plan: Plan, x_T=None, shape=None, noise=None, seeds=None, back
         if check_finite == "step" and not torch.isfinite(x).all():
             raise FloatingPointError(f"non-finite values after stage {k} (t={plan.stage_times[k]:g}) of "
                                      f"{plan.solver!r}: check the model output and the prediction type")
+    _check_end(x, plan, check_finite)
+    return x
+
+
+def _check_end(x, plan, check_finite):
     if check_finite != "off" and not torch.isfinite(x).all():
         raise FloatingPointError(f"the sample has NaN or Inf ({plan.solver!r}, {plan.nfe} model calls): rerun with "
                                  "check_finite='step' to find the stage, and check the model and prediction type")
+
+
+def _call_model(model, plan, k, x, batch, guided, kwargs):
+    t = _model_time(plan, k, batch, x)
+    if guided:
+        out = model(torch.cat([x, x]), torch.cat([t, t]), **kwargs)
+    else:
+        out = model(x, t, **kwargs)
+    expect = (2 * batch if guided else batch,) + tuple(x.shape[1:])
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != expect:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"the model returned {got}, expected a tensor of shape {expect}")
+    return out.to(x.dtype)
+
+
+_ROWS_CACHE: dict = {}
+
+
+def device_rows(plan, device) -> tuple:
+    """(rows float32 [S, R], draws int64 [S]) of a plan on a device, cached (plans are immutable)."""
+    key = (plan, str(device))
+    hit = _ROWS_CACHE.get(key)
+    if hit is None:
+        if len(_ROWS_CACHE) > 64:
+            _ROWS_CACHE.clear()
+        hit = (torch.as_tensor(plan.rows(), dtype=torch.float32, device=device),
+               torch.as_tensor(plan.draw, dtype=torch.int64, device=device))
+        _ROWS_CACHE[key] = hit
+    return hit
+
+
+def _sample_kernel(model, plan, x, seeds, kernel, guidance_scale, kwargs, callback, check_finite):
+    """The loop on a fused kernel: one ``fastdiff::step`` launch per stage, guidance combined inside it."""
+    batch, dev = x.shape[0], x.device
+    rows, draws = device_rows(plan, dev)
+    seeds_t = rng.seeds_tensor(seeds, device=dev) if seeds is not None else torch.zeros(batch, dtype=torch.int64,
+                                                                                         device=dev)
+    guided = guidance_scale is not None
+    w = torch.full((1,), float(guidance_scale) if guided else 0.0, dtype=torch.float32, device=dev)
+    slots = torch.zeros((plan.num_slots,) + tuple(x.shape), dtype=x.dtype, device=dev)
+    x = x.contiguous()
+    for k in range(plan.num_stages):
+        reads, writes, use_out, noise, langevin = plan.stage_flags[k]
+        out = _call_model(model, plan, k, x, batch, guided, kwargs).contiguous() if use_out else x
+        x_prev = x
+        x = ops.step(x, out, slots, rows[k : k + 1], seeds_t, draws[k : k + 1], w, slot_reads=reads,
+                     slot_writes=writes, use_out=use_out, cfg=guided and use_out, noise=noise, langevin=langevin,
+                     kernel=kernel)
+        if callback is not None and use_out:
+            o = combine_guidance(out, guidance_scale) if guided else out
+            cx, co = plan.conv[k]
+            callback(k, x, cx * x_prev + co * o)
+        if check_finite == "step" and not torch.isfinite(x).all():
+            raise FloatingPointError(f"non-finite values after stage {k} (t={plan.stage_times[k]:g}) of "
+                                     f"{plan.solver!r}: check the model output and the prediction type")
+    _check_end(x, plan, check_finite)
     return x
 
 
@@ -161,7 +219,8 @@ class Sampler:
     def __init__(self, model, plan: Plan, backend: str = "auto", guidance_scale=None):
         if not isinstance(plan, Plan):
             raise ValueError("plan must be a fastdiff Plan (from fastdiff.plan(...))")
-        resolve(backend)
+        if backend != "auto" and backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {', '.join(BACKENDS)}")
         self.model, self.plan, self.backend, self.guidance_scale = model, plan, backend, guidance_scale
 
     def sample(self, shape_or_x=None, *, x_T=None, shape=None, noise=None, seeds=None, cond=None, uncond=None,

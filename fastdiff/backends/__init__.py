@@ -1,18 +1,27 @@
-"""Backend registry: which implementations of the step can run here, and the choice behind ``backend="auto"``."""
+"""Backend registry: which implementations of the step can run here, and the choice behind ``backend="auto"``.
+
+- ``torch``: plain torch ops (any device, float64 too); the readable oracle.
+- ``cpu``: C++/OpenMP kernel from csrc/cpu, built with ninja on first use.
+- ``triton``: Triton kernel from kernels/ (CUDA devices; CPU only under TRITON_INTERPRET=1, for tests).
+- ``cuda``: CUDA C++ from csrc/cuda compiled at runtime through CuPy's NVRTC.
+"""
 
 from __future__ import annotations
 
-BACKENDS = ("torch",)
+import importlib
+
+BACKENDS = ("torch", "cpu", "triton", "cuda")
+_PREFERENCE = {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")}
 
 
 def load(kernel: str):
     """Import a kernel backend module (``fastdiff.backends.<kernel>``), building it on first use.
 
     The module provides ``OPS = {"step": fn, "add_noise": fn, "randn": fn}`` with the signatures of
-    ``fastdiff.ops.step_reference`` etc.; an import or build failure raises RuntimeError saying what is missing.
+    ``fastdiff.ops.step_reference`` etc. and ``available() -> (bool, reason)``.
     """
-    import importlib
-
+    if kernel not in BACKENDS or kernel == "torch":
+        raise ValueError(f"no kernel module for {kernel!r}; kernel backends: cpu, triton, cuda")
     try:
         return importlib.import_module(f"fastdiff.backends.{kernel}")
     except ModuleNotFoundError as e:
@@ -21,17 +30,35 @@ def load(kernel: str):
         raise
 
 
+def status(kernel: str) -> tuple[bool, str]:
+    """(usable here, reason) for one backend; never raises."""
+    if kernel == "torch":
+        return True, "plain torch ops"
+    try:
+        return load(kernel).available()
+    except Exception as e:  # a backend that cannot even be imported is simply unavailable
+        return False, f"{type(e).__name__}: {e}"
+
+
 def available() -> list[str]:
-    """Backends that work on this machine, fastest first."""
-    return ["torch"]
+    """Backends that work on this machine, in order of preference."""
+    return [k for k in ("cuda", "triton", "cpu", "torch") if status(k)[0]]
 
 
-def resolve(backend: str, device=None) -> str:
-    """Map a user's ``backend=`` to a concrete one, with a clear error for unknown names."""
+def resolve(backend: str, device_type: str = "cpu") -> str:
+    """Map ``backend=`` to a concrete backend for tensors on ``device_type`` ("cpu" or "cuda")."""
     if backend == "auto":
-        return available()[0]
+        for k in _PREFERENCE.get(device_type, ("torch",)):
+            if status(k)[0]:
+                return k
+        return "torch"
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {', '.join(BACKENDS)}")
-    if backend not in available():
-        raise ValueError(f"backend {backend!r} is not available here; available: {', '.join(available())}")
+    if backend == "cpu" and device_type != "cpu":
+        raise ValueError(f"backend 'cpu' runs on CPU tensors, but the data is on {device_type}: use 'auto'")
+    if backend == "cuda" and device_type != "cuda":
+        raise ValueError(f"backend 'cuda' needs CUDA tensors, but the data is on {device_type}: use 'auto'")
+    ok, why = status(backend)
+    if not ok:
+        raise ValueError(f"backend {backend!r} is not available here: {why}")
     return backend
