@@ -70,6 +70,24 @@ class Grid:
     def t_of_s(self, s):
         return float(self.schedule.t_from_sigma_ratio(s))
 
+    def point_at_s(self, s):
+        """(t, alpha, sigma) with sigma / alpha = s exactly.
+
+        Beyond the schedule's range (EDM churn above a DiscreteVP table's largest sigma) the time is clamped, so
+        the model is conditioned on the nearest time as k-diffusion and diffusers do, while alpha and sigma keep
+        the requested noise level (VP: alpha^2 + sigma^2 = 1; VE: alpha = 1).
+        """
+        t = self.t_of_s(s)
+        a, sg = self.at(t)
+        if abs(sg / a - s) <= 1e-9 * s:
+            return t, a, sg
+        if abs(a * a + sg * sg - 1.0) < 1e-9:
+            a = 1.0 / math.sqrt(1.0 + s * s)
+            return t, a, s * a
+        if a == 1.0:
+            return t, 1.0, s
+        raise ValueError(f"noise level sigma/alpha={s:g} lies outside {self.schedule!r}'s range")
+
 
 def eps_hat(X, D, alpha, sigma):
     """The noise estimate (x - alpha D) / sigma, which is also dy/ds in k-diffusion's sigma space."""

@@ -144,9 +144,10 @@ def dpmpp_2m(b, g, lower_order_final, solver_type):
     _multistep(b, g, 2, lower_order_final, solver_type)
 
 
-@solver("dpmpp_3m", 2, lower_order_final=LOWER_ORDER_FINAL)
-def dpmpp_3m(b, g, lower_order_final):
-    _multistep(b, g, 3, lower_order_final, "heun")
+@solver("dpmpp_3m", 2, lower_order_final=LOWER_ORDER_FINAL, solver_type=SOLVER_TYPE)
+def dpmpp_3m(b, g, lower_order_final, solver_type):
+    """DPM-Solver++(3M); ``solver_type`` picks the form of its second-order warm-up / cool-down steps (diffusers)."""
+    _multistep(b, g, 3, lower_order_final, solver_type)
 
 
 @solver("dpmpp_2m_sde", 1, eta=ETA1, s_noise=S_NOISE, lower_order_final=LOWER_ORDER_FINAL, solver_type=SOLVER_TYPE)
@@ -172,8 +173,7 @@ def dpmpp_2s_ancestral(b, g, eta, s_noise):
             continue
         h = math.log(s / down)
         s_mid = s * math.exp(-0.5 * h)
-        t_mid = g.t_of_s(s_mid)
-        a_mid, _ = g.at(t_mid)
+        t_mid, a_mid, _ = g.point_at_s(s_mid)
         y = X / g.alpha[i]
         # x_2 = (sigma(s)/sigma(t)) y - expm1(-h/2) D, in x = alpha y
         b.update(x=a_mid * ((s_mid / s) * y - math.expm1(-0.5 * h) * D), slots={0: y})

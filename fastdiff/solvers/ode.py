@@ -43,8 +43,7 @@ def churn(b, g, i, s_churn, s_tmin, s_tmax, s_noise):
         return s_cur, g.t[i], g.alpha[i], g.sigma[i]
     # Increase noise temporarily: s_hat = (1 + gamma) s, y_hat = y + sqrt(s_hat^2 - s^2) S_noise z.
     s_hat = s_cur * (1.0 + gamma)
-    t_hat = g.t_of_s(s_hat)
-    a_hat, sg_hat = g.at(t_hat)
+    t_hat, a_hat, sg_hat = g.point_at_s(s_hat)
     b.add_noise(scale=a_hat / g.alpha[i], gain=a_hat * math.sqrt(s_hat**2 - s_cur**2) * s_noise)
     return s_hat, t_hat, a_hat, sg_hat
 
@@ -78,8 +77,7 @@ def rk4(b, g):
             continue
         s, s_next, a, a_next = g.s[i], g.s[i + 1], g.alpha[i], g.alpha[i + 1]
         h = s_next - s
-        t_mid = g.t_of_s(s + h / 2)
-        a_mid, sg_mid = g.at(t_mid)
+        t_mid, a_mid, sg_mid = g.point_at_s(s + h / 2)
         y = X / a
         b.update(x=a_mid * (y + (h / 2) * k1), slots={0: y, 1: k1})
         X, D = b.call(t_mid)
@@ -123,8 +121,7 @@ def dpm_2(b, g, **churn_opts):
             b.update(x=euler_to(D, d, a_next, s_next))
             continue
         s_mid = math.exp(0.5 * (math.log(s_hat) + math.log(s_next)))
-        t_mid = g.t_of_s(s_mid)
-        a_mid, sg_mid = g.at(t_mid)
+        t_mid, a_mid, sg_mid = g.point_at_s(s_mid)
         y_hat = X / a_hat
         b.update(x=a_mid * (y_hat + (s_mid - s_hat) * d), slots={0: y_hat})
         X, D = b.call(t_mid)
