@@ -103,11 +103,15 @@ class Builder:
     def S(i: int) -> Lin:
         return Lin({int(i): 1.0})
 
-    def call(self, t: float):
-        """Open a stage that calls the model at schedule time ``t``; returns the registers (X, D)."""
+    def call(self, t: float, alpha=None, sigma=None):
+        """Open a stage that calls the model at schedule time ``t``; returns the registers (X, D).
+
+        ``alpha``, ``sigma`` override the schedule's values where the noise level differs from the time the
+        model is conditioned on (a churned level beyond the schedule's range, see ``Grid.point_at_s``).
+        """
         assert self._open is None, "previous stage not closed"
         t = float(t)
-        cx, co = conversion(self.schedule, self.prediction, t)
+        cx, co = conversion(self.schedule, self.prediction, t, alpha, sigma)
         self._open = _Stage(t=t, cx=cx, co=co)
         return self.X, self.D
 
@@ -132,9 +136,10 @@ class Builder:
             self.stages.append(_Stage(t=math.nan, x=scale * self.X, slots={}, g=gain))
 
 
-def conversion(schedule: Schedule, prediction: str, t: float):
+def conversion(schedule: Schedule, prediction: str, t: float, alpha=None, sigma=None):
     """(cx, co) with D = cx * x + co * out for a model output in ``prediction`` parameterization at time t."""
-    a, s = np.float64(schedule.alpha(t)), np.float64(schedule.sigma(t))
+    a = np.float64(schedule.alpha(t) if alpha is None else alpha)
+    s = np.float64(schedule.sigma(t) if sigma is None else sigma)
     with np.errstate(divide="ignore", invalid="ignore"):
         if prediction == "epsilon":  # x = a D + s eps
             cx, co = 1.0 / a, -s / a

@@ -54,7 +54,7 @@ def heun(b, g, **churn_opts):
     for i in range(g.steps):
         s_next, a_next = g.s[i + 1], g.alpha[i + 1]
         s_hat, t_hat, a_hat, sg_hat = churn(b, g, i, **churn_opts)
-        X, D = b.call(t_hat)
+        X, D = b.call(t_hat, a_hat, sg_hat)
         d_cur = eps_hat(X, D, a_hat, sg_hat)
         if g.zero[i + 1]:
             b.update(x=euler_to(D, d_cur, a_next, s_next))
@@ -115,7 +115,7 @@ def dpm_2(b, g, **churn_opts):
     for i in range(g.steps):
         s_next, a_next = g.s[i + 1], g.alpha[i + 1]
         s_hat, t_hat, a_hat, sg_hat = churn(b, g, i, **churn_opts)
-        X, D = b.call(t_hat)
+        X, D = b.call(t_hat, a_hat, sg_hat)
         d = eps_hat(X, D, a_hat, sg_hat)
         if g.zero[i + 1]:
             b.update(x=euler_to(D, d, a_next, s_next))
