@@ -86,12 +86,17 @@ class Run:
         self.noises, self.batch, self.draws = noises, batch, 0
 
     # -- the model ----------------------------------------------------------------------------------------------
-    def eval(self, x: torch.Tensor, t: float) -> Out:
-        """Call the model at schedule time ``t`` (it receives ``schedule.model_time(t)``) and convert its output."""
+    def eval(self, x: torch.Tensor, t: float, alpha=None, sigma=None) -> Out:
+        """Call the model at schedule time ``t`` (it receives ``schedule.model_time(t)``) and convert its output.
+
+        ``alpha``, ``sigma``: the noise level of ``x`` where it differs from the time the model is conditioned on
+        (a level above the top of a DiscreteVP table, see ``ode.point_at_s``); default: the schedule's at ``t``.
+        """
         sch, t = self.schedule, float(t)
         tm = torch.full((x.shape[0],), float(sch.model_time(t)), dtype=torch.float64, device=x.device)
         out = self.model(x, tm).to(torch.float64)
-        a, s = float(sch.alpha(t)), float(sch.sigma(t))
+        a = float(sch.alpha(t)) if alpha is None else float(alpha)
+        s = float(sch.sigma(t)) if sigma is None else float(sigma)
         da, ds = float(sch.dalpha(t)), float(sch.dsigma(t))
         p, r = self.prediction, Out()
         if p == "epsilon":  # x = alpha x0 + sigma eps

@@ -2,15 +2,15 @@
 
 Every schedule is run as EDM's sigma(t) = t, s(t) = 1 (their Sec. 3): y = x / alpha, s = sigma / alpha, and the
 PF-ODE is dy/ds = (y - D(y; s)) / s.  The network is called with the unscaled x = alpha(t) y at the schedule time
-t with sigma(t) / alpha(t) = s (``schedule.t_from_sigma_ratio``).  On EDM's schedule (alpha = 1) these are the
-papers' algorithms letter for letter.
+t with sigma(t) / alpha(t) = s (``schedule.t_from_sigma_ratio``; above a DiscreteVP table's top see ``point_at_s``).
+On EDM's schedule (alpha = 1) these are the papers' algorithms letter for letter.
 """
 
 from __future__ import annotations
 
 import math
 
-from scipy import integrate
+from ..schedules import DiscreteVP
 
 
 def _to_y(x, alpha, name):
@@ -40,43 +40,81 @@ def euler(run, x):
     return x
 
 
+def point_at_s(schedule, s):
+    """(t, alpha, sigma) of the noise level sigma / alpha = s.
+
+    Inside the schedule's range t = ``t_from_sigma_ratio(s)``.  Above the top of a DiscreteVP table (EDM churn at
+    the first step) the time is clamped to t_max, so the network is conditioned on its largest timestep as
+    k-diffusion's and diffusers' discrete wrappers do, while the state keeps the requested level:
+    alpha = 1/sqrt(1 + s^2), sigma = s alpha (VP); alpha = 1, sigma = s (VE).
+    """
+    t = float(schedule.t_from_sigma_ratio(s))
+    a, sg = float(schedule.alpha(t)), float(schedule.sigma(t))
+    if abs(sg / a - s) <= 1e-9 * s:
+        return t, a, sg
+    if isinstance(schedule, DiscreteVP):
+        a = 1.0 / math.sqrt(1.0 + s * s)
+        return t, a, s * a
+    if schedule.kind == "ve":
+        return t, 1.0, s
+    raise ValueError(f"reference: noise level sigma/alpha = {s:g} lies outside {schedule!r}'s range")
+
+
 def _churn(run, x, i, s_churn, s_tmin, s_tmax, s_noise, name):
-    """EDM Algorithm 2, lines 4-6: returns (y_hat, s_hat, t_hat)."""
+    """EDM Algorithm 2, lines 4-6: returns (x_hat, s_hat, (t_hat, alpha_hat, sigma_hat)), x_hat unscaled."""
     g = run.grid
     s_i = g.s[i]
-    y = _to_y(x, g.alpha[i], name)
     # gamma_i = min(S_churn / N, sqrt(2) - 1) if t_i in [S_tmin, S_tmax], else 0
     gamma = min(s_churn / g.steps, math.sqrt(2.0) - 1.0) if s_tmin <= s_i <= s_tmax else 0.0
-    if gamma == 0 or s_noise == 0:  # no churn, or churn without noise: nothing drawn (t_hat = t_i when gamma = 0)
-        if gamma == 0:
-            return y, s_i, g.t[i]
-        s_hat = s_i + gamma * s_i
-        return y, s_hat, float(run.schedule.t_from_sigma_ratio(s_hat))
-    # t_hat = t_i + gamma t_i; sample eps ~ N(0, S_noise^2 I); x_hat = x_i + sqrt(t_hat^2 - t_i^2) eps
+    if gamma == 0:
+        return x, s_i, _boundary(g, i)
+    # t_hat = t_i + gamma t_i
     s_hat = s_i + gamma * s_i
-    eps = s_noise * run.noise(x)
-    y_hat = y + math.sqrt(s_hat**2 - s_i**2) * eps
-    return y_hat, s_hat, float(run.schedule.t_from_sigma_ratio(s_hat))
+    pt = point_at_s(run.schedule, s_hat)
+    y_hat = _to_y(x, g.alpha[i], name)
+    if s_noise != 0:  # (no draw for a churn without noise)
+        # sample eps ~ N(0, S_noise^2 I); x_hat = x_i + sqrt(t_hat^2 - t_i^2) eps
+        eps = s_noise * run.noise(x)
+        y_hat = y_hat + math.sqrt(s_hat**2 - s_i**2) * eps
+    return pt[1] * y_hat, s_hat, pt
 
 
-def _D(run, y, t):
-    """D(x; t) at the schedule time t, the network seeing x = alpha(t) y."""
-    return run.eval(float(run.schedule.alpha(t)) * y, t).x0
+def _D(run, y, pt):
+    """D(x; s) at the point pt = (t, alpha, sigma) of the level s = sigma / alpha, the network seeing x = alpha y."""
+    t, a, sg = pt
+    return run.eval(a * y, t, a, sg).x0
+
+
+def _boundary(g, i):
+    return g.t[i], g.alpha[i], g.sigma[i]
+
+
+def _start(run, x_hat, pt, i, name):
+    """(y_hat, D(x_hat; t_hat)); y_hat is None where alpha = 0, which only a step to the clean point survives."""
+    t_hat, alpha_hat, sigma_hat = pt
+    D = run.eval(x_hat, t_hat, alpha_hat, sigma_hat).x0
+    if alpha_hat == 0 and not run.grid.clean[i + 1]:
+        _to_y(x_hat, alpha_hat, name)  # raises
+    return (x_hat / alpha_hat if alpha_hat else None), D
 
 
 def heun(run, x, s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0):
     """Karras et al. 2022, Algorithm 2 (stochastic sampler; Algorithm 1's Heun steps when S_churn = 0)."""
     g = run.grid
     for i in range(g.steps):
-        s_next, t_next = g.s[i + 1], g.t[i + 1]
-        y_hat, s_hat, t_hat = _churn(run, x, i, s_churn, s_tmin, s_tmax, s_noise, "heun")
+        s_next = g.s[i + 1]
+        x_hat, s_hat, pt_hat = _churn(run, x, i, s_churn, s_tmin, s_tmax, s_noise, "heun")
+        y_hat, D = _start(run, x_hat, pt_hat, i, "heun")
+        if y_hat is None:  # s_hat = inf (alpha = 0) to s = 0: the Euler step's limit is D
+            x = D
+            continue
         # d_i = (x_hat - D(x_hat; t_hat)) / t_hat
-        d_cur = (y_hat - _D(run, y_hat, t_hat)) / s_hat
+        d_cur = (y_hat - D) / s_hat
         # Euler step from t_hat to t_{i+1}
         y_next = y_hat + (s_next - s_hat) * d_cur
         if not g.clean[i + 1]:
             # second-order correction: d'_i = (x_{i+1} - D(x_{i+1}; t_{i+1})) / t_{i+1}
-            d_prime = (y_next - _D(run, y_next, t_next)) / s_next
+            d_prime = (y_next - _D(run, y_next, _boundary(g, i + 1))) / s_next
             y_next = y_hat + (s_next - s_hat) * (0.5 * d_cur + 0.5 * d_prime)
         x = g.alpha[i + 1] * y_next
     return x
@@ -87,8 +125,12 @@ def dpm_2(run, x, s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0):
     g = run.grid
     for i in range(g.steps):
         s_next = g.s[i + 1]
-        y_hat, s_hat, t_hat = _churn(run, x, i, s_churn, s_tmin, s_tmax, s_noise, "dpm_2")
-        d = (y_hat - _D(run, y_hat, t_hat)) / s_hat
+        x_hat, s_hat, pt_hat = _churn(run, x, i, s_churn, s_tmin, s_tmax, s_noise, "dpm_2")
+        y_hat, D = _start(run, x_hat, pt_hat, i, "dpm_2")
+        if y_hat is None:
+            x = D
+            continue
+        d = (y_hat - D) / s_hat
         if g.clean[i + 1]:
             # denoising step: Euler to sigma = 0
             y_next = y_hat + (s_next - s_hat) * d
@@ -96,8 +138,7 @@ def dpm_2(run, x, s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0):
             # sigma_mid = exp(lerp(log sigma_hat, log sigma_{i+1}, 0.5)); Euler half step to it
             s_mid = math.exp(0.5 * (math.log(s_hat) + math.log(s_next)))
             y_2 = y_hat + d * (s_mid - s_hat)
-            t_mid = float(run.schedule.t_from_sigma_ratio(s_mid))
-            d_2 = (y_2 - _D(run, y_2, t_mid)) / s_mid
+            d_2 = (y_2 - _D(run, y_2, point_at_s(run.schedule, s_mid))) / s_mid
             # full step with the midpoint slope
             y_next = y_hat + d_2 * (s_next - s_hat)
         x = g.alpha[i + 1] * y_next
@@ -108,30 +149,33 @@ def rk4(run, x):
     """Classical 4th-order Runge-Kutta on the PF-ODE dy/ds = (y - D(y; s)) / s (Karras et al. 2022, eq. 3)."""
     g = run.grid
 
-    def f(y, s, t):
-        return (y - _D(run, y, t)) / s
+    def f(y, s, pt):
+        return (y - _D(run, y, pt)) / s
 
     for i in range(g.steps):
-        s_i, s_next, t_i = g.s[i], g.s[i + 1], g.t[i]
-        y = _to_y(x, g.alpha[i], "rk4")
-        k1 = f(y, s_i, t_i)
+        s_i, s_next = g.s[i], g.s[i + 1]
+        y, D = _start(run, x, _boundary(g, i), i, "rk4")
+        if y is None:  # from s = inf to the clean point: D
+            x = D
+            continue
+        k1 = (y - D) / s_i
         if g.clean[i + 1]:
             # a step to the clean point is the Euler step, which returns D
             x = y + (s_next - s_i) * k1
             continue
         h = s_next - s_i
-        s_mid = s_i + h / 2
-        t_mid = float(run.schedule.t_from_sigma_ratio(s_mid))
-        # k2, k3 at the midpoint, k4 at the end
-        k2 = f(y + (h / 2) * k1, s_mid, t_mid)
-        k3 = f(y + (h / 2) * k2, s_mid, t_mid)
-        k4 = f(y + h * k3, s_next, g.t[i + 1])
+        pt_mid = point_at_s(run.schedule, s_i + h / 2)
+        # k2, k3 at the midpoint s_i + h/2, k4 at s_{i+1}
+        k2 = f(y + (h / 2) * k1, s_i + h / 2, pt_mid)
+        k3 = f(y + (h / 2) * k2, s_i + h / 2, pt_mid)
+        k4 = f(y + h * k3, s_next, _boundary(g, i + 1))
         x = g.alpha[i + 1] * (y + (h / 6) * (k1 + 2 * k2 + 2 * k3 + k4))
     return x
 
 
 def _lms_coeff(order, s, i, j):
     """k-diffusion ``linear_multistep_coeff``: integral over [s_i, s_{i+1}] of the j-th Lagrange basis polynomial."""
+    from scipy import integrate  # lazily: scipy is only needed here
 
     def basis(tau):
         prod = 1.0

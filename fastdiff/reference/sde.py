@@ -80,7 +80,7 @@ def pc(run, x, predictor="reverse_diffusion", snr=0.16, corrector_steps=1):
             continue
         last = i == g.steps - 1
         if predictor == "reverse_diffusion":
-            # Song App. E: discretize x_t = a x_t' + G z, a = alpha_i / alpha_{i+1}, G^2 = sigma_i^2 - a^2 sigma_{i+1}^2;
+            # Song App. E: discretize x_t = a x_t' + G z, a = alpha_i/alpha_{i+1}, G^2 = sigma_i^2 - a^2 sigma_{i+1}^2;
             # reverse: x' = x - f + G^2 s + G z with f = (a - 1) x
             a = a_i / a_n
             G2 = s_i**2 - a**2 * s_n**2

@@ -168,14 +168,17 @@ def dpmpp_2s_ancestral(b, g, eta, s_noise):
         s, a_t = g.s[i], g.alpha[i + 1]
         down, up = ancestral_split(s, g.s[i + 1], eta)
         X, D = b.call(g.t[i])
-        if down == 0:
-            b.update(x=euler_to(D, eps_hat(X, D, g.alpha[i], g.sigma[i]), a_t, 0.0))
+        if down == 0:  # Euler to sigma_down = 0, then the ancestral noise (zero only on a step to the clean point)
+            b.update(x=euler_to(D, eps_hat(X, D, g.alpha[i], g.sigma[i]), a_t, 0.0), noise=a_t * up * s_noise)
             continue
+        if not math.isfinite(s):
+            raise ValueError("dpmpp_2s_ancestral cannot start at alpha = 0 with sigma_down > 0 (its midpoint is at "
+                             "sigma/alpha = inf): use eta >= 1 there, euler_ancestral, or lower t_max")
         h = math.log(s / down)
         s_mid = s * math.exp(-0.5 * h)
-        t_mid, a_mid, _ = g.point_at_s(s_mid)
+        t_mid, a_mid, sg_mid = g.point_at_s(s_mid)
         y = X / g.alpha[i]
         # x_2 = (sigma(s)/sigma(t)) y - expm1(-h/2) D, in x = alpha y
         b.update(x=a_mid * ((s_mid / s) * y - math.expm1(-0.5 * h) * D), slots={0: y})
-        X, D2 = b.call(t_mid)
+        X, D2 = b.call(t_mid, a_mid, sg_mid)
         b.update(x=a_t * ((down / s) * b.S(0) - math.expm1(-h) * D2), noise=a_t * up * s_noise)

@@ -80,10 +80,10 @@ def rk4(b, g):
         t_mid, a_mid, sg_mid = g.point_at_s(s + h / 2)
         y = X / a
         b.update(x=a_mid * (y + (h / 2) * k1), slots={0: y, 1: k1})
-        X, D = b.call(t_mid)
+        X, D = b.call(t_mid, a_mid, sg_mid)
         k2 = eps_hat(X, D, a_mid, sg_mid)
         b.update(x=a_mid * (b.S(0) + (h / 2) * k2), slots={1: b.S(1) + 2.0 * k2})
-        X, D = b.call(t_mid)
+        X, D = b.call(t_mid, a_mid, sg_mid)
         k3 = eps_hat(X, D, a_mid, sg_mid)
         b.update(x=a_next * (b.S(0) + h * k3), slots={1: b.S(1) + 2.0 * k3})
         X, D = b.call(g.t[i + 1])
@@ -95,7 +95,7 @@ def ancestral_split(s_from, s_to, eta):
     """k-diffusion's get_ancestral_step: (sigma_down, sigma_up) with sigma_down^2 + sigma_up^2 = s_to^2."""
     if s_to == 0 or eta == 0:
         return s_to, 0.0
-    up = min(s_to, eta * math.sqrt(s_to**2 * (s_from**2 - s_to**2) / s_from**2))
+    up = min(s_to, eta * s_to * math.sqrt(1.0 - (s_to / s_from) ** 2))  # finite limit eta s_to as s_from -> inf
     return math.sqrt(s_to**2 - up**2), up
 
 
@@ -124,7 +124,7 @@ def dpm_2(b, g, **churn_opts):
         t_mid, a_mid, sg_mid = g.point_at_s(s_mid)
         y_hat = X / a_hat
         b.update(x=a_mid * (y_hat + (s_mid - s_hat) * d), slots={0: y_hat})
-        X, D = b.call(t_mid)
+        X, D = b.call(t_mid, a_mid, sg_mid)
         b.update(x=a_next * (b.S(0) + (s_next - s_hat) * eps_hat(X, D, a_mid, sg_mid)))
 
 

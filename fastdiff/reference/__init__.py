@@ -1,0 +1,101 @@
+"""Float64 reference samplers written literally from the papers (DESIGN §2, §5, §6).
+
+They are the independent check on the coefficient rows of ``fastdiff.solvers`` / ``fastdiff.plan``, so they never
+import the Plan machinery: each algorithm calls the model, converts its output to what the paper's update needs
+(eps, x0, score or velocity) and updates tensors, in the paper's own variables.  Shared with fastdiff are only the
+schedule (alpha, sigma, lambda and their inverses) and the time grid (``fastdiff.timesteps``).
+
+    x = fastdiff.reference.sample(model, "heun", schedules.EDM(), 18, x_T, noises=[...])
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from . import ddpm as _ddpm
+from . import dpm_solver as _dpm
+from . import flow as _flow
+from . import ode as _ode
+from . import sde as _sde
+from ._common import Grid, Run
+
+__all__ = ["sample", "REFERENCES", "options"]
+
+# solver name -> fn(run, x, **options); unipc has no entry (it is checked against diffusers).
+REFERENCES = {
+    "ddpm": _ddpm.ddpm,
+    "ddim": _ddpm.ddim,
+    "euler": _ode.euler,
+    "heun": _ode.heun,
+    "dpm_2": _ode.dpm_2,
+    "rk4": _ode.rk4,
+    "lms": _ode.lms,
+    "euler_ancestral": _ode.euler_ancestral,
+    "euler_maruyama": _sde.euler_maruyama,
+    "pc": _sde.pc,
+    "annealed_langevin": _sde.annealed_langevin,
+    "dpm_solver_1": _dpm.dpm_solver_1,
+    "dpm_solver_2": _dpm.dpm_solver_2,
+    "dpm_solver_3": _dpm.dpm_solver_3,
+    "dpmpp_2m": _dpm.dpmpp_2m,
+    "dpmpp_3m": _dpm.dpmpp_3m,
+    "dpmpp_2m_sde": _dpm.dpmpp_2m_sde,
+    "dpmpp_3m_sde": _dpm.dpmpp_3m_sde,
+    "dpmpp_2s_ancestral": _dpm.dpmpp_2s_ancestral,
+    "flow_euler": _flow.flow_euler,
+    "flow_heun": _flow.flow_heun,
+}
+
+_SPACING_OPTIONS = ("rho", "steps_offset")
+
+
+def options(solver: str) -> dict:
+    """The options of a reference solver and their defaults."""
+    if solver not in REFERENCES:
+        raise ValueError(f"no reference for solver {solver!r}; references exist for {', '.join(sorted(REFERENCES))}")
+    sig = inspect.signature(REFERENCES[solver])
+    return {k: p.default for k, p in list(sig.parameters.items())[2:]}
+
+
+def sample(model, solver, schedule, steps, x_T, noises=None, prediction="epsilon", spacing=None, final="zero",
+           timesteps=None, sigmas=None, **options_) -> torch.Tensor:
+    """Run the float64 reference of ``solver`` from ``x_T``.
+
+    Parameters
+    ----------
+    model : callable
+        ``model(x [B, ...] float64, t [B] float64) -> out``, t the schedule's model time, out in ``prediction``.
+    solver : str
+        A key of ``REFERENCES``.
+    schedule : fastdiff.schedules.Schedule
+    steps : int
+        Solver steps (None with ``timesteps`` / ``sigmas``).
+    x_T : Tensor [B, ...]
+        Start state at the first boundary (used as is).
+    noises : sequence of Tensor [B, ...], optional
+        Fresh N(0, I) draws, consumed in order, one per draw of the algorithm; too few raises ValueError.
+    prediction : {"epsilon", "x0", "v", "score", "flow"}
+    spacing, final, timesteps, sigmas
+        The time grid, as in ``fastdiff.plan`` (``rho`` and ``steps_offset`` may be given in ``options_``).
+    **options_
+        Solver options (``options(solver)`` lists them).
+
+    Returns
+    -------
+    Tensor [B, ...] float64.
+    """
+    if not isinstance(solver, str) or solver not in REFERENCES:
+        raise ValueError(f"no reference for solver {solver!r}; references exist for {', '.join(sorted(REFERENCES))}")
+    spacing_opts = {k: options_.pop(k) for k in _SPACING_OPTIONS if k in options_}
+    allowed = options(solver)
+    unknown = sorted(set(options_) - set(allowed))
+    if unknown:
+        raise ValueError(f"reference {solver!r} has no option(s) {', '.join(unknown)}; its options: {allowed}")
+    if not isinstance(x_T, torch.Tensor) or x_T.dim() < 1:
+        raise ValueError("x_T must be a tensor [B, ...]")
+    grid = Grid(schedule, steps, spacing, final, timesteps, sigmas, spacing_opts)
+    x = x_T.to(torch.float64)
+    run = Run(model, schedule, prediction, grid, noises, x.shape[0])
+    return REFERENCES[solver](run, x, **options_)
