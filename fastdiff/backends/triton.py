@@ -1,0 +1,121 @@
+"""The triton kernel backend: glue between ``fastdiff.ops`` and the Triton kernels in ``kernels/step.py``.
+
+Checks what the kernels assume (device, dtype, contiguity) and launches them; the math lives in the kernels.
+Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (Triton's interpreter: slow, for tests).
+Triton is imported when this module is (``fastdiff.backends.load("triton")``), never by ``import fastdiff``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def available() -> tuple[bool, str]:
+    """Whether the triton kernels can run here, and why (or why not)."""
+    try:
+        import triton
+    except ImportError as e:  # pragma: no cover - depends on the machine
+        return False, f"triton is not installed ({e}); pip install 'fastdiff[triton]'"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True, f"triton {triton.__version__} interpreter (TRITON_INTERPRET=1, CPU tensors)"
+    if not torch.cuda.is_available():
+        return False, "no CUDA device (set TRITON_INTERPRET=1 to run the triton kernels on CPU, slowly)"
+    return True, f"triton {triton.__version__} on {torch.cuda.get_device_name()}"
+
+
+def _kernels():
+    from fastdiff.kernels import step as k
+
+    return k
+
+
+def _check_device(k, **tensors):
+    dev = None
+    for name, t in tensors.items():
+        if dev is None:
+            dev = t.device
+        elif t.device != dev:
+            raise ValueError(f"{name} is on {t.device} but the other inputs are on {dev}")
+    if dev.type == "cuda":
+        if k.interpreting():
+            raise ValueError("the triton kernels were built for the interpreter (TRITON_INTERPRET=1 when triton was "
+                             "imported): they take CPU tensors; unset TRITON_INTERPRET to run them on CUDA")
+    elif dev.type == "cpu":
+        if not k.interpreting():
+            raise ValueError("the triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is "
+                             "imported, to run it on CPU through the interpreter); use kernel='cpu' or 'torch'")
+    else:
+        raise ValueError(f"the triton kernel does not run on {dev.type} tensors")
+
+
+def _check_storage(name, t):
+    if t.dtype not in STORAGE_DTYPES:
+        raise ValueError(f"{name} is {t.dtype}; the triton kernel stores float32, float16 or bfloat16 "
+                         "(use kernel='torch' for float64)")
+
+
+def _check_contiguous(**tensors):
+    for name, t in tensors.items():
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (call .contiguous() first): the triton kernel streams it "
+                             "linearly")
+
+
+def _small(t: torch.Tensor) -> torch.Tensor:
+    """Per-sample parameter vectors / rows are tiny: a contiguous copy is free and graph-capturable."""
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def step(x, out, slots, rows, seeds, draws, guidance, slot_reads, slot_writes, use_out, cfg, noise, langevin,
+         x_out=None):
+    """``fastdiff.ops.step_reference`` on the triton kernel; ``x_out`` (may be ``x``) receives x'."""
+    k = _kernels()
+    _check_device(k, x=x, out=out, slots=slots, rows=rows, seeds=seeds, draws=draws, guidance=guidance,
+                  **({} if x_out is None else {"x_out": x_out}))
+    _check_storage("x", x)
+    if use_out and out.dtype != x.dtype:
+        raise ValueError(f"out is {out.dtype} but x is {x.dtype}: cast the model output to x's dtype")
+    if slots.shape[0] and slots.dtype != x.dtype:
+        raise ValueError(f"slots are {slots.dtype} but x is {x.dtype}: keep the history slots in x's dtype")
+    if not (rows.is_floating_point() and guidance.is_floating_point()):
+        raise ValueError("rows and guidance must be floating-point tensors")
+    if seeds.dtype != torch.int64 or draws.dtype != torch.int64:
+        raise ValueError("seeds and draws must be int64 tensors")
+    _check_contiguous(x=x, slots=slots, **({"out": out} if use_out else {}))
+    if x_out is not None:
+        _check_contiguous(x_out=x_out)
+        if x_out.shape != x.shape or x_out.dtype != x.dtype:
+            raise ValueError(f"x_out must match x ({tuple(x.shape)} {x.dtype}), got {tuple(x_out.shape)} "
+                             f"{x_out.dtype}")
+    return k.step_forward(x, out, slots, _small(rows), _small(seeds), _small(draws), _small(guidance),
+                          int(slot_reads), int(slot_writes), bool(use_out), bool(cfg), bool(noise), bool(langevin),
+                          x_out)
+
+
+def add_noise(x0, alpha, sigma, seeds, draws):
+    """``fastdiff.ops.add_noise_reference`` on the triton kernel."""
+    k = _kernels()
+    _check_device(k, x0=x0, alpha=alpha, sigma=sigma, seeds=seeds, draws=draws)
+    _check_storage("x0", x0)
+    _check_contiguous(x0=x0)
+    if seeds.dtype != torch.int64 or draws.dtype != torch.int64:
+        raise ValueError("seeds and draws must be int64 tensors")
+    return k.add_noise_forward(x0, _small(alpha), _small(sigma), _small(seeds), _small(draws))
+
+
+def randn(seeds, draws, shape, dtype):
+    """``fastdiff.ops._randn_reference`` on the triton kernel."""
+    k = _kernels()
+    _check_device(k, seeds=seeds, draws=draws)
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"the triton kernel draws float32, float16 or bfloat16 noise, not {dtype}")
+    if seeds.dtype != torch.int64 or draws.dtype != torch.int64:
+        raise ValueError("seeds and draws must be int64 tensors")
+    return k.randn_forward(_small(seeds), _small(draws), [int(s) for s in shape], dtype)
+
+
+OPS = {"step": step, "add_noise": add_noise, "randn": randn}
