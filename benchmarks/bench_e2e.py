@@ -55,15 +55,15 @@ def synthetic_unet():
     return model, sum(p.numel() for p in net.parameters())
 
 
-def run_case(name, model, sched, config, shape, kwargs, guided, w, steps_list, repeats):
+def run_case(name, model, sched, config, shape, kwargs, guided, w, steps_list, repeats,
+             prediction="epsilon"):
     from diffusers import DPMSolverMultistepScheduler
 
     rows = []
     seeds = list(range(shape[0]))
     x_T = fd.rng.randn(shape, seeds)
     for steps in steps_list:
-        plan = fd.plan("dpmpp_2m", sched, steps, spacing="leading" if "steps_offset" in config else "trailing",
-                       **({"steps_offset": config["steps_offset"]} if "steps_offset" in config else {}))
+        plan = fd.plan("dpmpp_2m", sched, steps, prediction=prediction, spacing="trailing")
         sampler = fd.Sampler(model, plan, guidance_scale=w if guided else None, progress=False)
         cond = {k: v[shape[0]:] for k, v in kwargs.items()} if guided else kwargs
         uncond = {k: v[: shape[0]] for k, v in kwargs.items()} if guided else None
@@ -115,9 +115,9 @@ def main(argv=None, quick=False):
         labels = torch.arange(64) % 10
         kwargs = {"label": torch.cat([torch.full_like(labels, 10), labels])}
         cfg = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", timestep_spacing="trailing",
-                   final_sigmas_type="zero")
+                   final_sigmas_type="zero", prediction_type="v_prediction")
         rows += run_case("digits", unet, digits.schedule(), cfg, (64, 1, 8, 8), kwargs, True, 2.0, steps_list,
-                         repeats)
+                         repeats, prediction=digits.PREDICTION)
     except FileNotFoundError as e:
         print(f"(digits skipped: {e})")
     model, n_params = synthetic_unet()

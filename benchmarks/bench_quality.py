@@ -88,8 +88,9 @@ def digits_quality(quick):
     with torch.inference_mode():
         for solver in ["ddim", "dpmpp_2m", "unipc", "heun", "euler_ancestral", "dpmpp_2m_sde"]:
             for nfe in [4, 10] if quick else [4, 6, 10, 20, 50]:
-                steps = next(s for s in range(nfe, 0, -1) if fd.plan(solver, sch, s).nfe <= nfe)
-                plan = fd.plan(solver, sch, steps)
+                pred = digits.PREDICTION
+                steps = next(s for s in range(nfe, 0, -1) if fd.plan(solver, sch, s, prediction=pred).nfe <= nfe)
+                plan = fd.plan(solver, sch, steps, prediction=pred)
                 x = fd.sample(unet, plan, shape=(len(labels), 1, 8, 8), seeds=seeds, guidance_scale=2.0,
                               cond={"label": labels}, uncond={"label": torch.full_like(labels, 10)})
                 rows.append(dict(bench="quality", problem="digits", solver=solver, steps=steps, nfe=plan.nfe,

@@ -19,5 +19,6 @@ SOLVERS = tuple(sorted(_SOLVER_TABLE))
 
 __version__ = "0.1.0"
 
-__all__ = ["backends", "rng", "schedules", "plan", "Plan", "sample", "Sampler", "timesteps", "SOLVERS", "SPACINGS", "PREDICTIONS",
+__all__ = ["backends", "rng", "schedules", "plan", "Plan", "sample", "Sampler", "timesteps", "SOLVERS", "SPACINGS",
+           "PREDICTIONS",
            "solver_options", "__version__"]

@@ -26,6 +26,100 @@ def _density_image(points, size=160, extent=3.2):
     return (255 * (1 - img / max(img.max(), 1e-9))).astype(np.uint8)
 
 
+def _digit_grid(images, rows: int, scale: int = 4):
+    """[N, 1, 8, 8] in [-1, 1] -> a uint8 grid image (white background, dark ink, like the scans)."""
+    import numpy as np
+
+    x = ((1 - images.clamp(-1, 1).squeeze(1).numpy()) * 127.5).astype(np.uint8)
+    x = x.repeat(scale, 1).repeat(scale, 2)
+    n, h, w = x.shape
+    cols = -(-n // rows)
+    grid = np.full((rows * (h + 2), cols * (w + 2)), 255, dtype=np.uint8)
+    for i in range(n):
+        r, c = i % rows, i // rows
+        grid[r * (h + 2) + 1 : r * (h + 2) + 1 + h, c * (w + 2) + 1 : c * (w + 2) + 1 + w] = x[i]
+    return grid
+
+
+def _diffusers_loop(unet, sch, steps, labels, x_T, w):
+    """The same UNet driven by diffusers' DPMSolverMultistepScheduler with CFG, for a side-by-side time."""
+    import torch
+    from diffusers import DPMSolverMultistepScheduler
+
+    ds = DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
+                                     timestep_spacing="trailing", final_sigmas_type="zero",
+                                     prediction_type="v_prediction")
+    ds.set_timesteps(steps)
+    x = x_T.clone()
+    null = torch.full_like(labels, 10)
+    for t in ds.timesteps:
+        tt = torch.full((2 * len(labels),), float(t))
+        out = unet(torch.cat([x, x]), tt, torch.cat([null, labels]))
+        out_u, out_c = out.chunk(2)
+        x = ds.step(out_u + w * (out_c - out_u), t, x).prev_sample
+    return x
+
+
+def demo_digits(out_dir: str = "fastdiff-demo", per_class: int = 20, quick: bool = False) -> list[dict]:
+    """Class-conditional digits with several solvers: wall time per image, classifier accuracy, Frechet distance."""
+    import numpy as np
+    import torch
+
+    import fastdiff as fd
+
+    from .models import digits
+    from .png import write_png
+
+    per_class = 3 if quick else per_class
+    unet, clf = digits.pretrained_unet(), digits.pretrained_classifier()
+    sch = digits.schedule()
+    labels = torch.arange(10).repeat_interleave(per_class)
+    n = len(labels)
+    seeds = list(range(1000, 1000 + n))
+    null = {"label": torch.full_like(labels, 10)}
+    w = 2.0
+    runs = [("dpmpp_2m", 10, w), ("unipc", 10, w), ("ddim", 10, w), ("euler_ancestral", 25, w),
+            ("dpmpp_2m_sde", 25, w), ("ddpm", 100 if quick else 1000, None)]
+    os.makedirs(out_dir, exist_ok=True)
+    real, real_labels = digits.load_digits("test")
+    floor = digits.quality(real[:n], real_labels[:n], clf)
+    n_params = sum(p.numel() for p in unet.parameters())
+    print(f"fastdiff demo: {n} class-conditional 8x8 digits from a {n_params / 1e3:.0f}k-parameter UNet (cosine "
+          f"schedule, {digits.PREDICTION}-prediction), guidance w={w}, backend {fd.backends.resolve('auto')}")
+    print(f"{'solver':18s} {'steps':>5s} {'NFE':>4s} {'CFG':>4s} {'ms/image':>9s} {'accuracy':>9s} {'Frechet':>8s}")
+    rows = []
+
+    def report(name, steps, nfe, guided, seconds, images):
+        q = digits.quality(images, labels, clf)
+        row = dict(solver=name, steps=steps, nfe=nfe, cfg=guided, ms_per_image=1e3 * seconds / n, **q)
+        rows.append(row)
+        print(f"{name:18s} {steps:5d} {nfe:4d} {'yes' if guided else 'no':>4s} {row['ms_per_image']:9.2f} "
+              f"{q['accuracy']:9.3f} {q['frechet']:8.2f}")
+
+    with torch.inference_mode():
+        # warm-up (first model call, kernel load) outside the timings
+        fd.Sampler(unet, fd.plan("dpmpp_2m", sch, 2, prediction=digits.PREDICTION), guidance_scale=w).sample(
+            (2, 1, 8, 8), seeds=[0, 1], cond={"label": labels[:2]}, uncond={"label": null["label"][:2]})
+        for solver, steps, gw in runs:
+            plan = fd.plan(solver, sch, steps, prediction=digits.PREDICTION)
+            sampler = fd.Sampler(unet, plan, guidance_scale=gw, progress=False)
+            t0 = time.perf_counter()
+            x = sampler.sample((n, 1, 8, 8), seeds=seeds, cond={"label": labels}, uncond=null if gw else None)
+            report(solver, steps, plan.nfe, gw is not None, time.perf_counter() - t0, x)
+            write_png(os.path.join(out_dir, f"digits_{solver}_{steps}.png"), _digit_grid(x, per_class))
+        try:
+            x_T = fd.rng.randn((n, 1, 8, 8), seeds)
+            t0 = time.perf_counter()
+            x = _diffusers_loop(unet, sch, 10, labels, x_T, w)
+            report("diffusers dpm++2m", 10, 10, True, time.perf_counter() - t0, x)
+        except ImportError:
+            print("(diffusers is not installed: pip install diffusers for the side-by-side time)")
+    print(f"accuracy: a digits classifier (held-out accuracy {floor['accuracy']:.3f}) on the samples vs their labels; "
+          f"Frechet: distance of its features to {len(real)} held-out real digits (real digits score "
+          f"{floor['frechet']:.2f} at this sample size).\nwrote {out_dir}/digits_*.png (one column per class)")
+    return rows
+
+
 def demo(out_dir: str = "fastdiff-demo", n: int = 4000, quick: bool = False) -> list[dict]:
     """Sample a 2-D ring of 8 Gaussians with its exact denoiser using several solvers; print quality and time.
 
@@ -80,6 +174,49 @@ def demo(out_dir: str = "fastdiff-demo", n: int = 4000, quick: bool = False) -> 
     return rows
 
 
+def _bench_dir():
+    import pathlib
+
+    here = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+    if not here.is_dir():
+        raise SystemExit("fastdiff bench runs the scripts in the repository's benchmarks/ directory: run it from a "
+                         "source checkout (pip install -e .)")
+    return here
+
+
+def bench(quick: bool = False, as_json: bool = False, only=None) -> int:
+    """Run the benchmark scripts (each writes benchmarks/results/<machine>/<subject>.json) and print key ratios."""
+    import json
+    import subprocess
+
+    import torch
+
+    import fastdiff as fd
+
+    root = _bench_dir()
+    subjects = []
+    if fd.backends.status("cpu")[0]:
+        subjects.append(("step_cpu", ["--quick"] if quick else []))
+    if torch.cuda.is_available():
+        subjects.append(("step_gpu", ["--reps", "10"] if quick else []))
+    subjects += [("e2e", ["--quick"] if quick else []), ("quality", ["--quick"] if quick else [])]
+    if only:
+        subjects = [s for s in subjects if s[0] in only]
+    rc = 0
+    for name, args in subjects:
+        print(f"== {name} ==", flush=True)
+        t0 = time.perf_counter()
+        r = subprocess.run([sys.executable, str(root / f"bench_{name}.py"), *args], cwd=root)
+        print(f"({name}: {time.perf_counter() - t0:.0f} s, exit {r.returncode})", flush=True)
+        rc = rc or r.returncode
+    if as_json:
+        out = {}
+        for path in sorted((root / "results").glob("*/*.json")):
+            out[f"{path.parent.name}/{path.name}"] = json.loads(path.read_text())
+        print(json.dumps(out))
+    return rc
+
+
 def info() -> None:
     import numpy as np
     import torch
@@ -97,13 +234,24 @@ def info() -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastdiff", description="fast, exact, reproducible diffusion sampling")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    p_demo = sub.add_parser("demo", help="sample a 2-D Gaussian ring with several solvers; print quality and time")
-    p_demo.add_argument("--out", default="fastdiff-demo", help="directory for the PNG (default: fastdiff-demo)")
-    p_demo.add_argument("--quick", action="store_true", help="fewer samples")
+    p_demo = sub.add_parser("demo", help="sample the digits model with several solvers; print time and quality")
+    p_demo.add_argument("--out", default="fastdiff-demo", help="directory for the PNGs (default: fastdiff-demo)")
+    p_demo.add_argument("--quick", action="store_true", help="fewer samples and steps")
+    p_demo.add_argument("--ring", action="store_true",
+                        help="instead: a 2-D Gaussian ring with its exact denoiser and exact-ODE errors")
+    p_bench = sub.add_parser("bench", help="run the benchmarks (results under benchmarks/results/<machine>/)")
+    p_bench.add_argument("--quick", action="store_true", help="small sizes, under 2 minutes on 2 cores")
+    p_bench.add_argument("--json", action="store_true", help="print the results as JSON at the end")
+    p_bench.add_argument("--only", nargs="*", help="subjects: step_cpu step_gpu e2e quality")
     sub.add_parser("info", help="versions, devices and available backends")
     args = parser.parse_args(argv)
     if args.cmd == "demo":
-        demo(args.out, quick=args.quick)
+        if args.ring:
+            demo(args.out, quick=args.quick)
+        else:
+            demo_digits(args.out, quick=args.quick)
+    elif args.cmd == "bench":
+        return bench(args.quick, args.json, args.only)
     elif args.cmd == "info":
         info()
     return 0

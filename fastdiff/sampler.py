@@ -240,7 +240,7 @@ class Sampler:
 
     def sample(self, shape_or_x=None, *, x_T=None, shape=None, noise=None, seeds=None, cond=None, uncond=None,
                guidance_scale=None, dtype=None, device=None, callback=None, check_finite: str = "end"):
-        """Sample a batch. See ``fastdiff.sample`` for the arguments; returns [B, ...] in x_T's (or ``dtype``'s) dtype."""
+        """Sample a batch (see ``fastdiff.sample`` for the arguments); returns [B, ...] in x_T's or ``dtype``."""
         if isinstance(shape_or_x, torch.Tensor):
             x_T = shape_or_x
         elif shape_or_x is not None:

@@ -75,7 +75,8 @@ CASES = {
     "dpmpp_3m_sde_eta1": ("sample_dpmpp_3m_sde", dict(eta=1.0), "dpmpp_3m_sde",
                           dict(eta=1.0, lower_order_final=False), "sampler"),
     # eta = 0: k-diffusion's 3M-SDE is the deterministic DPM-Solver++(3M)
-    "dpmpp_3m_sde_eta0": ("sample_dpmpp_3m_sde", dict(eta=0.0), "dpmpp_3m", dict(lower_order_final=False, solver_type="heun"), None),
+    "dpmpp_3m_sde_eta0": ("sample_dpmpp_3m_sde", dict(eta=0.0), "dpmpp_3m",
+                          dict(lower_order_final=False, solver_type="heun"), None),
     "euler_ancestral": ("sample_euler_ancestral", dict(eta=1.0), "euler_ancestral", dict(eta=1.0), "sampler"),
     "euler_ancestral_eta0.5": ("sample_euler_ancestral", dict(eta=0.5), "euler_ancestral", dict(eta=0.5),
                                "sampler"),

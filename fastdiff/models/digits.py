@@ -18,7 +18,7 @@ from .unet import DigitsClassifier, DigitsUNet
 HERE = pathlib.Path(__file__).resolve().parent
 WEIGHTS = HERE / "weights"
 NUM_HELD_OUT = 300
-PREDICTION = "epsilon"
+PREDICTION = "v"
 
 
 def schedule():
@@ -47,7 +47,7 @@ def _load(module, name):
 
 
 def pretrained_unet() -> DigitsUNet:
-    """The trained class-conditional epsilon-prediction UNet (``label=10`` is the null label)."""
+    """The trained class-conditional v-prediction UNet (``label=10`` is the null label)."""
     return _load(DigitsUNet(), "digits_unet.pt")
 
 

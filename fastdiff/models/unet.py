@@ -1,6 +1,6 @@
 """A small class-conditional UNet for 8x8 images (the digits demo), in the DESIGN §4 calling convention:
-``model(x [B, 1, 8, 8], t [B] model time, label [B] long) -> epsilon``.  Label ``num_classes`` is the null label
-(classifier-free guidance is trained with label dropout)."""
+``model(x [B, 1, 8, 8], t [B] model time, label [B] long) -> out`` (v-prediction as trained).  Label
+``num_classes`` is the null label (classifier-free guidance is trained with label dropout)."""
 
 from __future__ import annotations
 
