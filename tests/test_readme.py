@@ -17,9 +17,19 @@ def test_ci_runs_the_readme_test_command_verbatim():
     assert test_cmd in ci, "the last command of .ci/run must be the README's test command"
 
 
-def test_demo_runs_quickly(tmp_path):
+def test_demo_runs_quickly(tmp_path, capsys):
     from fastdiff.cli import main
 
     assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
-    png = (tmp_path / "ring_samples.png").read_bytes()
-    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
+    table = capsys.readouterr().out
+    assert "dpmpp_2m" in table and "diffusers" in table and "Frechet" in table
+    pngs = sorted(tmp_path.glob("digits_*.png"))
+    assert len(pngs) >= 6
+    assert all(p.read_bytes().startswith(b"\x89PNG\r\n\x1a\n") for p in pngs)
+
+
+def test_ring_demo(tmp_path):
+    from fastdiff.cli import main
+
+    assert main(["demo", "--ring", "--quick", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "ring_samples.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
