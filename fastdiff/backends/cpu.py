@@ -1,0 +1,173 @@
+"""The cpu backend: C++/OpenMP kernels from ``csrc/cpu/step.cpp``, built with ninja on first use.
+
+The build goes to the torch extensions cache (``TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``) in a
+directory named after the host CPU's instruction sets (the code is compiled with ``-march=native``), so every later
+process reuses it; a file lock keeps concurrent first builds from racing.  ``OPS`` has the signatures of
+``fastdiff.ops.step_reference`` / ``add_noise_reference`` / ``_randn_reference``; ``step`` also takes ``x_out``
+(e.g. ``x_out=x`` for an in-place update).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import sys
+import threading
+
+from ._sources import csrc_dir
+
+NAME = "fastdiff_cpu"
+# -ffp-contract=off: no FMA contraction, so backends round alike.  -fno-math-errno / -fno-trapping-math change no
+# result (IEEE semantics stay; only errno and FP-exception flags are not kept), but without them g++ will not
+# vectorize loops with sqrt or with a float->int conversion after a select (Box-Muller).
+CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-march=native"]
+LDFLAGS = ["-fopenmp"]
+
+_lock = threading.Lock()
+_ext = None
+_error: str | None = None
+
+
+def _host_tag() -> str:
+    """A short tag of the host's instruction sets: -march=native binaries must not move between CPU models."""
+    flags = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features", "model name")):
+                    flags += line
+    except OSError:
+        pass
+    return hashlib.sha1(flags.encode()).hexdigest()[:10]
+
+
+def build_directory() -> str:
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    return os.path.join(root, f"{NAME}_{_host_tag()}")
+
+
+def _missing_tools() -> list[str]:
+    missing = []
+    cxx = os.environ.get("CXX")
+    if cxx and not shutil.which(cxx):
+        missing.append(f"the C++ compiler CXX={cxx} (not found)")
+    elif not cxx and not (shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")):
+        missing.append("a C++ compiler (g++/clang++)")
+    if not shutil.which("ninja"):  # pip's ninja in a venv that is not activated: put its binary on PATH
+        for d in (os.path.dirname(sys.executable), _pip_ninja_dir()):
+            if d and os.path.isfile(os.path.join(d, "ninja")):
+                os.environ["PATH"] = d + os.pathsep + os.environ.get("PATH", "")
+                break
+    if not shutil.which("ninja"):
+        missing.append("ninja")
+    return missing
+
+
+def _pip_ninja_dir() -> str | None:
+    try:
+        import ninja
+
+        return getattr(ninja, "BIN_DIR", None)
+    except ImportError:
+        return None
+
+
+def _tail(text: str, lines: int = 15) -> str:
+    return "\n".join(str(text).strip().splitlines()[-lines:])
+
+
+def _build():
+    """Compile (or reuse) the extension; returns the module or raises RuntimeError saying what is missing."""
+    missing = _missing_tools()
+    if missing:
+        hints = (["apt-get install g++ (or set CXX to a C++17 compiler)"] if "ninja" not in missing[0] else []) + \
+            (["pip install ninja"] if "ninja" in missing else [])
+        raise RuntimeError(f"fastdiff's cpu backend needs {' and '.join(missing)}: {'; '.join(hints)}")
+    from torch.utils.cpp_extension import load
+
+    src = csrc_dir() / "cpu" / "step.cpp"
+    if not src.is_file():
+        raise RuntimeError(f"fastdiff's cpu backend source is missing: {src}")
+    bdir = build_directory()
+    os.makedirs(bdir, exist_ok=True)
+    # torch's own lock (a 'lock' file) is left behind by a killed build and then blocks forever; flock is released
+    # by the kernel when its holder dies, so take it around the whole load (POSIX; elsewhere torch's lock only).
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+
+    with open(os.path.join(bdir, "fastdiff.flock"), "w") as lockf:
+        if fcntl is not None:
+            fcntl.flock(lockf, fcntl.LOCK_EX)
+        try:
+            stale = os.path.join(bdir, "lock")
+            if fcntl is not None and os.path.exists(stale):  # we hold the flock: nobody else is building
+                os.remove(stale)
+            return load(name=NAME, sources=[str(src)], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
+                        extra_include_paths=[str(csrc_dir() / "common")], build_directory=bdir, verbose=False)
+        except Exception as e:  # the compiler's message is in the exception text
+            raise RuntimeError("fastdiff's cpu backend failed to build (it needs a C++17 compiler (g++/clang++) "
+                               f"with OpenMP and ninja; build directory {bdir}):\n{_tail(e)}") from None
+        finally:
+            if fcntl is not None:
+                fcntl.flock(lockf, fcntl.LOCK_UN)
+
+
+def ext():
+    """The compiled extension module (built on first use, cached for the process)."""
+    global _ext, _error
+    if _ext is not None:
+        return _ext
+    with _lock:
+        if _ext is None:
+            if _error is not None:
+                raise RuntimeError(_error)
+            try:
+                _ext = _build()
+            except RuntimeError as e:
+                _error = str(e)
+                raise
+    return _ext
+
+
+def available() -> tuple[bool, str]:
+    """(True, "") if the kernels build and import here, else (False, the reason). Cached."""
+    try:
+        ext()
+        return True, ""
+    except RuntimeError as e:
+        return False, str(e)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# OPS: the contract of fastdiff.ops (step_reference etc.)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def step(x, out, slots, rows, seeds, draws, guidance, slot_reads, slot_writes, use_out, cfg, noise, langevin,
+         x_out=None):
+    """fastdiff::step on CPU tensors; returns x' (``x_out`` when given, which may be ``x``) and updates ``slots``."""
+    if not x.is_contiguous():
+        raise ValueError("x must be contiguous (call .contiguous() first): the cpu kernel streams it linearly")
+    return ext().step(x, out, slots, rows, seeds, draws, guidance, int(slot_reads), int(slot_writes), bool(use_out),
+                      bool(cfg), bool(noise), bool(langevin), x_out)
+
+
+def add_noise(x0, alpha, sigma, seeds, draws):
+    """x_t = alpha x0 + sigma z (per-sample alpha, sigma [B | 1], Philox z of (seed, draw))."""
+    return ext().add_noise(x0, alpha, sigma, seeds, draws)
+
+
+def randn(seeds, draws, shape, dtype):
+    """Philox normals of ``shape`` (batch first) in fp32, cast once to ``dtype``."""
+    return ext().randn(seeds, draws, [int(s) for s in shape], dtype)
+
+
+OPS = {"step": step, "add_noise": add_noise, "randn": randn}
+
+__all__ = ["OPS", "add_noise", "available", "build_directory", "ext", "randn", "step"]
