@@ -168,6 +168,15 @@ def _(seeds, draws, shape, dtype, kernel):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _traced(*tensors) -> bool:
+    """True under torch.compile or with tensor subclasses (fake tensors, functionalization): use the registered op.
+
+    In eager code the kernels are called directly: ``torch.library.custom_op``'s Python dispatch costs ~100 us per
+    call, more than a whole CPU step on a latent.
+    """
+    return torch.compiler.is_compiling() or any(type(t) is not torch.Tensor for t in tensors)
+
+
 def _check_step(x, out, slots, rows, seeds, draws, guidance, use_out, cfg):
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
         raise ValueError("x must be a floating-point tensor [B, ...]")
@@ -220,8 +229,11 @@ def step(x, out, slots, rows, seeds, draws, guidance=None, *, slot_reads=None, s
     _check_step(x, out, slots, rows, seeds, draws, guidance, use_out, cfg)
     if not x.is_contiguous() or (use_out and not out.is_contiguous()):
         raise ValueError("x and out must be contiguous (call .contiguous() first): kernels stream them linearly")
-    return _step_op(x, out, slots, rows, seeds, draws, guidance, int(slot_reads), int(slot_writes), bool(use_out),
-                    bool(cfg), bool(noise), bool(langevin), kernel)
+    args = (x, out, slots, rows, seeds, draws, guidance, int(slot_reads), int(slot_writes), bool(use_out), bool(cfg),
+            bool(noise), bool(langevin))
+    if _traced(x, out, slots, rows):
+        return _step_op(*args, kernel)
+    return _impl(kernel, "step")(*args)
 
 
 def add_noise(x0, alpha, sigma, seeds, draws=None, *, kernel="torch") -> torch.Tensor:
@@ -237,7 +249,9 @@ def add_noise(x0, alpha, sigma, seeds, draws=None, *, kernel="torch") -> torch.T
             raise ValueError(f"{name} must be a [B or 1] tensor on x0's device")
     if seeds.dtype != torch.int64 or tuple(seeds.shape) != (B,):
         raise ValueError(f"seeds must be an int64 tensor with one entry per sample ({B})")
-    return _add_noise_op(x0.contiguous(), alpha, sigma, seeds, draws, kernel)
+    if _traced(x0, alpha, sigma, seeds):
+        return _add_noise_op(x0.contiguous(), alpha, sigma, seeds, draws, kernel)
+    return _impl(kernel, "add_noise")(x0.contiguous(), alpha, sigma, seeds, draws)
 
 
 def randn(shape, seeds, draw=0, *, dtype=torch.float32, device="cpu", kernel="torch") -> torch.Tensor:
@@ -248,4 +262,6 @@ def randn(shape, seeds, draw=0, *, dtype=torch.float32, device="cpu", kernel="to
     if seeds.numel() != shape[0]:
         raise ValueError(f"seeds has {seeds.numel()} entries but the batch has {shape[0]} samples")
     draws = torch.as_tensor([draw] if isinstance(draw, int) else draw, dtype=torch.int64, device=seeds.device)
-    return _randn_op(seeds, draws, shape, dtype, kernel)
+    if _traced(seeds, draws):
+        return _randn_op(seeds, draws, shape, dtype, kernel)
+    return _impl(kernel, "randn")(seeds, draws, shape, dtype)
