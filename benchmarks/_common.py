@@ -27,13 +27,16 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _slug(name: str) -> str:
+    name = re.sub(r"\((R|TM|tm|r)\)|\bCPU\b|@.*$", " ", name)
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:60] or "unknown"
+
+
 def machine_name() -> str:
-    """A short slug for results/<machine>/: the GPU when there is one, else the CPU model."""
+    """A short slug for results/<machine>/: the GPU when there is one, else cpu-<model>-<cores>c."""
     if torch.cuda.is_available():
-        name = torch.cuda.get_device_name(0)
-    else:
-        name = f"cpu-{cpu_model()}"
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:60]
+        return _slug(torch.cuda.get_device_name(0))
+    return f"cpu-{_slug(cpu_model())}-{os.cpu_count()}c"
 
 
 def machine_info() -> dict:

@@ -30,6 +30,11 @@ import numpy as np
 import torch
 
 import fastdiff as fd
+
+try:
+    from _common import cpu_model, machine_name
+except ImportError:  # imported as benchmarks.bench_step_cpu
+    from ._common import cpu_model, machine_name
 from fastdiff import ops, rng
 from fastdiff import schedules as S
 from fastdiff.backends import cpu
@@ -48,23 +53,6 @@ TARGETS = {  # the issue's targets
 # ---------------------------------------------------------------------------------------------------------------
 # Machine and timing helpers
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_slug() -> str:
-    name = re.sub(r"\((R|TM|tm|r)\)|\bCPU\b|@.*$", " ", cpu_model())
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
-    return f"{slug}-{os.cpu_count()}c"
 
 
 def loadavg() -> float:
@@ -330,7 +318,7 @@ def main():
         raise SystemExit(f"the cpu backend is unavailable: {why}")
     import diffusers
 
-    meta = {"machine": machine_slug(), "cpu_model": cpu_model(), "cores": os.cpu_count(),
+    meta = {"machine": machine_name(), "cpu_model": cpu_model(), "cores": os.cpu_count(),
             "threads": cpu.ext().num_threads(), "torch": torch.__version__, "diffusers": diffusers.__version__,
             "fastdiff": getattr(fd, "__version__", "dev"), "python": platform.python_version(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
@@ -344,8 +332,7 @@ def main():
     for r in records:
         r["loadavg_1min"] = [load0, load1]
 
-    path = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / f"cpu-{meta['machine']}" / \
-        "step_cpu.json"
+    path = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / meta["machine"] / "step_cpu.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     body = ",\n  ".join(json.dumps(r) for r in records)  # long format: one record per line
     head = json.dumps({**meta, "loadavg_1min": [load0, load1]})

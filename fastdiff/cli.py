@@ -184,9 +184,10 @@ def _bench_dir():
     return here
 
 
-def bench(quick: bool = False, as_json: bool = False, only=None) -> int:
+def bench(quick: bool = False, as_json: bool = False, only=None, out_dir=None) -> int:
     """Run the benchmark scripts (each writes benchmarks/results/<machine>/<subject>.json) and print key ratios."""
     import json
+    import pathlib
     import subprocess
 
     import torch
@@ -206,12 +207,15 @@ def bench(quick: bool = False, as_json: bool = False, only=None) -> int:
     for name, args in subjects:
         print(f"== {name} ==", flush=True)
         t0 = time.perf_counter()
+        if out_dir:  # tests and dry runs write elsewhere than the committed results
+            args = [*args, "--out", os.path.join(out_dir, name if name == "step_gpu" else f"{name}.json")]
         r = subprocess.run([sys.executable, str(root / f"bench_{name}.py"), *args], cwd=root)
         print(f"({name}: {time.perf_counter() - t0:.0f} s, exit {r.returncode})", flush=True)
         rc = rc or r.returncode
     if as_json:
         out = {}
-        for path in sorted((root / "results").glob("*/*.json")):
+        paths = sorted(pathlib.Path(out_dir).glob("*.json")) if out_dir else sorted((root / "results").glob("*/*.json"))
+        for path in paths:
             out[f"{path.parent.name}/{path.name}"] = json.loads(path.read_text())
         print(json.dumps(out))
     return rc
@@ -243,6 +247,7 @@ def main(argv=None) -> int:
     p_bench.add_argument("--quick", action="store_true", help="small sizes, under 2 minutes on 2 cores")
     p_bench.add_argument("--json", action="store_true", help="print the results as JSON at the end")
     p_bench.add_argument("--only", nargs="*", help="subjects: step_cpu step_gpu e2e quality")
+    p_bench.add_argument("--out-dir", help="write the JSON here instead of benchmarks/results/<machine>/")
     sub.add_parser("info", help="versions, devices and available backends")
     args = parser.parse_args(argv)
     if args.cmd == "demo":
@@ -251,7 +256,7 @@ def main(argv=None) -> int:
         else:
             demo_digits(args.out, quick=args.quick)
     elif args.cmd == "bench":
-        return bench(args.quick, args.json, args.only)
+        return bench(args.quick, args.json, args.only, args.out_dir)
     elif args.cmd == "info":
         info()
     return 0

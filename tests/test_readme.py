@@ -33,3 +33,14 @@ def test_ring_demo(tmp_path):
 
     assert main(["demo", "--ring", "--quick", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "ring_samples.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_bench_quick_smoke(tmp_path, capsys):
+    """`fastdiff bench --quick` runs end to end (no timing assertions; results go to tmp_path)."""
+    import json
+
+    from fastdiff.cli import main
+
+    assert main(["bench", "--quick", "--only", "quality", "step_cpu", "--out-dir", str(tmp_path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert any(k.endswith("quality.json") for k in out)
