@@ -1,5 +1,7 @@
-"""Demo and test models: exact denoisers of Gaussian data (the oracles of DESIGN §6)."""
+"""Demo and test models: exact denoisers of Gaussian data (the oracles of DESIGN §6), the digits UNet
+(``fastdiff.models.digits``), and EDM preconditioning as a wrapper."""
 
 from .gaussian import GaussianMixture
+from .precond import EDMPrecond, edm_scalings
 
-__all__ = ["GaussianMixture"]
+__all__ = ["GaussianMixture", "EDMPrecond", "edm_scalings"]
