@@ -78,6 +78,7 @@ ZERO = Lin()
 @dataclass
 class _Stage:
     t: float  # schedule time of the model call (nan: no model call)
+    step: int = 0  # the solver step (grid interval) the stage belongs to
     cx: float = 0.0
     co: float = 0.0
     x: Lin = None
@@ -95,6 +96,13 @@ class Builder:
         self.num_slots = num_slots
         self.stages: list[_Stage] = []
         self._open: _Stage | None = None
+        self.step = 0
+
+    def steps(self, n: int, start: int = 0):
+        """Iterate the solver's steps, recording which step each stage belongs to (``Plan.stage_step``)."""
+        for i in range(start, start + n):
+            self.step = i - start
+            yield i
 
     X = Lin({"x": 1.0})
     D = Lin({"D": 1.0})
@@ -112,7 +120,7 @@ class Builder:
         assert self._open is None, "previous stage not closed"
         t = float(t)
         cx, co = conversion(self.schedule, self.prediction, t, alpha, sigma)
-        self._open = _Stage(t=t, cx=cx, co=co)
+        self._open = _Stage(t=t, cx=cx, co=co, step=self.step)
         return self.X, self.D
 
     def update(self, x: Lin, slots: dict | None = None, noise: float = 0.0, langevin=None):
@@ -133,7 +141,7 @@ class Builder:
         if prev is not None and prev.g == 0.0 and prev.langevin[0] == 0.0:
             prev.x, prev.g = scale * prev.x, gain
         else:  # nothing to fuse into: a stage without a model call
-            self.stages.append(_Stage(t=math.nan, x=scale * self.X, slots={}, g=gain))
+            self.stages.append(_Stage(t=math.nan, x=scale * self.X, slots={}, g=gain, step=self.step))
 
 
 def conversion(schedule: Schedule, prediction: str, t: float, alpha=None, sigma=None):
@@ -189,6 +197,8 @@ class Plan:
         History slots K the stages use.
     stage_times : ndarray [S]
         Schedule time of each stage (NaN for a stage without model call).
+    stage_step : ndarray int64 [S]
+        The solver step (grid interval i: times[i] -> times[i+1]) each stage belongs to.
     calls_model : ndarray bool [S]
     conv : ndarray [S, 2]            (cx, co)
     update : ndarray [S, 1+K, 2+K]   rows (x', S_0'..), columns (x, D, S_0..)
@@ -215,6 +225,7 @@ class Plan:
 
         S = len(stages)
         self.stage_times = _ro(np.array([st.t for st in stages], dtype=np.float64))
+        self.stage_step = _ro(np.array([st.step for st in stages], dtype=np.int64))
         self.calls_model = _ro(~np.isnan(self.stage_times))
         self.conv = _ro(np.array([[st.cx, st.co] for st in stages], dtype=np.float64).reshape(S, 2))
         upd = np.zeros((S, 1 + K, 2 + K))

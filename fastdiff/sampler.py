@@ -132,7 +132,7 @@ def _progress(total, enabled):
     return tqdm(total=total, desc="sampling", unit="step", leave=False)
 
 
-def _loop(model, plan, x, seeds_t, kernel, w, kwargs, callback=None, check_finite="off", bar=None):
+def _loop(model, plan, x, seeds_t, kernel, w, kwargs, callback=None, check_finite="off", bar=None, noise_fn=None):
     """Run every stage. ``x``: the start state; ``w``: guidance tensor [1] or None; returns the sample.
 
     With ``check_finite="off"`` and no callback this does no host sync, so it can be captured in a CUDA graph.
@@ -152,7 +152,9 @@ def _loop(model, plan, x, seeds_t, kernel, w, kwargs, callback=None, check_finit
         if kernel == "torch":
             o = combine_guidance(out, w) if guided and use_out else out
             z = None
-            if noise or langevin:
+            if (noise or langevin) and noise_fn is not None:
+                z = noise_fn(k).to(x.dtype)  # external noise (k-diffusion's noise_sampler)
+            elif noise or langevin:
                 z = rng.normals_per_sample(seeds_t, torch.full_like(seeds_t, int(plan.draw[k])), x[0].numel())
                 z = z.reshape(x.shape).to(x.dtype)
             x = run_stage(plan, k, x, o, slots_list, z)
@@ -239,8 +241,12 @@ class Sampler:
         return self._compiled
 
     def sample(self, shape_or_x=None, *, x_T=None, shape=None, noise=None, seeds=None, cond=None, uncond=None,
-               guidance_scale=None, dtype=None, device=None, callback=None, check_finite: str = "end"):
-        """Sample a batch (see ``fastdiff.sample`` for the arguments); returns [B, ...] in x_T's or ``dtype``."""
+               guidance_scale=None, dtype=None, device=None, callback=None, check_finite: str = "end", noise_fn=None):
+        """Sample a batch (see ``fastdiff.sample`` for the arguments); returns [B, ...] in x_T's or ``dtype``.
+
+        ``noise_fn(stage) -> Tensor`` supplies each noisy stage's unit noise from outside (k-diffusion's
+        ``noise_sampler``); it runs on the torch backend, since the kernels draw their noise themselves.
+        """
         if isinstance(shape_or_x, torch.Tensor):
             x_T = shape_or_x
         elif shape_or_x is not None:
@@ -259,7 +265,10 @@ class Sampler:
             raise ValueError(f"guidance_scale must be finite, got {w_val}")
         kwargs = _batched_cond(cond, uncond, guided, batch, device)
         # float64 runs on the torch backend only (the kernels compute in fp32)
-        kind = "torch" if self.backend == "auto" and dtype == torch.float64 else resolve(self.backend, device.type)
+        torch_only = dtype == torch.float64 or noise_fn is not None
+        kind = "torch" if self.backend == "auto" and torch_only else resolve(self.backend, device.type)
+        if noise_fn is not None and kind != "torch":
+            raise ValueError(f"noise_fn needs backend='torch' (the {kind!r} kernel draws its own noise)")
         seeds_t = (rng.seeds_tensor(seeds, device=device) if seeds is not None
                    else torch.zeros(batch, dtype=torch.int64, device=device))
         w = torch.full((1,), float(w_val), dtype=torch.float32 if dtype != torch.float64 else dtype,
@@ -275,7 +284,7 @@ class Sampler:
             bar = _progress(plan.num_stages, show)
             try:
                 x = _prior(plan, x0, shape, dtype, device, seeds_t, kind)
-                x = _loop(model, plan, x, seeds_t, kind, w, kwargs, callback, check_finite, bar)
+                x = _loop(model, plan, x, seeds_t, kind, w, kwargs, callback, check_finite, bar, noise_fn)
             finally:
                 if bar is not None:
                     bar.close()

@@ -89,3 +89,12 @@ def test_every_solver_builds_on_every_schedule_or_explains():
                 assert "alpha" in str(e)
                 continue
             assert np.all(np.isfinite(p.rows()))
+
+
+def test_stage_step_marks_the_grid_interval_of_each_stage():
+    p = fd.plan("heun", S.EDM(), 4, s_churn=2.0)  # churn before step 0: a stage without model call
+    assert not p.calls_model[0] and p.stage_step[0] == 0
+    # two model calls per step, the last step (to sigma = 0) one
+    np.testing.assert_array_equal(p.stage_step[p.calls_model], [0, 0, 1, 1, 2, 2, 3])
+    a = fd.plan("annealed_langevin", S.VE(), 3, corrector_steps=2, final="t_min")
+    np.testing.assert_array_equal(a.stage_step, [0, 0, 1, 1, 2, 2])

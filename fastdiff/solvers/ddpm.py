@@ -13,7 +13,7 @@ from . import ETA, Option, eps_hat, expm1_neg, solver
 @solver("ddpm", 0, variance=Option("fixed_small", lambda v: v in ("fixed_small", "fixed_large"),
                                    "variance must be 'fixed_small' (posterior variance) or 'fixed_large' (beta_t)"))
 def ddpm(b, g, variance):
-    for i in range(g.steps):
+    for i in b.steps(g.steps):
         a, s, a2, s2 = g.alpha[i], g.sigma[i], g.alpha[i + 1], g.sigma[i + 1]
         X, D = b.call(g.t[i])
         a_ts = a / a2
@@ -31,7 +31,7 @@ def ddpm(b, g, variance):
 
 @solver("ddim", 0, eta=ETA)
 def ddim(b, g, eta):
-    for i in range(g.steps):
+    for i in b.steps(g.steps):
         a, s, a2, s2 = g.alpha[i], g.sigma[i], g.alpha[i + 1], g.sigma[i + 1]
         X, D = b.call(g.t[i])
         # DDIM eq. 16 written with e^{-h} = alpha s' / (alpha' s): c = eta * s' * sqrt(1 - e^{-2h}).

@@ -70,7 +70,7 @@ def _dpm_solver_step(b, g, i, order):
 
 def _singlestep(order):
     def fn(b, g):
-        for i in range(g.steps):
+        for i in b.steps(g.steps):
             _dpm_solver_step(b, g, i, order)
 
     fn.__name__ = f"dpm_solver_{order}"
@@ -104,7 +104,7 @@ def _multistep(b, g, order, lower_order_final, solver_type, eta=0.0, s_noise=1.0
     """DPM-Solver++(2M/3M), and the SDE variant when eta > 0; slot i % (order - 1) holds D_i."""
     nring = max(order - 1, 1)
     orders = step_orders(g, order, lower_order_final)
-    for i in range(g.steps):
+    for i in b.steps(g.steps):
         a_s, sg_s, lam_s = g.alpha[i], g.sigma[i], g.lam[i]
         a_t, sg_t, lam_t = g.alpha[i + 1], g.sigma[i + 1], g.lam[i + 1]
         h = lam_t - lam_s
@@ -164,7 +164,7 @@ def dpmpp_3m_sde(b, g, eta, s_noise, lower_order_final):
 @solver("dpmpp_2s_ancestral", 1, eta=ETA1, s_noise=S_NOISE)
 def dpmpp_2s_ancestral(b, g, eta, s_noise):
     """k-diffusion's DPM-Solver++(2S) ancestral: a midpoint step to sigma_down, then noise up; slot 0 = y_i."""
-    for i in range(g.steps):
+    for i in b.steps(g.steps):
         s, a_t = g.s[i], g.alpha[i + 1]
         down, up = ancestral_split(s, g.s[i + 1], eta)
         X, D = b.call(g.t[i])

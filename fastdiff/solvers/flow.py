@@ -15,7 +15,7 @@ def velocity(b, g, t, X, D):
 
 @solver("flow_euler", 0)
 def flow_euler(b, g):
-    for i in range(g.steps):
+    for i in b.steps(g.steps):
         X, D = b.call(g.t[i])
         if g.zero[i + 1]:
             b.update(x=D)
@@ -26,7 +26,7 @@ def flow_euler(b, g):
 @solver("flow_heun", 2)
 def flow_heun(b, g):
     """Heun's method: Euler predictor, trapezoidal corrector; slots: 0 = x_i, 1 = v_i."""
-    for i in range(g.steps):
+    for i in b.steps(g.steps):
         h = g.t[i + 1] - g.t[i]
         X, D = b.call(g.t[i])
         if g.zero[i + 1]:

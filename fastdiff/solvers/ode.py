@@ -20,7 +20,7 @@ def euler_to(D, d, alpha_next, s_next):
 
 @solver("euler", 0)
 def euler(b, g):
-    for i in range(g.steps):
+    for i in b.steps(g.steps):
         X, D = b.call(g.t[i])
         b.update(x=euler_to(D, eps_hat(X, D, g.alpha[i], g.sigma[i]), g.alpha[i + 1], g.s[i + 1]))
 
@@ -51,7 +51,7 @@ def churn(b, g, i, s_churn, s_tmin, s_tmax, s_noise):
 @solver("heun", 2, **CHURN)
 def heun(b, g, **churn_opts):
     """EDM Algorithm 2 (stochastic when s_churn > 0); slots: 0 = y_hat, 1 = d_i."""
-    for i in range(g.steps):
+    for i in b.steps(g.steps):
         s_next, a_next = g.s[i + 1], g.alpha[i + 1]
         s_hat, t_hat, a_hat, sg_hat = churn(b, g, i, **churn_opts)
         X, D = b.call(t_hat, a_hat, sg_hat)
@@ -69,7 +69,7 @@ def heun(b, g, **churn_opts):
 @solver("rk4", 2)
 def rk4(b, g):
     """Classical Runge-Kutta 4 on dy/ds = eps_hat; slots: 0 = y_i, 1 = k1 + 2 k2 + 2 k3."""
-    for i in range(g.steps):
+    for i in b.steps(g.steps):
         X, D = b.call(g.t[i])
         k1 = eps_hat(X, D, g.alpha[i], g.sigma[i])
         if g.zero[i + 1]:
@@ -101,7 +101,7 @@ def ancestral_split(s_from, s_to, eta):
 
 @solver("euler_ancestral", 0, eta=ETA1, s_noise=S_NOISE)
 def euler_ancestral(b, g, eta, s_noise):
-    for i in range(g.steps):
+    for i in b.steps(g.steps):
         X, D = b.call(g.t[i])
         down, up = ancestral_split(g.s[i], g.s[i + 1], eta)
         d = eps_hat(X, D, g.alpha[i], g.sigma[i])
@@ -112,7 +112,7 @@ def euler_ancestral(b, g, eta, s_noise):
 @solver("dpm_2", 1, **CHURN)
 def dpm_2(b, g, **churn_opts):
     """k-diffusion's sample_dpm_2: a midpoint (in log sigma) second-order step; slot 0 = y_hat."""
-    for i in range(g.steps):
+    for i in b.steps(g.steps):
         s_next, a_next = g.s[i + 1], g.alpha[i + 1]
         s_hat, t_hat, a_hat, sg_hat = churn(b, g, i, **churn_opts)
         X, D = b.call(t_hat, a_hat, sg_hat)
@@ -147,7 +147,7 @@ def lms_coefficients(s, i, order):
 def lms(b, g, order):
     """k-diffusion's linear multistep (Adams-Bashforth in sigma); slot (i % (order-1)) holds d_i."""
     nring = max(order - 1, 1)
-    for i in range(g.steps):
+    for i in b.steps(g.steps):
         X, D = b.call(g.t[i])
         d = eps_hat(X, D, g.alpha[i], g.sigma[i])
         cur = min(i + 1, order)

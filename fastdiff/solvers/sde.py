@@ -25,7 +25,7 @@ def score(X, D, alpha, sigma):
 
 @solver("euler_maruyama", 0)
 def euler_maruyama(b, g):
-    for i in range(g.steps):
+    for i in b.steps(g.steps):
         X, D = b.call(g.t[i])
         if g.zero[i + 1]:
             b.update(x=D)
@@ -50,7 +50,7 @@ def langevin_stage(b, g, t, alpha, sigma, snr, r):
         corrector_steps=Option(1, _count, "corrector_steps must be an integer >= 1"))
 def pc(b, g, predictor, snr, corrector_steps):
     """Predictor-corrector: Langevin corrector steps at t_i, then a predictor step t_i -> t_{i+1}."""
-    for i in range(g.steps):
+    for i in b.steps(g.steps):
         a, s, a2, s2 = g.alpha[i], g.sigma[i], g.alpha[i + 1], g.sigma[i + 1]
         r = (a / a2) ** 2  # Song's alpha_i = 1 - beta_i for VP (= alpha_bar_i / alpha_bar_{i-1}); 1 for VE
         for _ in range(corrector_steps):
@@ -82,7 +82,7 @@ def annealed_langevin(b, g, step_size, corrector_steps):
     """
     levels = [i for i in range(1, g.steps + 1) if not g.zero[i]]
     sigma_L = g.sigma[levels[-1]] if levels else 1.0
-    for i in range(1, g.steps + 1):
+    for i in b.steps(g.steps, start=1):
         if g.zero[i]:
             X, D = b.call(g.t[i - 1])
             b.update(x=D)

@@ -55,7 +55,7 @@ def unipc(b, g, order, solver_type, lower_order_final, disable_corrector):
     for i in range(g.steps):
         p = min(order, g.steps - i) if lower_order_final else order
         orders.append(min(p, i + 1))
-    for i in range(g.steps):
+    for i in b.steps(g.steps):
         X, D = b.call(g.t[i])
         x_c = X
         if i > 0 and (i - 1) not in disable_corrector:
