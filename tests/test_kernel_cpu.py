@@ -141,6 +141,76 @@ def test_philox_matches_numpy_oracle():
     np.testing.assert_array_equal(got, want)
 
 
+ISAS = EXT.philox_isas()  # the kernels' path first ("avx512", "avx2" or "scalar"), then the others compiled in
+
+
+def _oracle_blocks(ctr, key, nb):
+    """fastdiff.rng's words of blocks (ctr[0] | ctr[1] << 32) + j, j < nb (64-bit wrap), with ctr[2], ctr[3]."""
+    blk = (np.uint64(ctr[0] | (ctr[1] << 32)) + np.arange(nb, dtype=np.uint64)) if nb else np.zeros(0, np.uint64)
+    c = np.stack([blk & np.uint64(M32), blk >> np.uint64(32), np.full(nb, ctr[2], np.uint64),
+                  np.full(nb, ctr[3], np.uint64)], axis=1).astype(np.uint32)
+    return rng.philox4x32_10(c, np.array(key, dtype=np.uint32)).reshape(nb, 4)
+
+
+def _simd_cases():
+    """(counter, key, nblocks): random words, block counters around and past 2**32 (and the 2**64 wrap), keys
+    near 2**32 - 1, lengths around the vector widths (tails included)."""
+    g = np.random.default_rng(7)
+    cases = []
+    for i in range(96):
+        c = [int(v) for v in g.integers(0, 2**32, size=4, dtype=np.uint64)]
+        k = [int(v) for v in g.integers(0, 2**32, size=2, dtype=np.uint64)]
+        if i % 4 == 1:  # block lo just below 2**32: the carry into block hi inside a vector
+            c[0] = M32 - int(g.integers(0, 40))
+        if i % 4 == 2:  # block >= 2**32
+            c[0], c[1] = int(g.integers(0, 64)), int(g.integers(1, 5))
+        if i % 8 == 3:  # the 64-bit block counter wraps
+            c[0], c[1] = M32 - int(g.integers(0, 20)), M32
+        if i % 3 == 0:  # keys near 2**32 - 1 (the key schedule wraps)
+            k = [M32 - int(g.integers(0, 4)), M32 - int(g.integers(0, 4))]
+        cases.append((c, k, int(g.integers(0, 100))))
+    cases += [([0, 0, 0, 0], [0, 0], 64), ([M32, M32, M32, M32], [M32, M32], 33), ([M32 - 16, 0, 9, 0], [5, 6], 64)]
+    return cases
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_philox_simd_matches_philox_h_and_rng(isa):
+    """philox_simd.h's vectorized stream (every compiled ISA) equals fastdiff.rng and philox.h bit for bit."""
+    for ctr, key, nb in _simd_cases():
+        got = np.array(EXT.philox_blocks_raw(ctr, key, nb, isa), dtype=np.uint32).reshape(nb, 4)
+        np.testing.assert_array_equal(got, _oracle_blocks(ctr, key, nb), err_msg=f"{isa} {ctr} {key} {nb}")
+        for j in {0, nb // 2, nb - 1} if nb else ():  # philox.h's scalar philox4x32_10 on the same counters
+            b = (ctr[0] | (ctr[1] << 32)) + j
+            want = EXT.philox_raw([b & M32, (b >> 32) & M32, ctr[2], ctr[3]], key)
+            assert tuple(int(v) for v in got[j]) == tuple(want), (isa, ctr, key, j)
+
+
+def test_philox_simd_isas_and_errors():
+    assert ISAS[0] in ("avx512", "avx2", "scalar") and "scalar" in ISAS
+    # the kernels' path ("") is the first listed
+    got = EXT.philox_blocks_raw([5, 1, 2, 3], [4, 5], 40)
+    assert got == EXT.philox_blocks_raw([5, 1, 2, 3], [4, 5], 40, ISAS[0])
+    with pytest.raises(ValueError, match="not compiled in"):
+        EXT.philox_blocks_raw([0, 0, 0, 0], [0, 0], 4, "neon")
+    with pytest.raises(ValueError, match=r"\[0, 2\*\*32\)"):
+        EXT.philox_blocks_raw([2**32, 0, 0, 0], [0, 0], 4)
+
+
+def test_normals_fast_bits_from_simd_words():
+    """The kernels' normals are a function of the SIMD words: same floats as Box-Muller on the oracle's words
+    within the vectorized-libm tolerance, and identical for every chunk split (blocks past 2**32 included)."""
+    seed, draw, blk0, nb = SEEDS[2], 11, 2**32 - 70, 300
+    a = EXT.normals_fast(seed, draw, blk0, nb)
+    b = torch.cat([EXT.normals_fast(seed, draw, blk0 + j, min(37, nb - j)) for j in range(0, nb, 37)])
+    assert torch.equal(a, b)
+    words = _oracle_blocks([blk0 & M32, blk0 >> 32, draw, 0], [seed & M32, seed >> 32], nb)
+    u = rng.uint_to_uniform_float(words)
+    n0, n1 = rng.box_muller(u[:, 0], u[:, 1])
+    n2, n3 = rng.box_muller(u[:, 2], u[:, 3])
+    want = np.stack([n0, n1, n2, n3], axis=1).reshape(-1)
+    np.testing.assert_allclose(a.numpy(), want, rtol=0, atol=NORMAL_TOL * max(1.0, float(np.abs(want).max())))
+
+
 @pytest.mark.parametrize("shape", [(4, 4097), (3, 2, 5, 7), (1, 1), (2, 3)])
 def test_randn_matches_rng(shape):
     z = cpu.OPS["randn"](rng.seeds_tensor(SEEDS[:shape[0]] if shape[0] <= 4 else range(shape[0])),

@@ -20,14 +20,16 @@
 //
 // Vectorization (checked with g++ 12 -O3 -march=native -fopt-info-vec-all on an AVX-512 Xeon): every loop over
 // a chunk reports "loop vectorized using 64 byte vectors": the fp16/bf16 loads and the converting stores, D (with
-// the CFG mix), the two-term output passes, the Langevin score and sums, the Philox loop over blocks (philox.h's
-// philox4x32_10 inlined and unrolled, 16 counters per zmm) and the Box-Muller loop.  Only the control loops over
-// chunks, slots and outputs stay scalar.  Box-Muller uses the branch-free float32 log / sin / cos below (Cephes
-// polynomials, about 1 ulp on the ranges used) because libm's scalar calls do not vectorize; normals agree with
-// libm (fastdiff.rng, philox.h's philox_normals4) to a few ulp.  Noise is still compute-bound: about 2 ns per
-// normal and core on that Xeon (g++ turns philox.h's 32x32->64 products into vpmovzxdq + vpmullq, where a
-// hand-written even/odd vpmuludq Philox measured about 4x faster), against about 0.3 ns per element and core
-// for an fp32 copy.
+// the CFG mix), the two-term output passes, the Langevin score and sums and the Box-Muller loop.  Only the control
+// loops over chunks, slots and outputs stay scalar.  Philox is hand-vectorized in philox_simd.h (AVX-512: each
+// word of 8 counters in a zmm's 64-bit lanes, vpmuludq + vpshufd + vpternlogd per round, 4 independent zmm per
+// step; AVX2: even / odd vpmuludq, 8 counters per ymm; else philox.h per block): g++'s auto-vectorization of
+// philox.h's 32x32->64 products (vpmovzxdq + vpmullq) ran at about 2 ns per normal and core on that Xeon, the
+// hand-vectorized stream at about 0.4 ns, with exactly philox.h's words (tested bit for bit).  Box-Muller uses
+// the branch-free float32 log / sin / cos below (Cephes polynomials, about 1 ulp on the ranges used) because
+// libm's scalar calls do not vectorize; normals agree with libm (fastdiff.rng, philox.h's philox_normals4) to a
+// few ulp.  Noise is still compute-bound: about 1.1 ns per normal and core (Box-Muller about 0.7 of it), against
+// about 0.3 ns per element and core for an fp32 copy.
 //
 // Compile with -O3 -fopenmp -ffp-contract=off -fno-math-errno -fno-trapping-math -march=native (see
 // fastdiff/backends/cpu.py): no FMA contraction, so fp32 results round like the torch reference (bit for bit
@@ -40,10 +42,12 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <type_traits>
 #include <vector>
 
 #include "philox.h"
+#include "philox_simd.h"
 
 namespace fdcpu {
 
@@ -52,7 +56,7 @@ constexpr int64_t TILE = 4096;     // elements per OpenMP work item (multiple of
 constexpr int KMAX = 8;            // history slots supported
 constexpr int ROW_HEAD = 7;        // cx, co, g, snr, r, lsx, lsD
 // Work (elements; an element with noise counts NOISE_COST) below which a call runs on one thread, as torch's
-// GRAIN_SIZE.  Noise is compute-bound (Philox + Box-Muller, about 2 ns per normal and core) where memory streams
+// GRAIN_SIZE.  Noise is compute-bound (Philox + Box-Muller, about 1.1 ns per normal and core) where memory streams
 // are not, hence the weight: an SD latent (16K elements) steps on one thread, ~1.3 us slower than on two on a quiet
 // 2-core machine, but then no OpenMP barrier can wait a scheduler time slice (ms) for a core another process holds.
 int64_t g_parallel_min = 1 << 15;
@@ -196,15 +200,8 @@ static inline void sincos_f32(float t, float& s, float& c) {
 static void normals_blocks(uint64_t seed, uint32_t draw, uint64_t blk0, int64_t nb, float* __restrict z) {
   alignas(64) uint32_t w0[CHUNK / 4], w1[CHUNK / 4], w2[CHUNK / 4], w3[CHUNK / 4];
   alignas(64) float n0[CHUNK / 4], n1[CHUNK / 4], n2[CHUNK / 4], n3[CHUNK / 4];
-  const uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
-  for (int64_t j = 0; j < nb; ++j) {  // vectorized: 10 Philox rounds on 16 counters per zmm
-    const uint64_t blk = blk0 + (uint64_t)j;
-    const fastdiff::uint4x32 r = fastdiff::philox4x32_10({(uint32_t)blk, (uint32_t)(blk >> 32), draw, 0u}, k0, k1);
-    w0[j] = r.x;
-    w1[j] = r.y;
-    w2[j] = r.z;
-    w3[j] = r.w;
-  }
+  // philox_simd.h: 10 Philox rounds on 16 (AVX-512) / 8 (AVX2) counters per register, philox.h's words exactly
+  fastdiff::simd::philox_blocks(blk0, draw, 0u, (uint32_t)seed, (uint32_t)(seed >> 32), nb, w0, w1, w2, w3);
   for (int64_t j = 0; j < nb; ++j) {  // vectorized Box-Muller, pairs (w0, w1) and (w2, w3)
     const float ua = std::max(fastdiff::uint_to_uniform(w0[j]), 1e-7f);
     const float uc = std::max(fastdiff::uint_to_uniform(w2[j]), 1e-7f);
@@ -805,6 +802,47 @@ std::vector<uint32_t> philox_raw(std::vector<int64_t> counter, std::vector<int64
   return {r.x, r.y, r.z, r.w};
 }
 
+// The hand-vectorized Philox of philox_simd.h on blocks (counter[0] | counter[1] << 32) + j, j < nblocks, with
+// counter[2], counter[3], key: nblocks x 4 words.  isa: "" (the path the kernels take) or one compiled variant.
+std::vector<uint32_t> philox_blocks_raw(std::vector<int64_t> counter, std::vector<int64_t> key, int64_t nblocks,
+                                        const std::string& isa) {
+  TORCH_CHECK_VALUE(counter.size() == 4 && key.size() == 2, "philox_blocks_raw needs 4 counter words and 2 key words");
+  for (int64_t v : counter) TORCH_CHECK_VALUE(v >= 0 && v <= 0xFFFFFFFFll, "counter words must lie in [0, 2**32)");
+  for (int64_t v : key) TORCH_CHECK_VALUE(v >= 0 && v <= 0xFFFFFFFFll, "key words must lie in [0, 2**32)");
+  TORCH_CHECK_VALUE(nblocks >= 0, "nblocks must be >= 0");
+  using Fn = void (*)(uint64_t, uint32_t, uint32_t, uint32_t, uint32_t, int64_t, uint32_t*, uint32_t*, uint32_t*,
+                      uint32_t*);
+  Fn fn = nullptr;
+  if (isa.empty()) fn = &fastdiff::simd::philox_blocks;
+  else if (isa == "scalar") fn = &fastdiff::simd::philox_blocks_scalar;
+#if defined(__AVX512F__)
+  else if (isa == "avx512") fn = &fastdiff::simd::philox_blocks_avx512;
+#endif
+#if defined(__AVX2__)
+  else if (isa == "avx2") fn = &fastdiff::simd::philox_blocks_avx2;
+#endif
+  TORCH_CHECK_VALUE(fn != nullptr, "philox_blocks_raw: isa '", isa, "' is not compiled in (see philox_isas())");
+  std::vector<uint32_t> w(4 * nblocks), r(4 * nblocks);
+  const uint64_t blk0 = (uint64_t)counter[0] | ((uint64_t)counter[1] << 32);
+  fn(blk0, (uint32_t)counter[2], (uint32_t)counter[3], (uint32_t)key[0], (uint32_t)key[1], nblocks, w.data(),
+     w.data() + nblocks, w.data() + 2 * nblocks, w.data() + 3 * nblocks);
+  for (int64_t j = 0; j < nblocks; ++j)
+    for (int i = 0; i < 4; ++i) r[4 * j + i] = w[i * nblocks + j];
+  return r;
+}
+
+std::vector<std::string> philox_isas() {
+  std::vector<std::string> v{fastdiff::simd::philox_blocks_isa()};
+#if defined(__AVX512F__)
+  if (v[0] != "avx512") v.push_back("avx512");
+#endif
+#if defined(__AVX2__)
+  if (v[0] != "avx2") v.push_back("avx2");
+#endif
+  if (v[0] != "scalar") v.push_back("scalar");
+  return v;
+}
+
 at::Tensor normals_libm(int64_t seed, int64_t draw, int64_t blk0, int64_t nblocks) {
   at::Tensor z = at::empty({nblocks * 4}, at::kFloat);
   float* p = z.data_ptr<float>();
@@ -835,6 +873,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("randn", &fdcpu::randn, "Philox normals, batch-invariant", py::arg("seeds"), py::arg("draws"),
         py::arg("shape"), py::arg("dtype"));
   m.def("philox_raw", &fdcpu::philox_raw, "raw Philox4x32-10 words for (counter[4], key[2])");
+  m.def("philox_blocks_raw", &fdcpu::philox_blocks_raw,
+        "philox_simd.h's words of nblocks consecutive blocks from counter[4], key[2] (nblocks x 4)",
+        py::arg("counter"), py::arg("key"), py::arg("nblocks"), py::arg("isa") = "");
+  m.def("philox_isas", &fdcpu::philox_isas, "the compiled Philox paths, the kernels' first");
   m.def("normals_libm", &fdcpu::normals_libm, "philox.h's scalar libm normals of blocks [blk0, blk0 + nblocks)");
   m.def("normals_fast", &fdcpu::normals_fast, "the kernels' vectorized normals of blocks [blk0, blk0 + nblocks)");
   m.def("num_threads", []() { return omp_get_max_threads(); });
