@@ -203,11 +203,17 @@ def uint_to_uniform_float_torch(words: torch.Tensor) -> torch.Tensor:
 
 
 def box_muller_torch(u_a: torch.Tensor, u_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch twin of :func:`box_muller` (float32)."""
-    u1 = torch.clamp_min(u_a, float(U1_FLOOR))
+    """Torch twin of :func:`box_muller`: float32 in and out, the transcendental part in float64.
+
+    torch's vectorized float32 log / cos / sin take different code paths depending on buffer alignment, so the
+    same inputs gave results differing by several ulp from one process to the next.  In float64 and rounded once,
+    the result is the correctly rounded value of the same formula (almost always), identical in every process and
+    within an ulp or two of any float32 implementation (the kernels').
+    """
+    u1 = torch.clamp_min(u_a, float(U1_FLOOR)).double()
     r = torch.sqrt(-2.0 * torch.log(u1))
-    theta = float(TWO_PI_F32) * u_b  # Python float scalar with an fp32 tensor stays fp32
-    return r * torch.cos(theta), r * torch.sin(theta)
+    theta = (float(TWO_PI_F32) * u_b).double()  # the fp32 product, as the kernels form it
+    return (r * torch.cos(theta)).float(), (r * torch.sin(theta)).float()
 
 
 # ---------------------------------------------------------------------------
