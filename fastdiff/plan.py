@@ -257,6 +257,7 @@ class Plan:
              bool(self.langevin[k, 0] != 0))
             for k in range(S)
         )
+        self._rows = self._flat_rows()
         self._check_finite()
 
     # hashable by what was asked for; equal plans are the same program
@@ -290,8 +291,12 @@ class Plan:
 
     def rows(self) -> np.ndarray:
         """Flat float64 coefficient rows [S, 7 + (1+K)(2+K)]: ``[cx, co, g, snr, r, lsx, lsD, M row-major]``."""
+        return self._rows
+
+    def _flat_rows(self):
         S = self.num_stages
-        return np.concatenate([self.conv, self.noise_gain[:, None], self.langevin, self.update.reshape(S, -1)], axis=1)
+        return _ro(np.concatenate([self.conv, self.noise_gain[:, None], self.langevin, self.update.reshape(S, -1)],
+                                  axis=1))
 
     def _check_finite(self):
         for name in ("conv", "update", "noise_gain", "langevin"):
