@@ -116,7 +116,7 @@ def device_rows(plan, device) -> tuple:
         if hit is None:
             if len(_ROWS_CACHE) > 64:
                 _ROWS_CACHE.clear()
-            hit = (torch.as_tensor(plan.rows(), dtype=torch.float32, device=device),
+            hit = (torch.tensor(plan.rows(), dtype=torch.float32, device=device),
                    torch.tensor(plan.draw, dtype=torch.int64, device=device))
             _ROWS_CACHE[key] = hit
     return hit
