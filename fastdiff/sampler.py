@@ -177,8 +177,7 @@ def _loop(model, plan, x, seeds_t, kernel, w, kwargs, callback=None, check_finit
 def _prior(plan, x_T, shape, dtype, device, seeds_t, kernel):
     if x_T is not None:
         return x_T
-    k = kernel if kernel != "torch" else "torch"
-    return plan.init_scale * ops.randn(shape, seeds_t, 0, dtype=dtype, device=device, kernel=k)
+    return plan.init_scale * ops.randn(shape, seeds_t, 0, dtype=dtype, device=device, kernel=kernel)
 
 
 def _check_end(x, plan, check_finite):

@@ -48,17 +48,29 @@ def churn(b, g, i, s_churn, s_tmin, s_tmax, s_noise):
     return s_hat, t_hat, a_hat, sg_hat
 
 
+def churned_first_stage(b, g, i, churn_opts):
+    """Churn, call the model at the churned level; a step ending on the clean point is finished with Euler.
+
+    Returns None when the step is done, else (X, D, d, s_hat, a_hat) for the solver's second stage.
+    """
+    s_hat, t_hat, a_hat, sg_hat = churn(b, g, i, **churn_opts)
+    X, D = b.call(t_hat, a_hat, sg_hat)
+    d = eps_hat(X, D, a_hat, sg_hat)
+    if g.zero[i + 1]:
+        b.update(x=euler_to(D, d, g.alpha[i + 1], g.s[i + 1]))
+        return None
+    return X, D, d, s_hat, a_hat
+
+
 @solver("heun", 2, **CHURN)
 def heun(b, g, **churn_opts):
     """EDM Algorithm 2 (stochastic when s_churn > 0); slots: 0 = y_hat, 1 = d_i."""
     for i in b.steps(g.steps):
         s_next, a_next = g.s[i + 1], g.alpha[i + 1]
-        s_hat, t_hat, a_hat, sg_hat = churn(b, g, i, **churn_opts)
-        X, D = b.call(t_hat, a_hat, sg_hat)
-        d_cur = eps_hat(X, D, a_hat, sg_hat)
-        if g.zero[i + 1]:
-            b.update(x=euler_to(D, d_cur, a_next, s_next))
+        first = churned_first_stage(b, g, i, churn_opts)
+        if first is None:
             continue
+        X, D, d_cur, s_hat, a_hat = first
         # Euler step from s_hat to s_next, then the second-order correction at s_next.
         b.update(x=euler_to(D, d_cur, a_next, s_next), slots={0: X / a_hat, 1: d_cur})
         X, D = b.call(g.t[i + 1])
@@ -114,12 +126,10 @@ def dpm_2(b, g, **churn_opts):
     """k-diffusion's sample_dpm_2: a midpoint (in log sigma) second-order step; slot 0 = y_hat."""
     for i in b.steps(g.steps):
         s_next, a_next = g.s[i + 1], g.alpha[i + 1]
-        s_hat, t_hat, a_hat, sg_hat = churn(b, g, i, **churn_opts)
-        X, D = b.call(t_hat, a_hat, sg_hat)
-        d = eps_hat(X, D, a_hat, sg_hat)
-        if g.zero[i + 1]:
-            b.update(x=euler_to(D, d, a_next, s_next))
+        first = churned_first_stage(b, g, i, churn_opts)
+        if first is None:
             continue
+        X, D, d, s_hat, a_hat = first
         s_mid = math.exp(0.5 * (math.log(s_hat) + math.log(s_next)))
         t_mid, a_mid, sg_mid = g.point_at_s(s_mid)
         y_hat = X / a_hat
