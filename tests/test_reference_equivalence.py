@@ -36,7 +36,7 @@ SCHEDULES = {
 SOLVERS = [s for s in fastdiff.SOLVERS if s != "unipc"]  # unipc is checked against diffusers (test_peers_*)
 MULTISTEP = ("dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "dpmpp_3m_sde", "lms")
 # solvers whose steps divide by alpha at the step start (x / alpha, f = alpha'/alpha): no step from alpha = 0
-DIVIDE_BY_ALPHA = ("heun", "dpm_2", "rk4", "lms", "dpm_solver_1", "dpm_solver_2", "dpm_solver_3", "euler_maruyama")
+DIVIDE_BY_ALPHA = ("dpm_solver_singlestep", "heun", "dpm_2", "rk4", "lms", "dpm_solver_1", "dpm_solver_2", "dpm_solver_3", "euler_maruyama")
 # options that keep the long inner loops short
 FAST = {"annealed_langevin": {"corrector_steps": 3}}
 
@@ -228,6 +228,10 @@ OPTION_CASES = [
     ("dpmpp_2m_sde", dict(eta=0.0), ("EDM", "RectifiedFlow")),
     ("dpmpp_3m_sde", dict(eta=0.5, s_noise=0.8), _VPVE),
     ("dpmpp_3m_sde", dict(eta=0.0, lower_order_final=False), ("EDM", "RectifiedFlow")),
+    ("dpmpp_3m_sde", dict(solver_type="midpoint", eta=0.5), _VPVE),
+    ("dpmpp_2m", dict(euler_at_final=True, lower_order_final=False), ("EDM", "DiscreteVP")),
+    ("dpmpp_3m", dict(euler_at_final=True, lower_order_final=False), ("EDM", "ContinuousVP")),
+    ("dpmpp_2m_sde", dict(euler_at_final=True, lower_order_final=False), ("VE",)),
     ("euler_ancestral", dict(eta=0.5), _VPVE),
     ("euler_ancestral", dict(eta=1.0, s_noise=0.5), _ALL),
     ("euler_ancestral", dict(eta=0.0), ("EDM",)),
@@ -235,6 +239,24 @@ OPTION_CASES = [
     ("dpmpp_2s_ancestral", dict(eta=0.0), ("EDM",)),
     ("lms", dict(order=2), ("EDM", "DiscreteVP")),
     ("lms", dict(order=3), ("VE",)),
+    ("dpm_solver_singlestep", dict(order=3), _ALL),
+    ("dpm_solver_singlestep", dict(order=3, solver_type="heun"), _VPVE),
+    ("dpm_solver_singlestep", dict(order=1), ("EDM",)),
+    ("dpm_solver_singlestep", dict(algorithm="sde-dpmsolver++", order=3, solver_type="heun"), _VPVE),
+    ("dpm_solver_singlestep", dict(algorithm="sde-dpmsolver++", order=2), ("EDM", "DiscreteVP")),
+    ("lcm", dict(timestep_scaling=1.0), ("DiscreteVP", "scaled_linear")),
+]
+
+# noise-prediction singlestep DPM-Solver cannot end on the clean point (sigma_t (e^h - 1) = 0 * inf): t_min grids
+NOISE_SINGLESTEP = [
+    pytest.param("dpm_solver_singlestep", dict(algorithm="dpmsolver", order=o, solver_type=st), sname, pred, n,
+                 "t_min", id=f"dpmsolver-{o}-{st}-{sname}-{pred}-{n}")
+    for o in (2, 3) for st in ("midpoint", "heun") for sname in ("DiscreteVP", "EDM", "ContinuousVP")
+    for pred, n in (("epsilon", 7), ("v", 6))
+] + [
+    # explicit group orders (what a diffusers img2img start in the middle of a group gives)
+    pytest.param("dpm_solver_singlestep", dict(solver_type="heun", orders=(1, 2, 1, 1, 2, 3, 1)), sname, "epsilon",
+                 7, "zero", id=f"singlestep-orders-{sname}") for sname in ("DiscreteVP", "EDM")
 ]
 
 
@@ -249,7 +271,7 @@ def _option_cases():
                                    id=f"{solver}[{kv}]-{sname}-{pred}-{steps}-{final}")
 
 
-@pytest.mark.parametrize("solver,opts,sname,prediction,steps,final", list(_option_cases()))
+@pytest.mark.parametrize("solver,opts,sname,prediction,steps,final", list(_option_cases()) + NOISE_SINGLESTEP)
 def test_options_match_reference(solver, opts, sname, prediction, steps, final):
     schedule = SCHEDULES[sname]
     compare(solver, schedule, steps, prediction, final, tol=_tolerance(solver, schedule, final), **opts)

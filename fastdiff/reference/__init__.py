@@ -14,6 +14,7 @@ import inspect
 
 import torch
 
+from . import consistency as _consistency
 from . import ddpm as _ddpm
 from . import dpm_solver as _dpm
 from . import flow as _flow
@@ -44,6 +45,8 @@ REFERENCES = {
     "dpmpp_2m_sde": _dpm.dpmpp_2m_sde,
     "dpmpp_3m_sde": _dpm.dpmpp_3m_sde,
     "dpmpp_2s_ancestral": _dpm.dpmpp_2s_ancestral,
+    "dpm_solver_singlestep": _dpm.dpm_solver_singlestep,
+    "lcm": _consistency.lcm,
     "flow_euler": _flow.flow_euler,
     "flow_heun": _flow.flow_heun,
 }

@@ -86,22 +86,24 @@ def dpm_solver_3(run, x):
 # ---- multistep DPM-Solver++, data prediction --------------------------------------------------------------------
 
 
-def step_orders(grid, order, lower_order_final):
-    """o_i = min(order, i + 1); with lower_order_final and < 15 steps also min(o_i, steps - i); 1 to the clean point."""
+def step_orders(grid, order, lower_order_final, euler_at_final=False):
+    """o_i = min(order, i + 1); with lower_order_final and < 15 steps also min(o_i, steps - i); 1 to the clean point
+    and, with euler_at_final (diffusers), on the last step."""
     n = grid.steps
     orders = []
     for i in range(n):
         o = min(order, i + 1)
         if lower_order_final and n < 15:
             o = min(o, n - i)
-        orders.append(1 if grid.clean[i + 1] else o)
+        last = euler_at_final and i == n - 1
+        orders.append(1 if grid.clean[i + 1] or last else o)
     return orders
 
 
-def _dpmpp_multistep(run, x, order, lower_order_final, solver_type):
+def _dpmpp_multistep(run, x, order, lower_order_final, solver_type, euler_at_final):
     """DPM-Solver++ multistep as diffusers' ``multistep_dpm_solver_{first,second,third}_order_update``."""
     g = run.grid
-    orders = step_orders(g, order, lower_order_final)
+    orders = step_orders(g, order, lower_order_final, euler_at_final)
     Ds = []  # x_theta at t_0, t_1, ...: m0 = Ds[-1] after this step's call, m1 = Ds[-2], m2 = Ds[-3]
     for i in range(g.steps):
         sg_s, lam_s = g.sigma[i], g.lam[i]
@@ -136,30 +138,30 @@ def _dpmpp_multistep(run, x, order, lower_order_final, solver_type):
     return x
 
 
-def dpmpp_2m(run, x, lower_order_final=True, solver_type="midpoint"):
+def dpmpp_2m(run, x, lower_order_final=True, solver_type="midpoint", euler_at_final=False):
     """Lu et al. 2022b, Algorithm 2 (DPM-Solver++(2M)); solver_type "heun" is the Taylor form of diffusers."""
     if solver_type not in ("midpoint", "heun"):
         raise ValueError(f"dpmpp_2m: solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
-    return _dpmpp_multistep(run, x, 2, lower_order_final, solver_type)
+    return _dpmpp_multistep(run, x, 2, lower_order_final, solver_type, euler_at_final)
 
 
-def dpmpp_3m(run, x, lower_order_final=True, solver_type="midpoint"):
+def dpmpp_3m(run, x, lower_order_final=True, solver_type="midpoint", euler_at_final=False):
     """Lu et al. 2022b, DPM-Solver++(3M): diffusers' third-order multistep update; ``solver_type`` is the form of the
     second-order warm-up / cool-down steps (diffusers' default "midpoint" = the DPM-Solver code's "dpmsolver")."""
     if solver_type not in ("midpoint", "heun"):
         raise ValueError(f"dpmpp_3m: solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
-    return _dpmpp_multistep(run, x, 3, lower_order_final, solver_type)
+    return _dpmpp_multistep(run, x, 3, lower_order_final, solver_type, euler_at_final)
 
 
 # ---- k-diffusion's SDE / ancestral variants -----------------------------------------------------------------------
 
 
-def dpmpp_2m_sde(run, x, eta=1.0, s_noise=1.0, lower_order_final=True, solver_type="midpoint"):
+def dpmpp_2m_sde(run, x, eta=1.0, s_noise=1.0, lower_order_final=True, solver_type="midpoint", euler_at_final=False):
     """k-diffusion ``sample_dpmpp_2m_sde`` (DPM-Solver++(2M) SDE, Lu et al. 2022b), with dpmpp_2m's step orders."""
     if solver_type not in ("midpoint", "heun"):
         raise ValueError(f"dpmpp_2m_sde: solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
     g = run.grid
-    orders = step_orders(g, 2, lower_order_final)
+    orders = step_orders(g, 2, lower_order_final, euler_at_final)
     old_denoised = None
     for i in range(g.steps):
         sg_s, lam_s = g.sigma[i], g.lam[i]
@@ -188,10 +190,13 @@ def dpmpp_2m_sde(run, x, eta=1.0, s_noise=1.0, lower_order_final=True, solver_ty
     return x
 
 
-def dpmpp_3m_sde(run, x, eta=1.0, s_noise=1.0, lower_order_final=True):
-    """k-diffusion ``sample_dpmpp_3m_sde`` (DPM-Solver++(3M) SDE), with dpmpp_3m's step orders."""
+def dpmpp_3m_sde(run, x, eta=1.0, s_noise=1.0, lower_order_final=True, solver_type="heun", euler_at_final=False):
+    """k-diffusion ``sample_dpmpp_3m_sde`` (DPM-Solver++(3M) SDE), with dpmpp_3m's step orders; ``solver_type``
+    "midpoint" gives its second-order warm-up steps diffusers' midpoint form (k-diffusion's is "heun")."""
+    if solver_type not in ("midpoint", "heun"):
+        raise ValueError(f"dpmpp_3m_sde: solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
     g = run.grid
-    orders = step_orders(g, 3, lower_order_final)
+    orders = step_orders(g, 3, lower_order_final, euler_at_final)
     denoised_1 = denoised_2 = None
     for i in range(g.steps):
         sg_s, lam_s = g.sigma[i], g.lam[i]
@@ -222,7 +227,10 @@ def dpmpp_3m_sde(run, x, eta=1.0, s_noise=1.0, lower_order_final=True):
             elif o == 2:
                 r = (lam_s - g.lam[i - 1]) / h
                 d = (1.0 / r) * (denoised - denoised_1)
-                x_new = x_new + (a_t * phi_2) * d
+                if solver_type == "heun":
+                    x_new = x_new + (a_t * phi_2) * d
+                else:  # midpoint: + 1/2 (1 - e^{-h_eta}) alpha_t D1
+                    x_new = x_new + (a_t * 0.5 * -math.expm1(-h_eta)) * d
             # noise: sigma_{i+1} sqrt(1 - e^{-2 h eta}) s_noise z
             gain = sg_t * math.sqrt(-math.expm1(-2.0 * eta_h)) * s_noise
             x = x_new + gain * run.noise(x) if gain > 0 else x_new
@@ -262,4 +270,94 @@ def dpmpp_2s_ancestral(run, x, eta=1.0, s_noise=1.0):
         if sigma_up * s_noise > 0:
             y_next = y_next + (s_noise * sigma_up) * run.noise(x)
         x = a_next * y_next
+    return x
+
+
+# ---- singlestep DPM-Solver(++) through grid points (diffusers' DPMSolverSinglestepScheduler) -----------------------
+
+
+def _singlestep_orders(n, order, lower_order_final, clean_end):
+    """Repeated groups 1, 2(, 3); with lower_order_final the final group is cut to end on the last step."""
+    if order == 1:
+        orders = [1] * n
+    else:
+        group = list(range(1, order + 1))
+        full, rest = divmod(n, order)
+        if not lower_order_final:
+            orders = group * full
+        elif rest == 0:
+            # the last full group becomes 1, 2 (order 3) or 1 (order 2) followed by a first-order step
+            orders = group * (full - 1) + group[:-1] + [1]
+        else:
+            orders = group * full + group[:rest]
+        if len(orders) != n:
+            raise ValueError("dpm_solver_singlestep: steps must be divisible by order without lower_order_final")
+    if clean_end:
+        orders[-1] = 1
+    return orders
+
+
+def dpm_solver_singlestep(run, x, order=2, algorithm="dpmsolver++", solver_type="midpoint", lower_order_final=True,
+                          orders=()):
+    """Singlestep DPM-Solver (Lu et al. 2022a) / DPM-Solver++ (2022b) whose intermediate points are the grid points:
+    a group starts at x_s and its j-th step lands on the next grid point from x_s with the (j+1)-th order formula
+    (the multi-point forms of diffusers' ``singlestep_dpm_solver_{first,second,third}_order_update``)."""
+    g = run.grid
+    orders = [int(o) for o in orders] or _singlestep_orders(g.steps, order, lower_order_final, g.clean[-1])
+    x_s, ms = x, []
+    for k in range(g.steps):
+        o = orders[k]
+        out = run.eval(x, g.t[k])
+        m = out.eps if algorithm == "dpmsolver" else out.x0
+        if o == 1:
+            x_s, ms = x, []
+        ms.append(m)
+        s = k - o + 1
+        a_s, sg_s, lam_s = g.alpha[s], g.sigma[s], g.lam[s]
+        a_t, sg_t, lam_t = g.alpha[k + 1], g.sigma[k + 1], g.lam[k + 1]
+        h = lam_t - lam_s
+        if o >= 2 and not math.isfinite(lam_s):
+            raise ValueError("dpm_solver_singlestep: a higher-order group cannot start at alpha = 0 (lambda = -inf)")
+        if o >= 2:
+            r0 = (g.lam[k] - lam_s) / h  # the newest point
+        if o == 3:
+            r1 = (g.lam[k - 1] - lam_s) / h
+            D1_0 = (1.0 / r1) * (ms[1] - ms[0])
+            D1_1 = (1.0 / r0) * (ms[2] - ms[0])
+            D1 = (r0 * D1_0 - r1 * D1_1) / (r0 - r1)
+            D2 = 2.0 * (D1_1 - D1_0) / (r0 - r1)
+        if algorithm == "dpmsolver++":
+            em = math.expm1(-h)  # e^{-h} - 1
+            x = (sg_t / sg_s) * x_s - (a_t * em) * ms[0]
+            if o == 2:
+                D1 = (1.0 / r0) * (ms[1] - ms[0])
+                x = x - (0.5 * a_t * em) * D1 if solver_type == "midpoint" else x + (a_t * (em / h + 1.0)) * D1
+            elif o == 3 and solver_type == "midpoint":
+                x = x + (a_t * (em / h + 1.0)) * D1_1
+            elif o == 3:
+                x = x + (a_t * (em / h + 1.0)) * D1 - (a_t * ((em + h) / h**2 - 0.5)) * D2
+        elif algorithm == "dpmsolver":
+            ep = math.expm1(h)  # e^h - 1
+            x = (a_t / a_s) * x_s - (sg_t * ep) * ms[0]
+            if o == 2:
+                D1 = (1.0 / r0) * (ms[1] - ms[0])
+                x = x - (0.5 * sg_t * ep) * D1 if solver_type == "midpoint" else x - (sg_t * (ep / h - 1.0)) * D1
+            elif o == 3 and solver_type == "midpoint":
+                x = x - (sg_t * (ep / h - 1.0)) * D1_1
+            elif o == 3:
+                x = x - (sg_t * (ep / h - 1.0)) * D1 - (sg_t * ((ep - h) / h**2 - 0.5)) * D2
+        else:  # sde-dpmsolver++: the same expansions of the SDE's exponential integrator in 2h
+            e2 = -math.expm1(-2.0 * h)  # 1 - e^{-2h}
+            x = (sg_t / sg_s * math.exp(-h)) * x_s + (a_t * e2) * ms[0]
+            phi = e2 / (-2.0 * h) + 1.0
+            if o == 2:
+                D1 = (1.0 / r0) * (ms[1] - ms[0])
+                x = x + (0.5 * a_t * e2) * D1 if solver_type == "midpoint" else x + (a_t * phi) * D1
+            elif o == 3 and solver_type == "midpoint":
+                x = x + (a_t * phi) * D1_1
+            elif o == 3:
+                # phi_3 = (e^{-2h} - 1 + 2h) / (2h)^2 - 1/2, the Taylor coefficient of D2, with its minus sign
+                x = x + (a_t * phi) * D1 - (a_t * ((2.0 * h - e2) / (4.0 * h * h) - 0.5)) * D2
+            if not g.clean[k + 1]:
+                x = x + sg_t * math.sqrt(-math.expm1(-2.0 * h)) * run.noise(x)
     return x

@@ -149,6 +149,6 @@ S_NOISE = Option(1.0, _nonneg, "s_noise must be a finite number >= 0")
 LOWER_ORDER_FINAL = Option(True, _flag, "lower_order_final must be True or False")
 
 # Register the families (import for side effects).
-from . import ddpm, dpm_solver, flow, ode, sde, unipc  # noqa: E402,F401
+from . import consistency, ddpm, dpm_solver, flow, ode, sde, unipc  # noqa: E402,F401
 
 __all__ = ["SOLVERS", "solver_options", "build", "Grid"]

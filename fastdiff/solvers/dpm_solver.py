@@ -84,14 +84,15 @@ for _order in (1, 2, 3):
 # ---- multistep DPM-Solver++ (data prediction) -----------------------------------------------------------------
 
 
-def step_orders(g, order, lower_order_final):
-    """Order of each step: warm-up min(order, i + 1); cool-down for < 15 steps; 1 on a step to the clean point."""
+def step_orders(g, order, lower_order_final, euler_at_final=False):
+    """Order of each step: warm-up min(order, i + 1); cool-down for < 15 steps; 1 on a step to the clean point
+    (and on the last step with ``euler_at_final``, diffusers' option for stability with few steps)."""
     orders = []
     for i in range(g.steps):
         o = min(order, i + 1)
         if lower_order_final and g.steps < 15:
             o = min(o, g.steps - i)
-        if g.zero[i + 1]:
+        if g.zero[i + 1] or (euler_at_final and i == g.steps - 1):
             o = 1
         orders.append(o)
     return orders
@@ -100,10 +101,10 @@ def step_orders(g, order, lower_order_final):
 SOLVER_TYPE = Option("midpoint", lambda v: v in ("midpoint", "heun"), "solver_type must be 'midpoint' or 'heun'")
 
 
-def _multistep(b, g, order, lower_order_final, solver_type, eta=0.0, s_noise=1.0):
+def _multistep(b, g, order, lower_order_final, solver_type, eta=0.0, s_noise=1.0, euler_at_final=False):
     """DPM-Solver++(2M/3M), and the SDE variant when eta > 0; slot i % (order - 1) holds D_i."""
     nring = max(order - 1, 1)
-    orders = step_orders(g, order, lower_order_final)
+    orders = step_orders(g, order, lower_order_final, euler_at_final)
     for i in b.steps(g.steps):
         a_s, sg_s, lam_s = g.alpha[i], g.sigma[i], g.lam[i]
         a_t, sg_t, lam_t = g.alpha[i + 1], g.sigma[i + 1], g.lam[i + 1]
@@ -139,26 +140,31 @@ def _multistep(b, g, order, lower_order_final, solver_type, eta=0.0, s_noise=1.0
         b.update(x=x_next, slots={i % nring: D} if order > 1 else {}, noise=noise)
 
 
-@solver("dpmpp_2m", 1, lower_order_final=LOWER_ORDER_FINAL, solver_type=SOLVER_TYPE)
-def dpmpp_2m(b, g, lower_order_final, solver_type):
-    _multistep(b, g, 2, lower_order_final, solver_type)
+EULER_AT_FINAL = Option(False, lambda v: isinstance(v, bool), "euler_at_final must be True or False")
 
 
-@solver("dpmpp_3m", 2, lower_order_final=LOWER_ORDER_FINAL, solver_type=SOLVER_TYPE)
-def dpmpp_3m(b, g, lower_order_final, solver_type):
+@solver("dpmpp_2m", 1, lower_order_final=LOWER_ORDER_FINAL, solver_type=SOLVER_TYPE, euler_at_final=EULER_AT_FINAL)
+def dpmpp_2m(b, g, lower_order_final, solver_type, euler_at_final):
+    _multistep(b, g, 2, lower_order_final, solver_type, euler_at_final=euler_at_final)
+
+
+@solver("dpmpp_3m", 2, lower_order_final=LOWER_ORDER_FINAL, solver_type=SOLVER_TYPE, euler_at_final=EULER_AT_FINAL)
+def dpmpp_3m(b, g, lower_order_final, solver_type, euler_at_final):
     """DPM-Solver++(3M); ``solver_type`` picks the form of its second-order warm-up / cool-down steps (diffusers)."""
-    _multistep(b, g, 3, lower_order_final, solver_type)
+    _multistep(b, g, 3, lower_order_final, solver_type, euler_at_final=euler_at_final)
 
 
-@solver("dpmpp_2m_sde", 1, eta=ETA1, s_noise=S_NOISE, lower_order_final=LOWER_ORDER_FINAL, solver_type=SOLVER_TYPE)
-def dpmpp_2m_sde(b, g, eta, s_noise, lower_order_final, solver_type):
-    _multistep(b, g, 2, lower_order_final, solver_type, eta=eta, s_noise=s_noise)
+@solver("dpmpp_2m_sde", 1, eta=ETA1, s_noise=S_NOISE, lower_order_final=LOWER_ORDER_FINAL, solver_type=SOLVER_TYPE,
+        euler_at_final=EULER_AT_FINAL)
+def dpmpp_2m_sde(b, g, eta, s_noise, lower_order_final, solver_type, euler_at_final):
+    _multistep(b, g, 2, lower_order_final, solver_type, eta=eta, s_noise=s_noise, euler_at_final=euler_at_final)
 
 
-@solver("dpmpp_3m_sde", 2, eta=ETA1, s_noise=S_NOISE, lower_order_final=LOWER_ORDER_FINAL)
-def dpmpp_3m_sde(b, g, eta, s_noise, lower_order_final):
-    """k-diffusion's DPM-Solver++(3M) SDE."""
-    _multistep(b, g, 3, lower_order_final, "heun", eta=eta, s_noise=s_noise)
+@solver("dpmpp_3m_sde", 2, eta=ETA1, s_noise=S_NOISE, lower_order_final=LOWER_ORDER_FINAL,
+        solver_type=Option("heun", SOLVER_TYPE.check, SOLVER_TYPE.hint), euler_at_final=EULER_AT_FINAL)
+def dpmpp_3m_sde(b, g, eta, s_noise, lower_order_final, solver_type, euler_at_final):
+    """k-diffusion's DPM-Solver++(3M) SDE (``solver_type`` shapes its second-order warm-up, as in diffusers)."""
+    _multistep(b, g, 3, lower_order_final, solver_type, eta=eta, s_noise=s_noise, euler_at_final=euler_at_final)
 
 
 @solver("dpmpp_2s_ancestral", 1, eta=ETA1, s_noise=S_NOISE)
@@ -182,3 +188,110 @@ def dpmpp_2s_ancestral(b, g, eta, s_noise):
         b.update(x=a_mid * ((s_mid / s) * y - math.expm1(-0.5 * h) * D), slots={0: y})
         X, D2 = b.call(t_mid, a_mid, sg_mid)
         b.update(x=a_t * ((down / s) * b.S(0) - math.expm1(-h) * D2), noise=a_t * up * s_noise)
+
+
+# ---- singlestep DPM-Solver / DPM-Solver++ on a given grid (diffusers' DPMSolverSinglestepScheduler) ------------------
+
+
+def singlestep_orders(steps, order, lower_order_final, final_zero):
+    """diffusers' order list: groups [1, 2(, 3)] repeated; with lower_order_final the tail is shortened so that the
+    last group ends on the last step; a step to the clean point is first order."""
+    if order == 3:
+        if not lower_order_final:
+            orders = [1, 2, 3] * (steps // 3)
+        elif steps % 3 == 0:
+            orders = [1, 2, 3] * (steps // 3 - 1) + [1, 2, 1]
+        else:
+            orders = [1, 2, 3] * (steps // 3) + [1, 2][: steps % 3]
+    elif order == 2:
+        if not lower_order_final:
+            orders = [1, 2] * (steps // 2)
+        elif steps % 2 == 0:
+            orders = [1, 2] * (steps // 2 - 1) + [1, 1]
+        else:
+            orders = [1, 2] * (steps // 2) + [1]
+    else:
+        orders = [1] * steps
+    if len(orders) != steps:
+        raise ValueError(f"dpm_solver_singlestep: order={order} without lower_order_final needs steps divisible by "
+                         f"{order} (got {steps}); set lower_order_final=True or pass orders=")
+    if final_zero:
+        orders[-1] = 1
+    return orders
+
+
+def _check_orders(orders, steps):
+    if len(orders) != steps:
+        raise ValueError(f"dpm_solver_singlestep: orders= has {len(orders)} entries for {steps} steps")
+    for k, o in enumerate(orders):
+        # order o at step k continues the group that started (order 1) at step k - o + 1
+        if o not in (1, 2, 3) or any(k - j < 0 or orders[k - j] != o - j for j in range(1, o)):
+            raise ValueError(f"dpm_solver_singlestep: orders={list(orders)} is not a sequence of groups 1, 2(, 3) "
+                             f"(step {k})")
+
+
+ALGORITHM = Option("dpmsolver++", lambda v: v in ("dpmsolver++", "dpmsolver", "sde-dpmsolver++"),
+                   "algorithm must be 'dpmsolver++' (data prediction), 'dpmsolver' (noise) or 'sde-dpmsolver++'")
+
+
+@solver("dpm_solver_singlestep", 3, order=Option(2, lambda v: v in (1, 2, 3), "order must be 1, 2 or 3"),
+        algorithm=ALGORITHM, solver_type=SOLVER_TYPE, lower_order_final=LOWER_ORDER_FINAL,
+        orders=Option((), lambda v: isinstance(v, tuple), "orders must be a sequence of step orders"))
+def dpm_solver_singlestep(b, g, order, algorithm, solver_type, lower_order_final, orders):
+    """Singlestep DPM-Solver(++) whose intermediate points are grid points (diffusers' singlestep scheduler).
+
+    A group of o steps starts from x_s (saved in slot 0) and calls the model on o consecutive grid points; step j of
+    the group lands on the next grid point with the order-(j+1) update from x_s using the group's model outputs
+    (Lu et al. 2022a, Algorithms 1-2 and Lu et al. 2022b, in their multi-point form).  Slots: 0 = x_s, 1-2 = the
+    group's earlier model outputs (data or noise prediction, per ``algorithm``).
+    """
+    orders = [int(o) for o in orders] if orders else singlestep_orders(g.steps, order, lower_order_final,
+                                                                       bool(g.zero[-1]))
+    _check_orders(orders, g.steps)
+    data = algorithm != "dpmsolver"
+    sde = algorithm == "sde-dpmsolver++"
+    for k in b.steps(g.steps):
+        o = orders[k]
+        j0 = k - o + 1  # the group's start
+        X, D = b.call(g.t[k])
+        m0 = D if data else eps_hat(X, D, g.alpha[k], g.sigma[k])
+        x_s = X if o == 1 else b.S(0)
+        ms = [b.S(1 + j) for j in range(o - 1)] + [m0]  # m_{j0} .. m_k
+        a_s, sg_s, lam_s = g.alpha[j0], g.sigma[j0], g.lam[j0]
+        a_t, sg_t, lam_t = g.alpha[k + 1], g.sigma[k + 1], g.lam[k + 1]
+        h = lam_t - lam_s
+        noise = 0.0
+        if data and not sde:
+            e = math.expm1(-h) if math.isfinite(h) else -1.0  # e^{-h} - 1
+            x_t = (sg_t / sg_s) * x_s - (a_t * e) * ms[0]
+            c1, c2 = -0.5 * a_t * e, a_t * (e / h + 1.0) if o > 1 else 0.0
+            c3 = -a_t * ((e + h) / h ** 2 - 0.5) if o > 1 else 0.0
+        elif sde:
+            e2 = -math.expm1(-2.0 * h)  # 1 - e^{-2h}
+            x_t = ((sg_t / sg_s) * math.exp(-h)) * x_s + (a_t * e2) * ms[0]
+            c1, c2 = 0.5 * a_t * e2, a_t * (e2 / (-2.0 * h) + 1.0) if o > 1 else 0.0
+            # the Taylor term of the exponential integrator (+1/2; diffusers' -1/2 is a sign error, see the tests)
+            c3 = a_t * ((e2 - 2.0 * h) / (4.0 * h * h) + 0.5) if o > 1 else 0.0
+            noise = sg_t * math.sqrt(max(-math.expm1(-2.0 * h), 0.0))
+        else:  # noise prediction
+            ep = math.expm1(h)  # e^h - 1
+            x_t = (a_t / a_s) * x_s - (sg_t * ep) * ms[0]
+            c1, c2 = -0.5 * sg_t * ep, -sg_t * (ep / h - 1.0) if o > 1 else 0.0
+            c3 = -sg_t * ((ep - h) / h ** 2 - 0.5) if o > 1 else 0.0
+        if o == 2:
+            r0 = (g.lam[k] - lam_s) / h
+            D1 = (ms[1] - ms[0]) / r0
+            x_t = x_t + (c1 if solver_type == "midpoint" else c2) * D1
+        elif o == 3:
+            r0, r1 = (g.lam[k] - lam_s) / h, (g.lam[k - 1] - lam_s) / h
+            D1_0, D1_1 = (ms[1] - ms[0]) / r1, (ms[2] - ms[0]) / r0
+            if solver_type == "midpoint":
+                x_t = x_t + c2 * D1_1
+            else:
+                D1 = (r0 * D1_0 - r1 * D1_1) / (r0 - r1)
+                D2 = (2.0 / (r0 - r1)) * (D1_1 - D1_0)
+                x_t = x_t + c2 * D1 + c3 * D2
+        slots = {1 + (k - j0): m0} if k - j0 < 2 else {}  # the group's last output is never read again
+        if o == 1:
+            slots[0] = X
+        b.update(x=x_t, slots=slots, noise=noise)
