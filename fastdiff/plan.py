@@ -344,7 +344,8 @@ def _freeze(v):
 
 
 def plan(solver: str, schedule: Schedule, steps: int | None = None, prediction: str = "epsilon",
-         spacing: str | None = None, final: str = "zero", *, timesteps=None, sigmas=None, **options) -> Plan:
+         spacing: str | None = None, final: str = "zero", *, timesteps=None, sigmas=None, boundaries=None,
+         **options) -> Plan:
     """Build (or fetch from the cache) the Plan of ``solver`` on ``schedule``.
 
     Parameters
@@ -360,8 +361,9 @@ def plan(solver: str, schedule: Schedule, steps: int | None = None, prediction: 
         A spacing of ``fastdiff.timesteps``; the schedule's default when omitted.
     final : {"zero", "t_min"}
         End on the clean point (sigma = 0) or on the schedule's smallest time.
-    timesteps, sigmas : sequence of float, optional
-        A custom descending grid (see ``fastdiff.timesteps.custom_times``).
+    timesteps, sigmas, boundaries : sequence of float, optional
+        A custom descending grid (see ``fastdiff.timesteps.custom_times``); ``boundaries`` are the step boundaries
+        themselves, ending on ``schedule.t_zero`` (the clean point) or a time >= t_min.
     **options
         Solver options (``eta``, ``s_churn``, ``order``, ...); ``fastdiff.solver_options(name)`` lists them.
     """
@@ -374,7 +376,7 @@ def plan(solver: str, schedule: Schedule, steps: int | None = None, prediction: 
     if prediction not in PREDICTIONS:
         raise ValueError(f"unknown prediction {prediction!r}; choose one of {', '.join(PREDICTIONS)}")
     key = (solver, schedule, steps, prediction, spacing, final, _freeze(timesteps), _freeze(sigmas),
-           tuple(sorted((k, _freeze(v)) for k, v in options.items())))
+           _freeze(boundaries), tuple(sorted((k, _freeze(v)) for k, v in options.items())))
     try:
         return _cached_plan(key)
     except TypeError as e:  # an unhashable option value
@@ -385,27 +387,30 @@ def plan(solver: str, schedule: Schedule, steps: int | None = None, prediction: 
 def _cached_plan(key) -> Plan:
     from .solvers import build
 
-    solver, schedule, steps, prediction, spacing, final, ts, sg, options = key
+    solver, schedule, steps, prediction, spacing, final, ts, sg, bd, options = key
     spacing_opts = {}
     opts = dict(options)
     for name in ("rho", "steps_offset"):
         if name in opts:
             spacing_opts[name] = opts.pop(name)
-    if ts is not None or sg is not None:
+    if ts is not None or sg is not None or bd is not None:
         if spacing is not None:
-            raise ValueError("give either spacing= or a custom timesteps= / sigmas=, not both")
-        times = custom_times(schedule, timesteps=ts, sigmas=sg, final=final)
+            raise ValueError("give either spacing= or a custom timesteps= / sigmas= / boundaries=, not both")
+        times = custom_times(schedule, timesteps=ts, sigmas=sg, boundaries=bd, final=final)
         if steps is not None and steps != len(times) - 1:
             raise ValueError(f"steps={steps} disagrees with the {len(times) - 1} steps of the custom sequence")
         steps = len(times) - 1
         if sg is not None:
             final = "zero" if sg[-1] == 0 else "t_min"
+        if bd is not None:
+            final = "zero" if bd[-1] == schedule.t_zero else "t_min"
     else:
         if steps is None:
             raise ValueError("plan() needs steps= (or a custom timesteps= / sigmas=)")
         times = timesteps(schedule, steps, spacing, final=final, **spacing_opts)
     stages, num_slots, opts_used = build(solver, schedule, prediction, times, final, opts)
     return Plan(key=key, solver=solver, schedule=schedule, steps=int(steps), prediction=prediction,
-                spacing=spacing or (None if ts is not None or sg is not None else schedule.default_spacing),
+                spacing=spacing or (None if ts is not None or sg is not None or bd is not None
+                                    else schedule.default_spacing),
                 final=final, options=tuple(sorted(opts_used.items())), times=times, stages=stages,
                 num_slots=num_slots)

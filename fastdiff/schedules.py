@@ -153,8 +153,11 @@ class DiscreteVP(Schedule):
         n = int(self.num_train_timesteps)
         if self.betas is not None:
             betas = np.asarray(self.betas, dtype=np.float64)
-            if betas.ndim != 1 or betas.size < 2 or not np.all((betas > 0) & (betas < 1)):
-                raise ValueError("DiscreteVP(betas=...) needs a 1-D sequence of at least 2 values in (0, 1)")
+            # a last beta of 1 is zero terminal SNR given explicitly (alpha_bar = 0 at t = N - 1)
+            if (betas.ndim != 1 or betas.size < 2 or not np.all((betas > 0) & (betas <= 1))
+                    or np.any(betas[:-1] == 1)):
+                raise ValueError("DiscreteVP(betas=...) needs a 1-D sequence of at least 2 values in (0, 1) (the "
+                                 "last may be 1: zero terminal SNR)")
             object.__setattr__(self, "betas", tuple(float(b) for b in betas))
             object.__setattr__(self, "num_train_timesteps", betas.size)
             n = betas.size

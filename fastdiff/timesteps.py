@@ -121,16 +121,29 @@ def _discrete_spacing(num_train: int, steps: int, spacing: str, steps_offset: in
     return np.round(np.arange(num_train, 0, -ratio)).astype(np.float64) - 1.0
 
 
-def custom_times(schedule: Schedule, *, timesteps=None, sigmas=None, final: str = "zero") -> np.ndarray:
+def custom_times(schedule: Schedule, *, timesteps=None, sigmas=None, boundaries=None,
+                 final: str = "zero") -> np.ndarray:
     """Boundaries from a user's sequence.
 
     ``timesteps``: descending model-call times in the schedule's unit; the final point is appended per ``final``.
     ``sigmas``: descending k-diffusion sigmas (sigma / alpha) including the end, as k-diffusion samplers take them;
     a last value of 0 is the clean point.
+    ``boundaries``: the step boundaries themselves (descending times including the end; ``schedule.t_zero`` is the
+    clean point), e.g. one step between two arbitrary DiscreteVP timesteps.
     """
     _check_final(final)
-    if (timesteps is None) == (sigmas is None):
-        raise ValueError("give exactly one of timesteps= and sigmas=")
+    if sum(v is not None for v in (timesteps, sigmas, boundaries)) != 1:
+        raise ValueError("give exactly one of timesteps=, sigmas= and boundaries=")
+    if boundaries is not None:
+        seq = np.asarray(boundaries, dtype=np.float64)
+        if seq.ndim != 1 or seq.size < 2 or not np.all(np.isfinite(seq)) or np.any(np.diff(seq) >= 0):
+            raise ValueError(f"boundaries= must be a strictly decreasing finite sequence of at least 2 times, "
+                             f"got {seq.tolist()}")
+        lo = schedule.t_zero if seq[-1] == schedule.t_zero else float(schedule.t_min)
+        if seq[-1] < lo or seq[0] > float(schedule.t_max) or np.any(seq[:-1] < float(schedule.t_min)):
+            raise ValueError(f"boundaries= must lie in [{schedule.t_min}, {schedule.t_max}] (the last may be the clean "
+                             f"point {schedule.t_zero}), got {seq.tolist()}")
+        return seq
     name = "timesteps" if timesteps is not None else "sigmas"
     seq = np.asarray(timesteps if timesteps is not None else sigmas, dtype=np.float64)
     if seq.ndim != 1 or seq.size < (1 if timesteps is not None else 2):

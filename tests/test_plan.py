@@ -98,3 +98,19 @@ def test_stage_step_marks_the_grid_interval_of_each_stage():
     np.testing.assert_array_equal(p.stage_step[p.calls_model], [0, 0, 1, 1, 2, 2, 3])
     a = fd.plan("annealed_langevin", S.VE(), 3, corrector_steps=2, final="t_min")
     np.testing.assert_array_equal(a.stage_step, [0, 0, 1, 1, 2, 2])
+
+
+def test_boundaries_give_the_steps_between_arbitrary_times():
+    vp = fd.schedules.DiscreteVP.scaled_linear()
+    same = fd.plan("ddim", vp, boundaries=[999, 666, 333, -1])
+    ref = fd.plan("ddim", vp, timesteps=[999, 666, 333])
+    assert np.array_equal(same.rows(), ref.rows()) and same.final == "zero"
+    # one DDIM step 666 -> 333 is the middle stage of the chain; ending at t_min = 0 is final="t_min"
+    one = fd.plan("ddim", vp, boundaries=[666, 333])
+    assert np.array_equal(one.rows()[0], ref.rows()[1])
+    assert fd.plan("ddim", vp, boundaries=[333, 0]).final == "t_min"
+    for bad in ([999], [333, 666], [999, float("nan")], [1500, 3], [999, -0.5]):
+        with pytest.raises(ValueError, match="boundaries="):
+            fd.plan("ddim", vp, boundaries=bad)
+    with pytest.raises(ValueError, match="exactly one"):
+        fd.plan("ddim", vp, boundaries=[999, -1], timesteps=[999])
