@@ -680,8 +680,9 @@ class HeunDiscreteScheduler(_EulerFamily, _d.HeunDiscreteScheduler):
     def _fd_solver(self, begin):
         return "heun", {}
 
-    def step(self, model_output, timestep, sample, return_dict: bool = True, *, step_index=None, state=None):
-        return self._fd_step(model_output, timestep, sample, step_index=step_index, state=state,
+    def step(self, model_output, timestep, sample, return_dict: bool = True, *, seeds=None, step_index=None,
+             state=None):
+        return self._fd_step(model_output, timestep, sample, seeds=seeds, step_index=step_index, state=state,
                              return_dict=return_dict)
 
 
@@ -767,8 +768,9 @@ class UniPCMultistepScheduler(_SigmaScheduler, _d.UniPCMultistepScheduler):
         return "unipc", {"order": int(c.solver_order), "solver_type": c.solver_type,
                          "lower_order_final": bool(c.lower_order_final), "disable_corrector": disabled}
 
-    def step(self, model_output, timestep, sample, return_dict: bool = True, *, step_index=None, state=None):
-        return self._fd_step(model_output, timestep, sample, step_index=step_index, state=state,
+    def step(self, model_output, timestep, sample, return_dict: bool = True, *, seeds=None, step_index=None,
+             state=None):
+        return self._fd_step(model_output, timestep, sample, seeds=seeds, step_index=step_index, state=state,
                              return_dict=return_dict)
 
 
@@ -793,10 +795,10 @@ class FlowMatchEulerDiscreteScheduler(_SigmaScheduler, _d.FlowMatchEulerDiscrete
 
     def step(self, model_output, timestep, sample, s_churn: float = 0.0, s_tmin: float = 0.0,
              s_tmax: float = float("inf"), s_noise: float = 1.0, generator=None, per_token_timesteps=None,
-             return_dict: bool = True, *, step_index=None, state=None):
+             return_dict: bool = True, *, seeds=None, step_index=None, state=None):
         if per_token_timesteps is not None:
             _unsupported("per_token_timesteps")
-        return self._fd_step(model_output, timestep, sample, step_index=step_index, state=state,
+        return self._fd_step(model_output, timestep, sample, seeds=seeds, step_index=step_index, state=state,
                              return_dict=return_dict)
 
     def _fd_alpha_sigma(self, s):
