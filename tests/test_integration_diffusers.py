@@ -142,6 +142,15 @@ CASES = [
     ("DPMSolverMultistepScheduler", dict(SD, use_karras_sigmas=True, thresholding=True, prediction_type="sample",
                                          sample_max_value=1.5), (7,), None, None, None),
     ("DPMSolverMultistepScheduler", dict(SD, use_lu_lambdas=True), (7,), None, None, None),
+    ("DPMSolverMultistepScheduler", dict(SD, algorithm_type="dpmsolver", final_sigmas_type="sigma_min"), (5, 12),
+     None, None, None),
+    ("DPMSolverMultistepScheduler", dict(SD, algorithm_type="dpmsolver", solver_order=3, solver_type="heun",
+                                         final_sigmas_type="sigma_min", prediction_type="v_prediction"), (8,), None,
+     None, None),
+    ("DPMSolverMultistepScheduler", dict(SD, algorithm_type="sde-dpmsolver", final_sigmas_type="sigma_min"), (6,),
+     None, None, None),
+    ("DPMSolverMultistepScheduler", dict(SD, algorithm_type="sde-dpmsolver", solver_type="heun", solver_order=1,
+                                         final_sigmas_type="sigma_min"), (5,), None, None, None),
     ("DPMSolverMultistepScheduler", dict(SD, algorithm_type="sde-dpmsolver++"), (5, 10), None, None, None),
     ("DPMSolverMultistepScheduler", dict(SD, algorithm_type="sde-dpmsolver++", solver_order=3), (8,), None, None,
      SDE_3M),
@@ -353,8 +362,9 @@ def test_unsupported_options_and_bad_calls_raise_clearly():
         fdd.DDPMScheduler(variance_type="learned_range").set_timesteps(5)
     with pytest.raises(NotImplementedError, match="predict_x0"):
         fdd.UniPCMultistepScheduler(predict_x0=False).set_timesteps(5)
-    with pytest.raises(NotImplementedError, match="dpmsolver"):
-        fdd.DPMSolverMultistepScheduler(algorithm_type="dpmsolver", final_sigmas_type="sigma_min").set_timesteps(5)
+    with pytest.raises(NotImplementedError, match="sde-dpmsolver"):
+        fdd.DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver", solver_order=3,
+                                        final_sigmas_type="sigma_min").set_timesteps(5)
     s = fdd.EulerDiscreteScheduler(**SD)
     x = x_start()
     with pytest.raises(ValueError, match="set_timesteps"):

@@ -36,7 +36,7 @@ SCHEDULES = {
 SOLVERS = [s for s in fastdiff.SOLVERS if s != "unipc"]  # unipc is checked against diffusers (test_peers_*)
 MULTISTEP = ("dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "dpmpp_3m_sde", "lms")
 # solvers whose steps divide by alpha at the step start (x / alpha, f = alpha'/alpha): no step from alpha = 0
-DIVIDE_BY_ALPHA = ("dpm_solver_singlestep", "heun", "dpm_2", "rk4", "lms", "dpm_solver_1", "dpm_solver_2", "dpm_solver_3", "euler_maruyama")
+DIVIDE_BY_ALPHA = ("dpm_solver_singlestep", "dpm_solver_multistep", "heun", "dpm_2", "rk4", "lms", "dpm_solver_1", "dpm_solver_2", "dpm_solver_3", "euler_maruyama")
 # options that keep the long inner loops short
 FAST = {"annealed_langevin": {"corrector_steps": 3}}
 
@@ -253,6 +253,12 @@ NOISE_SINGLESTEP = [
                  "t_min", id=f"dpmsolver-{o}-{st}-{sname}-{pred}-{n}")
     for o in (2, 3) for st in ("midpoint", "heun") for sname in ("DiscreteVP", "EDM", "ContinuousVP")
     for pred, n in (("epsilon", 7), ("v", 6))
+] + [
+    pytest.param("dpm_solver_multistep", dict(algorithm=a, order=o, solver_type=st, lower_order_final=lof), sname,
+                 pred, n, "t_min", id=f"multistep-{a}-{o}-{st}-{lof}-{sname}-{pred}-{n}")
+    for a, o in (("dpmsolver", 1), ("dpmsolver", 2), ("dpmsolver", 3), ("sde-dpmsolver", 2))
+    for st in ("midpoint", "heun") for lof in (True, False) for sname in ("DiscreteVP", "EDM", "SubVP")
+    for pred, n in (("epsilon", 7), ("x0", 16))
 ] + [
     # explicit group orders (what a diffusers img2img start in the middle of a group gives)
     pytest.param("dpm_solver_singlestep", dict(solver_type="heun", orders=(1, 2, 1, 1, 2, 3, 1)), sname, "epsilon",

@@ -697,19 +697,18 @@ class DPMSolverMultistepScheduler(_SigmaScheduler, _d.DPMSolverMultistepSchedule
             _unsupported(f"variance_type={c.variance_type!r}")
         if c.use_flow_sigmas:
             _unsupported("use_flow_sigmas=True")
-        if c.algorithm_type in ("dpmsolver", "sde-dpmsolver") and c.solver_order > 1:
-            _unsupported(f"algorithm_type={c.algorithm_type!r} with solver_order > 1 (dpmsolver++ and "
-                         "sde-dpmsolver++ are implemented)")
-        if c.algorithm_type == "sde-dpmsolver":
-            _unsupported("algorithm_type='sde-dpmsolver'")
+        if c.algorithm_type == "sde-dpmsolver" and c.solver_order == 3:
+            _unsupported("algorithm_type='sde-dpmsolver' with solver_order=3 (diffusers has no such update)")
 
     def _fd_solver(self, begin):
         c = self.config
-        if c.solver_order == 1:  # the first-order update of each algorithm
-            return "dpm_solver_singlestep", {"order": 1, "algorithm": c.algorithm_type}
-        sde = c.algorithm_type == "sde-dpmsolver++"
         opts = {"solver_type": c.solver_type, "lower_order_final": bool(c.lower_order_final),
                 "euler_at_final": bool(c.euler_at_final)}
+        if c.algorithm_type in ("dpmsolver", "sde-dpmsolver"):  # noise prediction
+            return "dpm_solver_multistep", dict(opts, order=int(c.solver_order), algorithm=c.algorithm_type)
+        if c.solver_order == 1:  # the first-order update of dpmsolver++ / sde-dpmsolver++
+            return "dpm_solver_singlestep", {"order": 1, "algorithm": c.algorithm_type}
+        sde = c.algorithm_type == "sde-dpmsolver++"
         if sde:
             opts["eta"] = 1.0
         return {(2, False): "dpmpp_2m", (3, False): "dpmpp_3m", (2, True): "dpmpp_2m_sde",

@@ -46,6 +46,7 @@ REFERENCES = {
     "dpmpp_3m_sde": _dpm.dpmpp_3m_sde,
     "dpmpp_2s_ancestral": _dpm.dpmpp_2s_ancestral,
     "dpm_solver_singlestep": _dpm.dpm_solver_singlestep,
+    "dpm_solver_multistep": _dpm.dpm_solver_multistep,
     "lcm": _consistency.lcm,
     "flow_euler": _flow.flow_euler,
     "flow_heun": _flow.flow_heun,

@@ -361,3 +361,46 @@ def dpm_solver_singlestep(run, x, order=2, algorithm="dpmsolver++", solver_type=
             if not g.clean[k + 1]:
                 x = x + sg_t * math.sqrt(-math.expm1(-2.0 * h)) * run.noise(x)
     return x
+
+
+def dpm_solver_multistep(run, x, order=2, algorithm="dpmsolver", solver_type="midpoint", lower_order_final=True,
+                         euler_at_final=False):
+    """Multistep DPM-Solver with noise prediction (Lu et al. 2022a, eq. 3.3 / 3.4 in multistep form, as diffusers'
+    ``algorithm_type="dpmsolver"``), and its SDE variant (``"sde-dpmsolver"``, orders 1-2): the eps terms doubled
+    plus sigma_t sqrt(e^{2h} - 1) z."""
+    if algorithm == "sde-dpmsolver" and order == 3:
+        raise ValueError("dpm_solver_multistep: sde-dpmsolver is defined up to order 2")
+    g = run.grid
+    if algorithm == "sde-dpmsolver" and g.clean[-1]:
+        raise ValueError("dpm_solver_multistep: sde-dpmsolver cannot end on the clean point")
+    orders = step_orders(g, order, lower_order_final, euler_at_final)
+    eps = []
+    for i in range(g.steps):
+        a_s, sg_s, lam_s = g.alpha[i], g.sigma[i], g.lam[i]
+        a_t, sg_t, lam_t = g.alpha[i + 1], g.sigma[i + 1], g.lam[i + 1]
+        if a_s == 0:
+            raise ValueError("dpm_solver_multistep divides by alpha_s = 0")
+        eps.append(run.eval(x, g.t[i]).eps)
+        h = lam_t - lam_s
+        ep = math.expm1(h)
+        k = 2.0 if algorithm == "sde-dpmsolver" else 1.0
+        # sigma_t (e^h - 1) = alpha_t sigma_s / alpha_s - sigma_t (its limit on a step to the clean point)
+        phi = sg_t * ep if math.isfinite(ep) else a_t * sg_s / a_s - sg_t
+        x_new = (a_t / a_s) * x - (k * phi) * eps[-1]
+        o = orders[i]
+        if o == 2:
+            D1 = (eps[-1] - eps[-2]) / ((lam_s - g.lam[i - 1]) / h)
+            if solver_type == "midpoint":
+                x_new = x_new - (0.5 * k * sg_t * ep) * D1
+            else:
+                x_new = x_new - (k * sg_t * (ep / h - 1.0)) * D1
+        elif o == 3:
+            r0, r1 = (lam_s - g.lam[i - 1]) / h, (g.lam[i - 1] - g.lam[i - 2]) / h
+            D1_0, D1_1 = (eps[-1] - eps[-2]) / r0, (eps[-2] - eps[-3]) / r1
+            D1 = D1_0 + (r0 / (r0 + r1)) * (D1_0 - D1_1)
+            D2 = (D1_0 - D1_1) / (r0 + r1)
+            x_new = x_new - (sg_t * (ep / h - 1.0)) * D1 - (sg_t * ((ep - h) / h**2 - 0.5)) * D2
+        if algorithm == "sde-dpmsolver" and not g.clean[i + 1]:
+            x_new = x_new + sg_t * math.sqrt(math.expm1(2.0 * h)) * run.noise(x)
+        x = x_new
+    return x
