@@ -31,6 +31,7 @@ coefficient; UniPC bh1 returns NaN with ``final_sigmas_type="zero"``.  Options f
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 import torch
@@ -115,11 +116,15 @@ class _Program:
         key = (str(device), cdt)
         hit = self._device.get(key)
         if hit is None:
-            t = lambda a, dt=cdt: torch.as_tensor(np.ascontiguousarray(a), dtype=dt, device=device)  # noqa: E731
+            def t(a, dt=cdt):
+                return torch.tensor(np.ascontiguousarray(a), dtype=dt, device=device)
+
             hit = dict(rows=t(self.rows64), x0_rows=t(self.x0_rows64), draws=t(self.draws, torch.int64),
                        gain=t(self.rows64[:, 2]), in_scale=t(self.in_scale), timesteps=t(self.timesteps, torch.float64),
                        alpha_next=None if self.alpha_next is None else t(self.alpha_next))
             hit.update({k: t(v) for k, v in self.extra.items()})
+            hit["no_draw"] = torch.full((1,), -1, dtype=torch.int64, device=device)
+            hit["no_guidance"] = torch.zeros(1, dtype=torch.float32, device=device)
             self._device[key] = hit
         return hit
 
@@ -144,6 +149,11 @@ def _stacked(plans_or_none, num_slots=0):
         flags.append(p.stage_flags[0])
         draws.append(k + 1 if p.stage_flags[0][3] else -1)
     return rows, flags, draws
+
+
+_PROGRAMS: dict = {}  # programs by (class, config, begin/variant, timesteps, sigmas), oldest first
+_PROGRAMS_LOCK = threading.Lock()
+_KERNELS: dict = {}
 
 
 class StepState:
@@ -199,7 +209,6 @@ class _FastdiffStep:
         self._fd_check_config()
         super().set_timesteps(*args, **kwargs)
         self._fd_programs = {}  # (begin index, variant) -> _Program, built on first use
-        self._fd_schedule_cache = None
         self._fd_slots_own = None
         self._fd_begin = 0
 
@@ -218,7 +227,18 @@ class _FastdiffStep:
         key = (begin if self._stateful else 0, variant)
         prog = programs.get(key)
         if prog is None:
-            prog = programs[key] = self._fd_build(key[0], variant)
+            # the same configuration and timesteps give the same program: shared across set_timesteps calls
+            gkey = (type(self).__name__, tuple(sorted((k, repr(v)) for k, v in self.config.items())), key,
+                    _f64(self.timesteps).tobytes(), _f64(getattr(self, "sigmas", torch.zeros(0))).tobytes())
+            with _PROGRAMS_LOCK:
+                prog = _PROGRAMS.get(gkey)
+            if prog is None:
+                prog = self._fd_build(key[0], variant)
+                with _PROGRAMS_LOCK:
+                    if len(_PROGRAMS) >= 128:
+                        _PROGRAMS.pop(next(iter(_PROGRAMS)))
+                    _PROGRAMS[gkey] = prog
+            programs[key] = prog
         return prog
 
     def new_state(self, begin_index: int = 0) -> StepState:
@@ -296,6 +316,8 @@ class _FastdiffStep:
             return sample
         self.is_scale_input_called = True
         prog, k = self._fd_where(timestep, step_index, state)
+        if isinstance(k, int):  # a host constant: no gather
+            return sample * float(prog.in_scale[k])
         dev = prog.on(sample.device, sample.dtype)
         scale = self._fd_gather(prog, dev, "in_scale", k, sample.shape[0])
         return (sample * scale.reshape((-1,) + (1,) * (sample.dim() - 1))).to(sample.dtype)
@@ -340,14 +362,14 @@ class _FastdiffStep:
             ndt = torch.float32 if self._noise_fp32 else model_output.dtype
             external = randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=ndt)
         if external is not None or not noise:
-            seeds_t = torch.zeros(B, dtype=torch.int64, device=x.device)
-            draws = torch.full((1,), -1, dtype=torch.int64, device=x.device)
+            seeds_t = self._fd_seeds(None, B, x.device)  # not read: no stage draws
+            draws = dev["no_draw"]
             noise = False
         else:
             seeds_t = self._fd_seeds(seeds, B, x.device)
             draws = self._fd_gather(prog, dev, "draws", k, B)
-        prev = ops.step(x, out, self._fd_slots(state, prog, x), rows, seeds_t, draws,
-                        torch.zeros(1, dtype=torch.float32, device=x.device), slot_reads=reads, slot_writes=writes,
+        prev = ops.step(x, out, self._fd_slots(state, prog, x), rows, seeds_t, draws, dev["no_guidance"],
+                        slot_reads=reads, slot_writes=writes,
                         use_out=use_out, cfg=False, noise=noise, langevin=langevin, kernel=self._fd_kernel(x))
         if external is not None:
             gain = self._fd_gather(prog, dev, "gain", k, B).reshape(bshape)
@@ -374,7 +396,11 @@ class _FastdiffStep:
     def _fd_kernel(self, x):
         if x.dtype == torch.float64 and self.backend == "auto":
             return "torch"
-        return resolve(self.backend, x.device.type)
+        key = (self.backend, x.device.type)
+        kernel = _KERNELS.get(key)
+        if kernel is None:
+            kernel = _KERNELS[key] = resolve(self.backend, x.device.type)
+        return kernel
 
     def _fd_slots(self, state, prog, x):
         holder, attr = (state, "slots") if state is not None else (self, "_fd_slots_own")
@@ -393,9 +419,15 @@ class _FastdiffStep:
         else:
             self._step_index += 1
 
+    _ARANGE: dict = {}
+
     def _fd_seeds(self, seeds, batch, device):
-        if seeds is None:
-            return torch.arange(batch, dtype=torch.int64, device=device)
+        if seeds is None:  # default seeds 0 .. B-1 (cached: a step allocates nothing it need not)
+            key = (batch, str(device))
+            hit = self._ARANGE.get(key)
+            if hit is None:
+                hit = self._ARANGE[key] = torch.arange(batch, dtype=torch.int64, device=device)
+            return hit
         if isinstance(seeds, torch.Tensor):
             if seeds.shape != (batch,):
                 raise ValueError(f"seeds must have one entry per sample ({batch}), got shape {tuple(seeds.shape)}")

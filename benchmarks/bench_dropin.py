@@ -1,0 +1,96 @@
+"""diffusers drop-in schedulers: per-step cost of fastdiff's class vs diffusers' own in the standard loop.
+
+For each scheduler, a 20-step loop ``set_timesteps; for t: scale_model_input; step`` with a precomputed model
+output (so only the scheduler's cost remains) at 1x4x64x64 and 2x4x128x128 fp32; the two classes are timed
+alternately (round-robin) in one run and the ratio is reported.  Before timing, the drop-in's result is checked
+against the stock scheduler's on the same inputs (deterministic schedulers; a generator for the stochastic ones).
+
+    python benchmarks/bench_dropin.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+try:
+    from _common import write
+except ImportError:
+    from ._common import write
+
+SD = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+SCHEDULERS = {
+    "DDIMScheduler": dict(SD, clip_sample=False, timestep_spacing="trailing"),
+    "DDPMScheduler": dict(SD, clip_sample=False, timestep_spacing="trailing"),
+    "EulerDiscreteScheduler": dict(SD),
+    "EulerAncestralDiscreteScheduler": dict(SD),
+    "HeunDiscreteScheduler": dict(SD),
+    "DPMSolverMultistepScheduler": dict(SD),
+    "DPMSolverSinglestepScheduler": dict(SD),
+    "UniPCMultistepScheduler": dict(SD),
+    "FlowMatchEulerDiscreteScheduler": dict(num_train_timesteps=1000),
+    "LCMScheduler": dict(SD),
+}
+SIZES = [(1, 4, 64, 64), (2, 4, 128, 128)]
+STEPS = 20
+
+
+def loop(scheduler, x_T, out, seed=0):
+    scheduler.set_timesteps(STEPS)
+    x = x_T
+    g = torch.Generator().manual_seed(seed)
+    accepts = scheduler.step.__code__.co_varnames
+    kw = {"generator": g} if "generator" in accepts else {}
+    scale = getattr(scheduler, "scale_model_input", None)
+    for t in scheduler.timesteps:
+        if scale is not None:
+            scale(x, t)
+        x = scheduler.step(out, t, x, **kw).prev_sample
+    return x
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out")
+    args = parser.parse_args(argv)
+    import diffusers
+
+    import fastdiff.integrations.diffusers as fdd
+
+    sizes = SIZES[:1] if args.quick else SIZES
+    names = list(SCHEDULERS)[:3] if args.quick else list(SCHEDULERS)
+    repeats = 3 if args.quick else 9
+    rows = []
+    for shape in sizes:
+        x_T = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+        out = 0.1 * torch.randn(shape, generator=torch.Generator().manual_seed(2))
+        for name in names:
+            stock = getattr(diffusers, name)(**SCHEDULERS[name])
+            ours = getattr(fdd, name).from_config(stock.config)
+            with torch.inference_mode():
+                ref, got = loop(stock, x_T, out), loop(ours, x_T, out)  # warm-up and correctness check
+                err = float((ref - got).abs().max()) / max(1.0, float(ref.abs().max()))
+                if not err < 1e-3:
+                    raise AssertionError(f"{name}: drop-in differs from diffusers by {err:.2e} (relative)")
+                times = {"diffusers": [], "fastdiff": []}
+                for _ in range(repeats):
+                    for label, s in (("diffusers", stock), ("fastdiff", ours)):
+                        t0 = time.perf_counter()
+                        loop(s, x_T, out)
+                        times[label].append((time.perf_counter() - t0) / len(s.timesteps))
+            med = {k: statistics.median(v) for k, v in times.items()}
+            row = dict(bench="dropin", scheduler=name, shape=list(shape), steps=STEPS, max_rel_diff=err,
+                       diffusers_us_per_step=1e6 * med["diffusers"], fastdiff_us_per_step=1e6 * med["fastdiff"],
+                       speedup=med["diffusers"] / med["fastdiff"])
+            rows.append(row)
+            print(f"{'x'.join(map(str, shape)):>12} {name:34s} diffusers {row['diffusers_us_per_step']:8.1f} us  "
+                  f"fastdiff {row['fastdiff_us_per_step']:8.1f} us  x{row['speedup']:.2f}")
+    print(f"wrote {write('dropin_quick' if args.quick else 'dropin', rows, args.out)}")
+
+
+if __name__ == "__main__":
+    main()
