@@ -167,6 +167,11 @@ class ContinuousBatcher:
         req.slots = torch.zeros((p.num_slots,) + req.shape, dtype=self.dtype, device=self.device)
 
     def _run(self):
+        # grad mode is thread-local: without this the model calls on this thread would record autograd graphs
+        with torch.no_grad():
+            self._serve()
+
+    def _serve(self):
         while True:
             self._admit()
             if not self._active:
