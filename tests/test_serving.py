@@ -99,3 +99,19 @@ def test_full_queue_is_a_clear_error():
     batcher.submit(plan, 2, SHAPE)
     with pytest.raises(QueueFullError, match="queue is full"):
         batcher.submit(plan, 3, SHAPE)
+
+
+def test_model_calls_record_no_autograd_graph():
+    """Grad mode is per thread: the batcher's own thread must not build graphs through a trainable model."""
+    lin = torch.nn.Linear(4, 4)
+    seen = []
+
+    def model(x, t):
+        out = lin(x)
+        seen.append(out.requires_grad)
+        return out
+
+    plan = fd.plan("ddim", fd.schedules.DiscreteVP.scaled_linear(), 3, prediction="x0")
+    with ContinuousBatcher(model, max_batch=4) as b:
+        x = b.submit(plan, 1, (2, 4)).result()
+    assert seen and not any(seen) and not x.requires_grad
