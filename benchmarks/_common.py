@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import json
 import os
 import platform
 import re
 import statistics
+import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -67,13 +70,83 @@ def timeit(fn, repeats=20, warmup=3, sync=None) -> dict:
         if sync:
             sync()
         times.append(time.perf_counter() - t0)
+    return _quantiles(times)
+
+
+def _quantiles(times: list) -> dict:
     q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
-    return {"median": statistics.median(times), "p20": q[1], "p80": q[7], "repeats": repeats}
+    return {"median": statistics.median(times), "p20": q[1], "p80": q[7], "repeats": len(times)}
 
 
-def write(name: str, rows: list, out: str | None = None) -> Path:
-    """Write {"machine": ..., "rows": [...]} to results/<machine>/<name>.json (or ``out``)."""
+def time_interleaved(cases: dict, repeats=20, warmup=1, sync=None) -> dict:
+    """Time each ``cases[name]()`` ``repeats`` times, round-robin over the cases, so that the slow phases of a
+    shared machine hit every provider alike; returns {name: timeit-style dict}.  Warm-up (compilation, caches)
+    runs before any timing."""
+    for fn in cases.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            if sync:
+                sync()
+            t0 = time.perf_counter()
+            fn()
+            if sync:
+                sync()
+            times[name].append(time.perf_counter() - t0)
+    return {name: _quantiles(ts) for name, ts in times.items()}
+
+
+def loadavg() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return float("nan")
+
+
+def load_k_diffusion():
+    """k-diffusion's ``sampling`` module, or None when it is not installed.
+
+    ``import k_diffusion`` imports every submodule, torchvision included, whose build may not match torch; its
+    ``sampling.py`` needs only ``utils.append_dims`` and, at import time, torchsde / torchdiffeq.  So, as
+    tests/peers.py does: execute that one file, unmodified, in a private stand-in package whose ``utils`` holds
+    ``append_dims``, with stubs for torchsde / torchdiffeq when they are missing (only BrownianTreeNoiseSampler
+    needs them, and the benchmark passes ``noise_sampler=``).  The stubs leave ``sys.modules`` afterwards.
+    """
+    spec = importlib.util.find_spec("k_diffusion")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "sampling.py"
+    if not path.is_file():
+        return None
+    pkg_name = "_fastdiff_bench_k_diffusion"
+    pkg, utils = types.ModuleType(pkg_name), types.ModuleType(pkg_name + ".utils")
+    pkg.__path__ = []
+    utils.append_dims = lambda x, n: x[(...,) + (None,) * (n - x.ndim)]
+    stubs = {pkg_name: pkg, pkg_name + ".utils": utils}
+    for name, attr in (("torchsde", "BrownianTree"), ("torchdiffeq", "odeint")):
+        if importlib.util.find_spec(name) is None:
+            stubs[name] = types.ModuleType(name)
+            setattr(stubs[name], attr, None)
+    name = pkg_name + ".sampling"
+    saved = {n: sys.modules[n] for n in [*stubs, name] if n in sys.modules}
+    sys.modules.update(stubs)
+    try:
+        mspec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(mspec)
+        sys.modules[name] = module
+        mspec.loader.exec_module(module)
+    finally:
+        for n in [*stubs, name]:
+            sys.modules.pop(n, None)
+        sys.modules.update(saved)
+    return module
+
+
+def write(name: str, rows: list, out: str | None = None, extra: dict | None = None) -> Path:
+    """Write {"info": machine_info() | extra, "rows": [...]} to results/<machine>/<name>.json (or ``out``)."""
     path = Path(out) if out else RESULTS / machine_name() / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"info": machine_info(), "rows": rows}, indent=1))
+    path.write_text(json.dumps({"info": {**machine_info(), **(extra or {})}, "rows": rows}, indent=1))
     return path

@@ -1,6 +1,7 @@
 """Plots from the committed results: python benchmarks/plot.py [results/<machine>]  (needs matplotlib).
 
-Writes per_step.png, roofline.png, e2e.png and quality.png next to the JSON files they come from.
+Writes per_step.png (step_solvers.json), roofline.png (step_cpu.json), e2e.png and quality.png next to the JSON
+files they come from.
 """
 
 from __future__ import annotations
@@ -17,6 +18,74 @@ def load(path: Path) -> list:
     return d.get("rows") or d.get("records") or []
 
 
+PROVIDER_COLORS = {"fastdiff": "C0", "torch-eager": "C1", "torch-compile": "C2", "diffusers": "C3",
+                   "k-diffusion": "C4"}
+
+
+def plot_per_step(plt, rows: list, folder: Path) -> Path:
+    """Time per step of every solver and provider, one panel per size (step_solvers.json)."""
+    shapes = list(dict.fromkeys(tuple(r["shape"]) for r in rows))
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    fig, axes = plt.subplots(1, len(shapes), figsize=(3.2 * len(shapes) + 1, 4.2), sharey=True, squeeze=False)
+    for ax, shape in zip(axes[0], shapes):
+        sub = [r for r in rows if tuple(r["shape"]) == shape]
+        solvers = list(dict.fromkeys(r["solver"] for r in sub))
+        width = 0.8 / len(providers)
+        for j, prov in enumerate(providers):
+            pts = [(i, r["time_per_step"]["median"] * 1e6) for i, s in enumerate(solvers) for r in sub
+                   if r["solver"] == s and r["provider"] == prov]
+            if pts:
+                ys, xs = zip(*pts)
+                color = PROVIDER_COLORS.get(prov.split("-")[0] if prov.startswith("fastdiff") else prov)
+                ax.barh([y + (j - (len(providers) - 1) / 2) * width for y in ys], xs, height=width, color=color,
+                        label=prov)
+        ax.set_yticks(range(len(solvers)), solvers)
+        ax.invert_yaxis()
+        ax.set_xscale("log")
+        ax.set_xlabel("us per step")
+        ax.set_title("x".join(map(str, shape)) if len(shape) > 2 else f"{shape[-1] / 2**20:.0f}M elements")
+    axes[0][0].legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"per-step cost (precomputed model output, fp32), {folder.name}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(folder / "per_step.png", dpi=120)
+    return folder / "per_step.png"
+
+
+def plot_e2e(plt, rows: list, folder: Path) -> Path:
+    """Loop time relative to fastdiff's with the same model, and the sampler's own cost per step (e2e.json)."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for m, model in enumerate(dict.fromkeys(r["model"] for r in rows)):
+        sub = [r for r in rows if r["model"] == model]
+        for prov in dict.fromkeys(r["provider"] for r in sub):
+            pts = [(r["steps"], r["vs_fastdiff_same_model"]) for r in sub if r["provider"] == prov]
+            if not prov.startswith("fastdiff"):
+                ax1.plot(*zip(*pts), "o-" if "compile" not in prov else "s--", color=f"C{m}",
+                         label=f"{model}: {prov} / fastdiff{'+compile' if 'compile' in prov else ''}")
+        for prov in ("fastdiff", "diffusers"):
+            pts = [(r["steps"], r["loop_alone_per_step"] * 1e6) for r in sub if r["provider"] == prov]
+            ax2.plot(*zip(*pts), "o-" if prov == "fastdiff" else "s--", color=f"C{m}", label=f"{model}: {prov}")
+    ax1.axhline(1.0, color="k", lw=0.8)
+    ax1.set_xscale("log")
+    ax1.set_xlabel("steps")
+    ax1.set_ylabel("loop time / fastdiff's (same model)")
+    ax1.legend(fontsize=7)
+    ax1.set_title("end to end")
+    ax2.set_xscale("log")
+    ax2.set_yscale("log")
+    ax2.set_xlabel("steps")
+    ax2.set_ylabel("us per step")
+    ax2.set_title("the loop without its model (precomputed output)")
+    ax2.legend(fontsize=7)
+    steps = sorted({r["steps"] for r in rows})
+    for ax in (ax1, ax2):
+        ax.set_xticks(steps, [str(n) for n in steps])
+        ax.set_xticks([], minor=True)
+    fig.suptitle(folder.name, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(folder / "e2e.png", dpi=120)
+    return folder / "e2e.png"
+
+
 def plot_machine(folder: Path) -> list:
     import matplotlib
 
@@ -24,21 +93,12 @@ def plot_machine(folder: Path) -> list:
     import matplotlib.pyplot as plt
 
     written = []
+    solvers = folder / "step_solvers.json"
+    if solvers.exists():
+        written.append(plot_per_step(plt, load(solvers), folder))
     step = folder / "step_cpu.json"
     if step.exists():
         recs = load(step)
-        lat = [r for r in recs if r.get("benchmark") == "per_step_latent" and r.get("stat") == "median"
-               and r.get("metric") == "time_per_step"]
-        if lat:
-            fig, ax = plt.subplots(figsize=(6, 3))
-            names = [f"{r['provider']}\n{r['solver']}" for r in lat]
-            ax.barh(names, [r["value"] for r in lat])
-            ax.set_xscale("log")
-            ax.set_xlabel("time per step (us), 1x4x64x64 fp32")
-            ax.set_title(f"per-step cost, {folder.name}")
-            fig.tight_layout()
-            fig.savefig(folder / "per_step.png", dpi=120)
-            written.append(folder / "per_step.png")
         frac = [r for r in recs if r.get("metric") == "fraction_of_copy_bandwidth" and r.get("op") != "copy"]
         if frac:
             fig, ax = plt.subplots(figsize=(6, 3))
@@ -52,20 +112,7 @@ def plot_machine(folder: Path) -> list:
             written.append(folder / "roofline.png")
     e2e = folder / "e2e.json"
     if e2e.exists():
-        rows = load(e2e)
-        fig, ax = plt.subplots(figsize=(5, 3))
-        for model in dict.fromkeys(r["model"] for r in rows):
-            sub = [r for r in rows if r["model"] == model]
-            ax.plot([r["steps"] for r in sub], [r["speedup"] for r in sub], "o-", label=model)
-        ax.axhline(1.0, color="k", lw=0.8)
-        ax.set_xscale("log")
-        ax.set_xlabel("steps")
-        ax.set_ylabel("diffusers loop / fastdiff loop")
-        ax.legend()
-        ax.set_title(f"end to end, {folder.name}")
-        fig.tight_layout()
-        fig.savefig(folder / "e2e.png", dpi=120)
-        written.append(folder / "e2e.png")
+        written.append(plot_e2e(plt, load(e2e), folder))
     quality = folder / "quality.json"
     if quality.exists():
         rows = load(quality)

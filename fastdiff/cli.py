@@ -184,7 +184,7 @@ def _bench_dir():
     return here
 
 
-def bench(quick: bool = False, as_json: bool = False, only=None, out_dir=None) -> int:
+def bench(quick: bool = False, as_json: bool = False, only=None, out_dir=None, no_compile: bool = False) -> int:
     """Run the benchmark scripts (each writes benchmarks/results/<machine>/<subject>.json) and print key ratios."""
     import json
     import pathlib
@@ -201,9 +201,13 @@ def bench(quick: bool = False, as_json: bool = False, only=None, out_dir=None) -
     if torch.cuda.is_available():
         subjects.append(("step_gpu", ["--reps", "10"] if quick else []))
     subjects += [(name, ["--quick"] if quick else []) for name in ("step_solvers", "e2e", "quality", "serving")]
+    if no_compile:  # the torch.compile providers: inductor's warm-up is the slow part of a run
+        subjects = [(name, [*args, "--no-compile"] if name in ("step_solvers", "e2e") else args)
+                    for name, args in subjects]
     if only:
         subjects = [s for s in subjects if s[0] in only]
     rc = 0
+    written = {}
     for name, args in subjects:
         print(f"== {name} ==", flush=True)
         t0 = time.perf_counter()
@@ -212,6 +216,14 @@ def bench(quick: bool = False, as_json: bool = False, only=None, out_dir=None) -
         r = subprocess.run([sys.executable, str(root / f"bench_{name}.py"), *args], cwd=root)
         print(f"({name}: {time.perf_counter() - t0:.0f} s, exit {r.returncode})", flush=True)
         rc = rc or r.returncode
+        if out_dir:
+            written[name] = pathlib.Path(out_dir) / f"{name}.json"
+        else:  # results/<machine>/<name>[_quick].json, the newest one
+            found = sorted((root / "results").glob(f"*/{name}{'_quick' if quick else ''}.json"),
+                           key=lambda p: p.stat().st_mtime)
+            written[name] = found[-1] if found else None
+    for line in _key_ratios({k: v for k, v in written.items() if v is not None and v.exists()}):
+        print(line)
     if as_json:
         out = {}
         paths = sorted(pathlib.Path(out_dir).glob("*.json")) if out_dir else sorted((root / "results").glob("*/*.json"))
@@ -219,6 +231,35 @@ def bench(quick: bool = False, as_json: bool = False, only=None, out_dir=None) -
             out[f"{path.parent.name}/{path.name}"] = json.loads(path.read_text())
         print(json.dumps(out))
     return rc
+
+
+def _key_ratios(paths: dict) -> list:
+    """Headline lines from the JSON the benchmark scripts wrote: how many times longer each peer takes than
+    fastdiff per step (the smallest size, dpmpp_2m), and end to end at the most steps measured."""
+    import json
+
+    lines = []
+    if "step_solvers" in paths:
+        rows = json.loads(paths["step_solvers"].read_text())["rows"]
+        shape = rows[0]["shape"] if rows else None
+        sub = {r["provider"]: r["time_per_step"]["median"] for r in rows
+               if r["shape"] == shape and r["solver"] == "dpmpp_2m"}
+        ours = next((v for k, v in sub.items() if k.startswith("fastdiff")), None)
+        if ours:
+            ratios = ", ".join(f"{k} {v / ours:.1f}x" for k, v in sub.items() if not k.startswith("fastdiff"))
+            lines.append(f"per step, dpmpp_2m {'x'.join(map(str, shape))}: fastdiff {ours * 1e6:.1f} us; "
+                         f"the others take {ratios}")
+    if "e2e" in paths:
+        rows = json.loads(paths["e2e"].read_text())["rows"]
+        for model in dict.fromkeys(r["model"] for r in rows):
+            steps = max(r["steps"] for r in rows if r["model"] == model)
+            sub = [r for r in rows if r["model"] == model and r["steps"] == steps]
+            ratios = ", ".join(f"{r['provider']} {r['vs_fastdiff']:.2f}x" for r in sub if r["provider"] != "fastdiff")
+            alone = ", ".join(f"{r['provider']} {r['loop_alone_per_step'] * 1e6:.0f} us" for r in sub
+                              if "compile" not in r["provider"])
+            lines.append(f"end to end, {model} {steps} steps (loop time / fastdiff's): {ratios}; "
+                         f"the loop without its model per step: {alone}")
+    return (["== key ratios =="] + lines) if lines else []
 
 
 def info() -> None:
@@ -248,6 +289,7 @@ def main(argv=None) -> int:
     p_bench.add_argument("--json", action="store_true", help="print the results as JSON at the end")
     p_bench.add_argument("--only", nargs="*", help="subjects: step_cpu step_gpu step_solvers e2e quality serving")
     p_bench.add_argument("--out-dir", help="write the JSON here instead of benchmarks/results/<machine>/")
+    p_bench.add_argument("--no-compile", action="store_true", help="skip the torch.compile providers")
     sub.add_parser("info", help="versions, devices and available backends")
     args = parser.parse_args(argv)
     if args.cmd == "demo":
@@ -256,7 +298,7 @@ def main(argv=None) -> int:
         else:
             demo_digits(args.out, quick=args.quick)
     elif args.cmd == "bench":
-        return bench(args.quick, args.json, args.only, args.out_dir)
+        return bench(args.quick, args.json, args.only, args.out_dir, args.no_compile)
     elif args.cmd == "info":
         info()
     return 0
