@@ -211,6 +211,24 @@ def test_normals_fast_bits_from_simd_words():
     np.testing.assert_allclose(a.numpy(), want, rtol=0, atol=NORMAL_TOL * max(1.0, float(np.abs(want).max())))
 
 
+NORMAL_ISAS = EXT.normals_isas()  # the kernels' path first ("avx512" or "portable"), then the others compiled in
+
+
+@pytest.mark.parametrize("isa", NORMAL_ISAS)
+def test_normals_isas_agree_bit_for_bit(isa):
+    """normals_simd.h's paths (AVX-512 intrinsics, g++-vectorized portable loops) are the same float32 operations:
+    the same bits, over every uniform regime (a million normals), odd run lengths and block counters past 2**32."""
+    assert NORMAL_ISAS[0] in ("avx512", "portable") and "portable" in NORMAL_ISAS
+    for seed, draw, blk0, nb in [(77, 3, 0, 1 << 18), (SEEDS[1] - 2**64, 9, 2**32 - 70, 301), (SEEDS[2], 0, 5, 1),
+                                 (SEEDS[3], 2**32 - 1, 2**40 + 3, 67), (0, 1, 0, 0)]:
+        got = EXT.normals_fast(seed, draw, blk0, nb, isa)
+        want = EXT.normals_fast(seed, draw, blk0, nb, "portable")
+        assert got.shape == (4 * nb,) and torch.equal(got, want), (isa, seed, draw, blk0, nb)
+    assert torch.equal(EXT.normals_fast(5, 6, 7, 100), EXT.normals_fast(5, 6, 7, 100, NORMAL_ISAS[0]))
+    with pytest.raises(ValueError, match="not compiled in"):
+        EXT.normals_fast(0, 0, 0, 4, "neon")
+
+
 @pytest.mark.parametrize("shape", [(4, 4097), (3, 2, 5, 7), (1, 1), (2, 3)])
 def test_randn_matches_rng(shape):
     z = cpu.OPS["randn"](rng.seeds_tensor(SEEDS[:shape[0]] if shape[0] <= 4 else range(shape[0])),

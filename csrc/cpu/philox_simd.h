@@ -42,40 +42,52 @@ static inline void philox_blocks_scalar(uint64_t blk0, uint32_t c2, uint32_t c3,
 // multiply reads and XOR never moves into a low half; the low halves hold exactly philox.h's words.
 static inline __m512i hi_to_lo(__m512i p) { return _mm512_shuffle_epi32(p, (_MM_PERM_ENUM)0xF5); }  // [1,1,3,3]
 
+// 10 Philox rounds on V independent zmm of 8 counters each (words x, y, z, w in the low halves of the 64-bit
+// lanes; the V chains hide vpmuludq's latency).  Shared by the raw stream below and the normals (normals_simd.h).
+template <int V>
+static inline void philox_rounds_avx512(__m512i* x, __m512i* y, __m512i* z, __m512i* w, uint32_t k0, uint32_t k1) {
+  const __m512i m0 = _mm512_set1_epi64(PHILOX_M0), m1 = _mm512_set1_epi64(PHILOX_M1);
+  uint32_t ka = k0, kb = k1;
+#pragma GCC unroll 10
+  for (int round = 0; round < 10; ++round) {
+    if (round) {
+      ka += PHILOX_W0;
+      kb += PHILOX_W1;
+    }
+    const __m512i vka = _mm512_set1_epi32((int)ka), vkb = _mm512_set1_epi32((int)kb);
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) {
+      const __m512i p0 = _mm512_mul_epu32(x[v], m0), p1 = _mm512_mul_epu32(z[v], m1);
+      x[v] = _mm512_ternarylogic_epi32(hi_to_lo(p1), y[v], vka, 0x96);  // hi1 ^ y ^ ka
+      z[v] = _mm512_ternarylogic_epi32(hi_to_lo(p0), w[v], vkb, 0x96);  // hi0 ^ w ^ kb
+      y[v] = p1;                                                        // lo1
+      w[v] = p0;                                                        // lo0
+    }
+  }
+}
+
+// Counters of 8 blocks: 64-bit lanes block = base + lanes[i] (the carry into the high word comes with the 64-bit
+// add), word 2 = c2, word 3 = c3.
+static inline void philox_counters_avx512(uint64_t base, __m512i lanes, uint32_t c2, uint32_t c3, __m512i& x,
+                                          __m512i& y, __m512i& z, __m512i& w) {
+  const __m512i blk = _mm512_add_epi64(_mm512_set1_epi64((long long)base), lanes);
+  x = blk;                           // low half: block lo
+  y = _mm512_srli_epi64(blk, 32);    // block hi
+  z = _mm512_set1_epi64(c2);
+  w = _mm512_set1_epi64(c3);
+}
+
 static inline void philox_blocks_avx512(uint64_t blk0, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1, int64_t nb,
                                  uint32_t* w0, uint32_t* w1, uint32_t* w2, uint32_t* w3) {
-  constexpr int V = 4;  // 4 zmm of 8 counters per step: independent chains that hide vpmuludq's latency
+  constexpr int V = 4;  // 4 zmm of 8 counters per step
   const __m512i iota = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
   const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-  const __m512i m0 = _mm512_set1_epi64(PHILOX_M0), m1 = _mm512_set1_epi64(PHILOX_M1);
   for (int64_t j = 0; j < nb; j += 8 * V) {
     __m512i x[V], y[V], z[V], w[V];
 #pragma GCC unroll 4
-    for (int v = 0; v < V; ++v) {
-      // 64-bit lanes: block = blk0 + j + 8 v + lane (the carry into the high word comes with the 64-bit add)
-      const __m512i blk = _mm512_add_epi64(_mm512_set1_epi64((long long)(blk0 + (uint64_t)(j + 8 * v))), iota);
-      x[v] = blk;                           // low half: block lo
-      y[v] = _mm512_srli_epi64(blk, 32);    // block hi
-      z[v] = _mm512_set1_epi64(c2);
-      w[v] = _mm512_set1_epi64(c3);
-    }
-    uint32_t ka = k0, kb = k1;
-#pragma GCC unroll 10
-    for (int round = 0; round < 10; ++round) {
-      if (round) {
-        ka += PHILOX_W0;
-        kb += PHILOX_W1;
-      }
-      const __m512i vka = _mm512_set1_epi32((int)ka), vkb = _mm512_set1_epi32((int)kb);
-#pragma GCC unroll 4
-      for (int v = 0; v < V; ++v) {
-        const __m512i p0 = _mm512_mul_epu32(x[v], m0), p1 = _mm512_mul_epu32(z[v], m1);
-        x[v] = _mm512_ternarylogic_epi32(hi_to_lo(p1), y[v], vka, 0x96);  // hi1 ^ y ^ ka
-        z[v] = _mm512_ternarylogic_epi32(hi_to_lo(p0), w[v], vkb, 0x96);  // hi0 ^ w ^ kb
-        y[v] = p1;                                                        // lo1
-        w[v] = p0;                                                        // lo0
-      }
-    }
+    for (int v = 0; v < V; ++v)
+      philox_counters_avx512(blk0 + (uint64_t)(j + 8 * v), iota, c2, c3, x[v], y[v], z[v], w[v]);
+    philox_rounds_avx512<V>(x, y, z, w, k0, k1);
 #pragma GCC unroll 2
     for (int v = 0; v < V; v += 2) {  // pack the low halves of two zmm: 16 consecutive blocks
       const int64_t o = j + 8 * v, left = nb - o;

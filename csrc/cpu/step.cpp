@@ -13,9 +13,9 @@
 // (fp64) storage x, out and the slots are read straight from memory; fp16 / bf16 chunks are converted into fp32
 // temporaries.  D, the noise and partial sums live in per-thread temporaries that stay in L1, so every element of
 // DRAM / L3 is touched once while each inner loop is a simple unit-stride loop over a chunk.  Outputs are summed
-// two terms per pass in the reference's order, the last pass converting and storing; they are written in an
-// order where none overwrites a register that a later output still reads (x' in place, a slot read and
-// rewritten), with a copy to a temporary only for cyclic reads.  Langevin stages first run a reduction pass
+// two terms per pass in the reference's order (three in one pass for the common a x + b D + g z), the last pass
+// converting and storing; they are written in an order where none overwrites a register that a later output
+// still reads (x' in place, a slot read and rewritten), with a copy to a temporary only for cyclic reads.  Langevin stages first run a reduction pass
 // (||z||^2, ||s||^2 per sample, double accumulators, z regenerated from Philox, never stored).
 //
 // Vectorization (checked with g++ 12 -O3 -march=native -fopt-info-vec-all on an AVX-512 Xeon): every loop over
@@ -25,15 +25,16 @@
 // word of 8 counters in a zmm's 64-bit lanes, vpmuludq + vpshufd + vpternlogd per round, 4 independent zmm per
 // step; AVX2: even / odd vpmuludq, 8 counters per ymm; else philox.h per block): g++'s auto-vectorization of
 // philox.h's 32x32->64 products (vpmovzxdq + vpmullq) ran at about 2 ns per normal and core on that Xeon, the
-// hand-vectorized stream at about 0.4 ns, with exactly philox.h's words (tested bit for bit).  Box-Muller uses
-// the branch-free float32 log / sin / cos below (Cephes polynomials, about 1 ulp on the ranges used) because
-// libm's scalar calls do not vectorize; normals agree with libm (fastdiff.rng, philox.h's philox_normals4) to a
-// few ulp.  Noise is still compute-bound: about 1.1 ns per normal and core (Box-Muller about 0.7 of it), against
-// about 0.3 ns per element and core for an fp32 copy.
+// hand-vectorized stream at about 0.4 ns, with exactly philox.h's words (tested bit for bit).  Box-Muller
+// (normals_simd.h) uses branch-free float32 log / sin / cos (Cephes polynomials evaluated with explicit fma, about
+// 1 ulp on the ranges used) because libm's scalar calls do not vectorize; normals agree with libm (fastdiff.rng,
+// philox.h's philox_normals4) to a few ulp.  On AVX-512 Philox and Box-Muller are fused in registers.  Noise is
+// still compute-bound: about 1.0 ns per normal and core (Philox 0.4 of it), against about 0.3 ns per element and
+// core for an fp32 copy.
 //
 // Compile with -O3 -fopenmp -ffp-contract=off -fno-math-errno -fno-trapping-math -march=native (see
 // fastdiff/backends/cpu.py): no FMA contraction, so fp32 results round like the torch reference (bit for bit
-// where no noise is involved).
+// where no noise is involved); the only fused multiply-adds are the explicit ones of the normals' polynomials.
 #include <torch/extension.h>
 
 #include <omp.h>
@@ -48,6 +49,7 @@
 
 #include "philox.h"
 #include "philox_simd.h"
+#include "normals_simd.h"
 
 namespace fdcpu {
 
@@ -67,16 +69,8 @@ constexpr int64_t NOISE_COST = 8;
 // round-to-nearest-even, NaN kept NaN).
 // ---------------------------------------------------------------------------------------------------------------
 
-static inline float f32_from_bits(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-static inline uint32_t bits_from_f32(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
+using fastdiff::simd::bits_from_f32;
+using fastdiff::simd::f32_from_bits;
 
 // IEEE half -> float (branch-free, as c10::detail::fp16_ieee_to_fp32_value).
 static inline float half_to_float(uint16_t h) {
@@ -145,84 +139,10 @@ static inline void load(const typename St<T>::S* __restrict s, A* __restrict d, 
   for (int64_t j = 0; j < n; ++j) d[j] = (A)St<T>::get(s[j]);
 }
 
-// ---------------------------------------------------------------------------------------------------------------
-// Philox normals, vectorized over blocks.  philox.h gives the stream (philox4x32_10, uint_to_uniform); the
-// Box-Muller transform uses these branch-free float32 functions (Cephes, S. Moshier) instead of libm's scalar
-// logf / sinf / cosf, which do not vectorize.  Max error about 1 ulp on u1 in [1e-7, 1) and theta in [0, 2pi).
-// ---------------------------------------------------------------------------------------------------------------
+// Philox normals of a chunk (normals_simd.h): blocks [blk0, blk0 + nb), nb <= CHUNK / 4
+using fastdiff::simd::normals_blocks;
+static_assert(CHUNK / 4 == fastdiff::simd::NORMALS_MAX_BLOCKS, "a chunk's normals are one normals_blocks call");
 
-// natural log of a positive normal float.  v = 2^e (1 + f) with 1 + f in [sqrt(1/2), sqrt(2)), found with integer
-// ops only (offsetting the bits by those of sqrt(1/2)); the same e, f as Cephes' frexp-and-compare, without a branch.
-static inline float log_f32(float v) {
-  const uint32_t ix = bits_from_f32(v) - 0x3F3504F3u;
-  const float e = (float)((int32_t)ix >> 23);
-  const float f = f32_from_bits((ix & 0x007FFFFFu) + 0x3F3504F3u) - 1.0f;  // exact (Sterbenz)
-  const float z = f * f;
-  float y = 7.0376836292E-2f;
-  y = y * f - 1.1514610310E-1f;
-  y = y * f + 1.1676998740E-1f;
-  y = y * f - 1.2420140846E-1f;
-  y = y * f + 1.4249322787E-1f;
-  y = y * f - 1.6668057665E-1f;
-  y = y * f + 2.0000714765E-1f;
-  y = y * f - 2.4999993993E-1f;
-  y = y * f + 3.3333331174E-1f;
-  y = y * f * z;
-  y = y + -2.12194440E-4f * e;  // ln 2 = 0.693359375 - 2.12194440e-4, split so e * hi is exact
-  y = y + -0.5f * z;
-  const float r = f + y;
-  return r + 0.693359375f * e;
-}
-
-// sin and cos of theta in [0, 2pi): reduce by multiples of pi/2 (3-part Cody-Waite), then minimax polynomials
-static inline void sincos_f32(float t, float& s, float& c) {
-  int32_t j = (int32_t)(t * 1.27323954473516f);  // octant, t * 4/pi
-  j = (j + 1) & ~1;                              // round up to even: nearest multiple of pi/2
-  const float y = (float)j;
-  const float r = ((t - y * 0.78515625f) - y * 2.4187564849853515625e-4f) - y * 3.77489497744594108e-8f;
-  const float z = r * r;
-  float sp = -1.9515295891E-4f;
-  sp = sp * z + 8.3321608736E-3f;
-  sp = sp * z - 1.6666654611E-1f;
-  sp = sp * z * r + r;
-  float cp = 2.443315711809948E-5f;
-  cp = cp * z - 1.388731625493765E-3f;
-  cp = cp * z + 4.166664568298827E-2f;
-  cp = cp * z * z - 0.5f * z + 1.0f;
-  const int32_t q = (j >> 1) & 3;  // quadrant: theta = q pi/2 + r
-  const bool swap = (q & 1) != 0;
-  const float sv = swap ? cp : sp, cv = swap ? sp : cp;
-  s = (q & 2) ? -sv : sv;
-  c = ((q + 1) & 2) ? -cv : cv;
-}
-
-// Normals of blocks [blk0, blk0 + nb) of (seed, draw, stream 0): z[4 j + lane], nb <= CHUNK / 4.
-static void normals_blocks(uint64_t seed, uint32_t draw, uint64_t blk0, int64_t nb, float* __restrict z) {
-  alignas(64) uint32_t w0[CHUNK / 4], w1[CHUNK / 4], w2[CHUNK / 4], w3[CHUNK / 4];
-  alignas(64) float n0[CHUNK / 4], n1[CHUNK / 4], n2[CHUNK / 4], n3[CHUNK / 4];
-  // philox_simd.h: 10 Philox rounds on 16 (AVX-512) / 8 (AVX2) counters per register, philox.h's words exactly
-  fastdiff::simd::philox_blocks(blk0, draw, 0u, (uint32_t)seed, (uint32_t)(seed >> 32), nb, w0, w1, w2, w3);
-  for (int64_t j = 0; j < nb; ++j) {  // vectorized Box-Muller, pairs (w0, w1) and (w2, w3)
-    const float ua = std::max(fastdiff::uint_to_uniform(w0[j]), 1e-7f);
-    const float uc = std::max(fastdiff::uint_to_uniform(w2[j]), 1e-7f);
-    const float ra = std::sqrt(-2.0f * log_f32(ua)), rc = std::sqrt(-2.0f * log_f32(uc));
-    float sa, ca, sc, cc;
-    sincos_f32(6.2831855f * fastdiff::uint_to_uniform(w1[j]), sa, ca);
-    sincos_f32(6.2831855f * fastdiff::uint_to_uniform(w3[j]), sc, cc);
-    n0[j] = ra * ca;
-    n1[j] = ra * sa;
-    n2[j] = rc * cc;
-    n3[j] = rc * sc;
-  }
-  for (int64_t j = 0; j < nb; ++j) {  // interleave lanes: element 4 j + l
-    z[4 * j] = n0[j];
-    z[4 * j + 1] = n1[j];
-    z[4 * j + 2] = n2[j];
-    z[4 * j + 3] = n3[j];
-  }
-}
-
-// ---------------------------------------------------------------------------------------------------------------
 // ---------------------------------------------------------------------------------------------------------------
 // The step kernel
 // ---------------------------------------------------------------------------------------------------------------
@@ -305,6 +225,13 @@ static void emit(typename St<T>::S* dst, const Term<A>* t, int nt, A* acc, int64
   using S = typename St<T>::S;
   if (nt == 0) {
     for (int64_t j = 0; j < n; ++j) dst[j] = cvt<T, A, S>((A)0);
+    return;
+  }
+  if (nt == 3) {  // the common noisy update a x + b D + g z in one pass, rounded as two passes would
+    const A c0 = t[0].c, c1 = t[1].c, c2 = t[2].c;
+    const A *v0 = t[0].v, *v1 = t[1].v, *v2 = t[2].v;
+#pragma GCC ivdep
+    for (int64_t j = 0; j < n; ++j) dst[j] = cvt<T, A, S>((c0 * v0[j] + c1 * v1[j]) + c2 * v2[j]);
     return;
   }
   int i = std::min(nt, 2);
@@ -851,13 +778,29 @@ at::Tensor normals_libm(int64_t seed, int64_t draw, int64_t blk0, int64_t nblock
   return z;
 }
 
-// The vectorized normals the kernels use, for blocks [blk0, blk0 + nblocks) (any blk0: tests the counter's high word).
-at::Tensor normals_fast(int64_t seed, int64_t draw, int64_t blk0, int64_t nblocks) {
+// The vectorized normals the kernels use, for blocks [blk0, blk0 + nblocks) (any blk0: tests the counter's high
+// word).  isa: "" (the kernels' path) or one compiled variant of normals_isas().
+at::Tensor normals_fast(int64_t seed, int64_t draw, int64_t blk0, int64_t nblocks, const std::string& isa) {
+  using Fn = void (*)(uint64_t, uint32_t, uint64_t, int64_t, float*);
+  Fn fn = nullptr;
+  if (isa.empty()) fn = &fastdiff::simd::normals_blocks;
+  else if (isa == "portable") fn = &fastdiff::simd::normals_blocks_portable;
+#if defined(__AVX512F__)
+  else if (isa == "avx512") fn = &fastdiff::simd::normals_blocks_avx512;
+#endif
+  TORCH_CHECK_VALUE(fn != nullptr, "normals_fast: isa '", isa, "' is not compiled in (see normals_isas())");
+  TORCH_CHECK_VALUE(nblocks >= 0, "nblocks must be >= 0");
   at::Tensor z = at::empty({nblocks * 4}, at::kFloat);
   float* p = z.data_ptr<float>();
   for (int64_t j = 0; j < nblocks; j += CHUNK / 4)
-    normals_blocks((uint64_t)seed, (uint32_t)draw, (uint64_t)(blk0 + j), std::min(CHUNK / 4, nblocks - j), p + 4 * j);
+    fn((uint64_t)seed, (uint32_t)draw, (uint64_t)(blk0 + j), std::min(CHUNK / 4, nblocks - j), p + 4 * j);
   return z;
+}
+
+std::vector<std::string> normals_isas() {
+  std::vector<std::string> v{fastdiff::simd::normals_blocks_isa()};
+  if (v[0] != "portable") v.push_back("portable");
+  return v;
 }
 
 }  // namespace fdcpu
@@ -878,7 +821,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("counter"), py::arg("key"), py::arg("nblocks"), py::arg("isa") = "");
   m.def("philox_isas", &fdcpu::philox_isas, "the compiled Philox paths, the kernels' first");
   m.def("normals_libm", &fdcpu::normals_libm, "philox.h's scalar libm normals of blocks [blk0, blk0 + nblocks)");
-  m.def("normals_fast", &fdcpu::normals_fast, "the kernels' vectorized normals of blocks [blk0, blk0 + nblocks)");
+  m.def("normals_fast", &fdcpu::normals_fast, "the kernels' vectorized normals of blocks [blk0, blk0 + nblocks)",
+        py::arg("seed"), py::arg("draw"), py::arg("blk0"), py::arg("nblocks"), py::arg("isa") = "");
+  m.def("normals_isas", &fdcpu::normals_isas, "the compiled normals paths, the kernels' first");
   m.def("num_threads", []() { return omp_get_max_threads(); });
   m.def("set_parallel_min", [](int64_t n) {
     int64_t old = fdcpu::g_parallel_min;
