@@ -208,6 +208,9 @@ class _FastdiffStep:
     def set_timesteps(self, *args, **kwargs):
         self._fd_check_config()
         super().set_timesteps(*args, **kwargs)
+        # host copies, taken once here, so that no later step copies from the device (a sync)
+        self._fd_ts_host = _f64(self.timesteps)
+        self._fd_sig_host = _f64(self.sigmas) if hasattr(self, "sigmas") else np.zeros(0)
         self._fd_programs = {}  # (begin index, variant) -> _Program, built on first use
         self._fd_slots_own = None
         self._fd_begin = 0
@@ -229,7 +232,7 @@ class _FastdiffStep:
         if prog is None:
             # the same configuration and timesteps give the same program: shared across set_timesteps calls
             gkey = (type(self).__name__, tuple(sorted((k, repr(v)) for k, v in self.config.items())), key,
-                    _f64(self.timesteps).tobytes(), _f64(getattr(self, "sigmas", torch.zeros(0))).tobytes())
+                    self._fd_ts_host.tobytes(), self._fd_sig_host.tobytes())
             with _PROGRAMS_LOCK:
                 prog = _PROGRAMS.get(gkey)
             if prog is None:
@@ -253,7 +256,7 @@ class _FastdiffStep:
             if timestep.device.type != "cpu":
                 return None
             timestep = timestep.reshape(-1)[0].item()
-        ts = _f64(self.timesteps)
+        ts = self._fd_ts_host
         hit = np.flatnonzero(ts == float(timestep))
         if hit.size == 0:
             raise ValueError(f"timestep {timestep} is not one of this scheduler's timesteps (set_timesteps gave "
@@ -262,6 +265,8 @@ class _FastdiffStep:
 
     def _fd_where(self, timestep, step_index, state, variant=None):
         """(program, k) with k the stage of the program: int, or a device-side selector for per-sample steps."""
+        if getattr(self, "_fd_programs", None) is None:
+            raise ValueError("call set_timesteps(...) before step(...) / scale_model_input(...)")
         if state is not None and state.scheduler_programs is not getattr(self, "_fd_programs", None):
             raise ValueError("this state belongs to an earlier set_timesteps call: make a new one with new_state()")
         if step_index is not None:
@@ -441,10 +446,21 @@ class _FastdiffStep:
 
     def _fd_levels_for(self, timesteps, device):
         """(alpha, sigma) [B] of the forward process at integer ``timesteps`` (overridden for sigma schedulers)."""
-        ab = torch.as_tensor(_f64(self.alphas_cumprod), device=device)
+        ab = self._fd_table("alphas_cumprod", lambda: _f64(self.alphas_cumprod), device)
         idx = torch.as_tensor(timesteps, device=device).long().reshape(-1)
         a = ab[idx]
         return a.sqrt(), (1.0 - a).sqrt()
+
+    def _fd_table(self, name, host, device):
+        """A float64 table on ``device``, copied once per set_timesteps (add_noise copies nothing per call)."""
+        cache = self.__dict__.setdefault("_fd_tables", {})
+        key = (name, str(device), id(getattr(self, "_fd_programs", None)))
+        hit = cache.get(key)
+        if hit is None:
+            if len(cache) > 16:
+                cache.clear()
+            hit = cache[key] = torch.as_tensor(host(), dtype=torch.float64, device=device)
+        return hit
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         """x_t = alpha_t x0 + sigma_t noise with per-sample timesteps, gathered on the device (no host sync)."""
@@ -481,7 +497,7 @@ class DDIMScheduler(_FastdiffStep, _d.DDIMScheduler):
     def _fd_build(self, begin, variant):
         eta = variant
         sched = self._fd_schedule()
-        ts = _f64(self.timesteps)
+        ts = self._fd_ts_host
         stride = self.config.num_train_timesteps // self.num_inference_steps
         end = -1.0 if self.config.set_alpha_to_one else 0.0  # final_alpha_cumprod: 1 or alpha_bar[0]
         plans, alpha_next = [], []
@@ -525,7 +541,7 @@ class DDPMScheduler(_FastdiffStep, _d.DDPMScheduler):
             _unsupported("variance_type='fixed_large_log'")
 
     def _fd_build(self, begin, variant):
-        ts = _f64(self.timesteps)
+        ts = self._fd_ts_host
         variance = "fixed_large" if self.config.variance_type == "fixed_large" else "fixed_small"
         p = make_plan("ddpm", self._fd_schedule(), prediction=PREDICTION[self.config.prediction_type],
                       boundaries=list(ts) + [-1.0], variance=variance)
@@ -551,7 +567,7 @@ class LCMScheduler(_FastdiffStep, _d.LCMScheduler):
     def _fd_build(self, begin, variant):
         from ..solvers.consistency import boundary_scalings
 
-        ts = _f64(self.timesteps)
+        ts = self._fd_ts_host
         scaling = float(self.config.timestep_scaling)
         p = make_plan("lcm", self._fd_schedule(), prediction=PREDICTION[self.config.prediction_type],
                       boundaries=list(ts) + [-1.0], timestep_scaling=scaling)
@@ -595,14 +611,14 @@ class _SigmaScheduler(_FastdiffStep):
 
     def _fd_grid(self, begin):
         """The plan's k-diffusion sigmas from step ``begin`` on (with the final value)."""
-        return _f64(self.sigmas)[begin:]
+        return self._fd_sig_host[begin:]
 
     def _fd_build(self, begin, variant):
         grid = self._fd_grid(begin)
         solver, opts = self._fd_solver(begin)
         p = make_plan(solver, self._fd_schedule(), prediction=PREDICTION[self.config.prediction_type],
                       sigmas=list(grid), **opts)
-        ts = _f64(self.timesteps)[begin:]
+        ts = self._fd_ts_host[begin:]
         if p.num_stages != len(ts) or not all(p.calls_model):  # one model call per diffusers step
             raise AssertionError(f"{solver} plan has {p.num_stages} stages for {len(ts)} timesteps")
         return _Program(p.rows(), p.stage_flags, p.draw, p.num_slots, ts, peer_draws=self._fd_peer_draws(len(ts)),
@@ -617,8 +633,8 @@ class _SigmaScheduler(_FastdiffStep):
     def _fd_levels_for(self, timesteps, device):
         """(alpha, sigma) at the sigmas of ``timesteps``, indexed as diffusers' add_noise does (by timestep before
         set_begin_index, else at the current step / the begin index)."""
-        sig = torch.as_tensor(_f64(self.sigmas), device=device)
-        ts = torch.as_tensor(_f64(self.timesteps), device=device)
+        sig = self._fd_table("sigmas", lambda: self._fd_sig_host, device)
+        ts = self._fd_table("timesteps", lambda: self._fd_ts_host, device)
         t = torch.as_tensor(timesteps, device=device).to(torch.float64).reshape(-1)
         if self.begin_index is None:
             idx = (ts[None, :] == t[:, None]).to(torch.int8).argmax(dim=1)
@@ -638,7 +654,7 @@ class _EulerFamily(_SigmaScheduler):
     _scales_input = True
 
     def _fd_fold(self, begin):
-        sig = _f64(self.sigmas)[begin:]  # stage k reads sigmas[k] and lands on sigmas[k + 1] (Heun's repeat too)
+        sig = self._fd_sig_host[begin:]  # stage k reads sigmas[k] and lands on sigmas[k + 1] (Heun's repeat too)
         a = 1.0 / np.sqrt(1.0 + sig * sig)
         return {"a_in": a[:-1], "a_out": a[1:]}
 
@@ -706,7 +722,7 @@ class HeunDiscreteScheduler(_EulerFamily, _d.HeunDiscreteScheduler):
     def _fd_grid(self, begin):
         if begin % 2:
             raise ValueError("HeunDiscreteScheduler: begin_index must be even (the first call of a step)")
-        sig = _f64(self.sigmas)[begin:]  # [s0, s1, s1, ..., s_{n-1}, s_{n-1}, 0]
+        sig = self._fd_sig_host[begin:]  # [s0, s1, s1, ..., s_{n-1}, s_{n-1}, 0]
         return np.concatenate([sig[0:-1:2], sig[-1:]])
 
     def _fd_solver(self, begin):
@@ -818,11 +834,11 @@ class FlowMatchEulerDiscreteScheduler(_SigmaScheduler, _d.FlowMatchEulerDiscrete
                 _unsupported(f"{name}=True")
 
     def _fd_build(self, begin, variant):
-        sig = _f64(self.sigmas)
+        sig = self._fd_sig_host
         # t_min below diffusers' smallest sigma (shifted or Karras sigmas go below 1 / num_train_timesteps)
         flow = RectifiedFlow(t_min=min(1e-3, float(sig[sig > 0].min())), t_max=max(1.0, float(sig.max())))
         p = make_plan("flow_euler", flow, prediction="flow", boundaries=list(sig))
-        return _Program(p.rows(), p.stage_flags, p.draw, 0, _f64(self.timesteps))
+        return _Program(p.rows(), p.stage_flags, p.draw, 0, self._fd_ts_host)
 
     def step(self, model_output, timestep, sample, s_churn: float = 0.0, s_tmin: float = 0.0,
              s_tmax: float = float("inf"), s_noise: float = 1.0, generator=None, per_token_timesteps=None,
