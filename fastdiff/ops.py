@@ -19,11 +19,18 @@ The step contract (one memory pass; all coefficient reads from device memory, no
     use_out   bool         the stage called the model (else D = 0 and ``out`` is not read)
     noise     bool         some sample draws noise (draws >= 0); host constant, so no sync to find out
     langevin  bool         some sample has snr != 0: a per-sample reduction pass computes ||z||, ||s|| first
+    thresholds [B], optional  Imagen dynamic thresholding (see ``dynamic_threshold``, the reduction pass that
+                           computes them): D = clamp(D, -s_b, s_b) / s_b right after D is formed, before anything
+                           uses it; float32 (float64 with float64 x)
 
     D  = cx x + co out ;  x' = M[0].[x, D, S] + g z (+ Langevin term) ;  S_i = M[1+i].[x, D, S] for written i
 """
 
 from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional
 
 import torch
 
@@ -47,7 +54,7 @@ def per_sample_norm(t: torch.Tensor) -> torch.Tensor:
 
 
 def step_reference(x, out, slots, rows, seeds, draws, guidance, slot_reads: int, slot_writes: int, use_out: bool,
-                   cfg: bool, noise: bool, langevin: bool) -> torch.Tensor:
+                   cfg: bool, noise: bool, langevin: bool, thresholds=None) -> torch.Tensor:
     """The step contract in plain torch (the oracle every kernel is tested against). Mutates ``slots``."""
     B, K = x.shape[0], slots.shape[0]
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -65,6 +72,8 @@ def step_reference(x, out, slots, rows, seeds, draws, guidance, slot_reads: int,
             w = _bcast(guidance.to(cdt), nd)
             o = o[:B] + w * (o[B:] - o[:B])
         regs[1] = coef(0) * xf + coef(1) * o
+        if thresholds is not None:
+            regs[1] = apply_threshold(regs[1], thresholds.to(cdt))
     for i in range(K):
         if (slot_reads >> i) & 1:
             regs[2 + i] = slots[i].to(cdt)
@@ -94,6 +103,13 @@ def step_reference(x, out, slots, rows, seeds, draws, guidance, slot_reads: int,
     for i, v in new.items():
         slots[i].copy_(v.to(slots.dtype))
     return x_new.to(x.dtype)
+
+
+def apply_threshold(D: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """Imagen's dynamic thresholding of a data estimate D [B, ...] with per-sample thresholds s [B]:
+    clamp(D, -s, s) / s (NaN stays NaN), as every kernel applies it."""
+    s = _bcast(thresholds, D.dim())
+    return torch.clamp(D, -s, s) / s
 
 
 def add_noise_reference(x0, alpha, sigma, seeds, draws) -> torch.Tensor:
@@ -131,14 +147,23 @@ def _randn_reference(seeds, draws, shape, dtype):
 @torch.library.custom_op("fastdiff::step", mutates_args=("slots",))
 def _step_op(x: torch.Tensor, out: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor, seeds: torch.Tensor,
              draws: torch.Tensor, guidance: torch.Tensor, slot_reads: int, slot_writes: int, use_out: bool,
-             cfg: bool, noise: bool, langevin: bool, kernel: str) -> torch.Tensor:
-    return _impl(kernel, "step")(x, out, slots, rows, seeds, draws, guidance, slot_reads, slot_writes, use_out, cfg,
-                                 noise, langevin)
+             cfg: bool, noise: bool, langevin: bool, kernel: str,
+             thresholds: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return _call_step(kernel, (x, out, slots, rows, seeds, draws, guidance, slot_reads, slot_writes, use_out, cfg,
+                               noise, langevin), thresholds)
 
 
 @_step_op.register_fake
-def _(x, out, slots, rows, seeds, draws, guidance, slot_reads, slot_writes, use_out, cfg, noise, langevin, kernel):
+def _(x, out, slots, rows, seeds, draws, guidance, slot_reads, slot_writes, use_out, cfg, noise, langevin, kernel,
+      thresholds=None):
     return torch.empty_like(x)
+
+
+def _call_step(kernel, args, thresholds):
+    """The kernel's step on the contract's 13 arguments; thresholds only when given (keyword, every kernel)."""
+    if thresholds is None:
+        return _impl(kernel, "step")(*args)
+    return _impl(kernel, "step")(*args, thresholds=thresholds)
 
 
 @torch.library.custom_op("fastdiff::add_noise", mutates_args=())
@@ -207,8 +232,21 @@ def _check_step(x, out, slots, rows, seeds, draws, guidance, use_out, cfg):
         raise ValueError(f"guidance must be [B or 1], got {tuple(guidance.shape)}")
 
 
+def _check_thresholds(x, thresholds):
+    want = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if not isinstance(thresholds, torch.Tensor):
+        raise ValueError(f"thresholds must be a {want} tensor [B] (from fastdiff.ops.dynamic_threshold), got "
+                         f"{type(thresholds).__name__}")
+    if thresholds.device != x.device:
+        raise ValueError(f"thresholds is on {thresholds.device} but x is on {x.device}: put every step input on one "
+                         "device")
+    if thresholds.dtype != want or tuple(thresholds.shape) != (x.shape[0],):
+        raise ValueError(f"thresholds must be a {want} tensor with one entry per sample ([{x.shape[0]}]) for {x.dtype} "
+                         f"x, got {tuple(thresholds.shape)} {thresholds.dtype}")
+
+
 def step(x, out, slots, rows, seeds, draws, guidance=None, *, slot_reads=None, slot_writes=0, use_out=True,
-         cfg=False, noise=True, langevin=False, kernel="torch") -> torch.Tensor:
+         cfg=False, noise=True, langevin=False, kernel="torch", thresholds=None) -> torch.Tensor:
     """Execute one stage for a batch: returns x' and updates ``slots`` in place (see the module docstring).
 
     Parameters
@@ -221,19 +259,118 @@ def step(x, out, slots, rows, seeds, draws, guidance=None, *, slot_reads=None, s
     slot_reads, slot_writes : int bitmasks (default: read every slot, write none)
     use_out, cfg, noise, langevin : bool, structural flags of the stage (host constants)
     kernel : {"torch", "cpu", "triton", "cuda"}
+    thresholds : Tensor [B], optional
+        Dynamic thresholding: D = clamp(D, -s_b, s_b) / s_b before D is used; float32 (float64 with float64 x),
+        e.g. from ``dynamic_threshold`` on the same x, out, rows and guidance.
     """
     if guidance is None:
         guidance = torch.zeros(1, dtype=torch.float32, device=x.device)
     if slot_reads is None:
         slot_reads = (1 << slots.shape[0]) - 1
     _check_step(x, out, slots, rows, seeds, draws, guidance, use_out, cfg)
+    if thresholds is not None:
+        _check_thresholds(x, thresholds)
     if not x.is_contiguous() or (use_out and not out.is_contiguous()):
         raise ValueError("x and out must be contiguous (call .contiguous() first): kernels stream them linearly")
     args = (x, out, slots, rows, seeds, draws, guidance, int(slot_reads), int(slot_writes), bool(use_out), bool(cfg),
             bool(noise), bool(langevin))
-    if _traced(x, out, slots, rows):
-        return _step_op(*args, kernel)
-    return _impl(kernel, "step")(*args)
+    if _traced(x, out, slots, rows) or (thresholds is not None and _traced(thresholds)):
+        return _step_op(*args, kernel, thresholds)
+    return _call_step(kernel, args, thresholds)
+
+
+def threshold_of(D: torch.Tensor, ratio: float = 0.995, max_value: float = 1.0) -> torch.Tensor:
+    """Per-sample dynamic thresholds of a data estimate (Saharia et al. 2022, Imagen; diffusers' ``_threshold_sample``).
+
+    ``s_b = clamp(quantile(|D_b|, ratio), 1, max_value)`` over all elements of sample b, in float32 (float64 for
+    float64 D).  Plain torch ops on D's device, no host sync (graph-capturable).
+
+    Parameters
+    ----------
+    D : Tensor [B, *S]
+    ratio : float in [0, 1];  max_value : float >= 1
+
+    Returns
+    -------
+    Tensor [B], float32 (float64 for float64 D)
+    """
+    ratio, max_value = threshold_options(ratio, max_value)
+    cdt = torch.float64 if D.dtype == torch.float64 else torch.float32
+    a = D.to(cdt).reshape(D.shape[0], -1).abs()
+    n = a.shape[1]
+    if n == 0:
+        return torch.ones(D.shape[0], dtype=cdt, device=D.device)
+    # torch.quantile's linear interpolation, rank = ratio (n - 1) rounded in the compute dtype as torch does, with
+    # the two order statistics from topk: torch.quantile sorts every row and refuses more than 2**24 elements.
+    rnd = (lambda v: v) if cdt == torch.float64 else _round_f32
+    rank = rnd(rnd(ratio) * (n - 1))
+    lo, hi = math.floor(rank), math.ceil(rank)
+    top = torch.topk(a, n - lo, dim=1).values  # descending: order statistic i (ascending) sits at n - 1 - i
+    q = torch.lerp(top[:, n - 1 - lo], top[:, n - 1 - hi], rank - lo)
+    return q.clamp(min=1.0, max=max_value)
+
+
+def _round_f32(v: float) -> float:
+    """v rounded to float32 (to nearest, ties to even) in plain Python, so torch.compile folds it as a constant."""
+    if v == 0.0:
+        return v
+    m, e = math.frexp(v)  # v = m 2**e, 0.5 <= |m| < 1: 24 significant bits are round(m 2**24)
+    return math.ldexp(round(m * 16777216.0) / 16777216.0, e)
+
+
+def threshold_options(ratio, max_value) -> tuple[float, float]:
+    """Check dynamic thresholding's options: (ratio in [0, 1], max_value >= 1) as floats, else ValueError."""
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real):
+        raise ValueError(f"dynamic thresholding takes the quantile ratio (a number in [0, 1], Imagen: 0.995), got "
+                         f"{ratio!r}")
+    ratio, max_value = float(ratio), float(max_value)
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"the dynamic thresholding ratio is a quantile in [0, 1], got {ratio}")
+    if not max_value >= 1.0:  # also rejects NaN
+        raise ValueError(f"sample_max_value must be >= 1 (thresholds are clamped to [1, max]), got {max_value}")
+    return ratio, max_value
+
+
+def dynamic_threshold(x, out, rows, guidance=None, cfg=False, ratio=0.995, max_value=1.0) -> torch.Tensor:
+    """The reduction pass of dynamic thresholding: the thresholds ``step(..., thresholds=)`` takes for this stage.
+
+    Forms D = cx x + co out exactly as the step does (with ``cfg``: out = out_u + w (out_c - out_u)), in float32
+    (float64 for float64 x), then ``threshold_of(D, ratio, max_value)``.  Plain torch ops, no host sync.
+
+    Parameters
+    ----------
+    x : Tensor [B, *S]
+    out : Tensor [B, *S] or [2B, *S] (with ``cfg``: [uncond; cond])
+    rows : Tensor [B or 1, R] (columns 0 and 1: cx, co)
+    guidance : Tensor [B or 1], optional (the cfg weight w)
+    cfg : bool
+    ratio : float, the quantile of |D| (Imagen: 0.995);  max_value : float >= 1, the largest threshold
+
+    Returns
+    -------
+    Tensor [B]: float32 (float64 for float64 x), each >= 1
+    """
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
+        raise ValueError("x must be a floating-point tensor [B, ...]")
+    B = x.shape[0]
+    want = (2 * B if cfg else B,) + tuple(x.shape[1:])
+    if tuple(out.shape) != want:
+        raise ValueError(f"out has shape {tuple(out.shape)}, expected {want} ({'[uncond; cond]' if cfg else 'x'})")
+    if rows.dim() != 2 or rows.shape[0] not in (1, B) or rows.shape[1] < 2:
+        raise ValueError(f"rows must be [B or 1, R] coefficient rows, got {tuple(rows.shape)}")
+    if cfg and (not isinstance(guidance, torch.Tensor) or guidance.dim() != 1 or guidance.shape[0] not in (1, B)):
+        raise ValueError("with cfg, guidance must be a [B or 1] tensor of guidance weights")
+    for name, t in (("out", out), ("rows", rows)) + ((("guidance", guidance),) if cfg else ()):
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}: put every input on one device")
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    nd = x.dim()
+    c = rows.to(cdt)
+    xf, o = x.to(cdt), out.to(cdt)
+    if cfg:
+        o = o[:B] + _bcast(guidance.to(cdt), nd) * (o[B:] - o[:B])
+    D = _bcast(c[:, 0], nd) * xf + _bcast(c[:, 1], nd) * o
+    return threshold_of(D, ratio, max_value)
 
 
 def add_noise(x0, alpha, sigma, seeds, draws=None, *, kernel="torch") -> torch.Tensor:

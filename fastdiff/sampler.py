@@ -132,10 +132,13 @@ def _progress(total, enabled):
     return tqdm(total=total, desc="sampling", unit="step", leave=False)
 
 
-def _loop(model, plan, x, seeds_t, kernel, w, kwargs, callback=None, check_finite="off", bar=None, noise_fn=None):
-    """Run every stage. ``x``: the start state; ``w``: guidance tensor [1] or None; returns the sample.
+def _loop(model, plan, x, seeds_t, kernel, w, kwargs, callback=None, check_finite="off", bar=None, noise_fn=None,
+          threshold=None):
+    """Run every stage. ``x``: the start state; ``w``: guidance tensor [1] or None; ``threshold``: (ratio,
+    max_value) of dynamic thresholding or None; returns the sample.
 
-    With ``check_finite="off"`` and no callback this does no host sync, so it can be captured in a CUDA graph.
+    With ``check_finite="off"`` and no callback this does no host sync, so it can be captured in a CUDA graph
+    (dynamic thresholding included: its reduction pass is device-side torch ops).
     """
     guided = w is not None
     slots_list = [None] * plan.num_slots
@@ -149,23 +152,31 @@ def _loop(model, plan, x, seeds_t, kernel, w, kwargs, callback=None, check_finit
         reads, writes, use_out, noise, langevin = plan.stage_flags[k]
         out = _call_model(model, plan, k, x, guided, kwargs) if use_out else None
         x_prev = x
+        thr = None
         if kernel == "torch":
             o = combine_guidance(out, w) if guided and use_out else out
+            if threshold is not None and use_out:  # Imagen: per-sample quantile of |D|, then D = clamp(D) / s
+                cx, co = plan.conv[k]
+                thr = ops.threshold_of(cx * x + co * o, *threshold)
             z = None
             if (noise or langevin) and noise_fn is not None:
                 z = noise_fn(k).to(x.dtype)  # external noise (k-diffusion's noise_sampler)
             elif noise or langevin:
                 z = rng.normals_per_sample(seeds_t, torch.full_like(seeds_t, int(plan.draw[k])), x[0].numel())
                 z = z.reshape(x.shape).to(x.dtype)
-            x = run_stage(plan, k, x, o, slots_list, z)
+            x = run_stage(plan, k, x, o, slots_list, z, thr)
         else:
-            x = ops.step(x, out.contiguous() if use_out else x, slots, rows[k : k + 1], seeds_t, draws[k : k + 1],
-                         w_t, slot_reads=reads, slot_writes=writes, use_out=use_out, cfg=guided and use_out,
-                         noise=noise, langevin=langevin, kernel=kernel)
+            out_c = out.contiguous() if use_out else x
+            if threshold is not None and use_out:  # the reduction pass; the kernel clamps and scales D
+                thr = ops.dynamic_threshold(x, out_c, rows[k : k + 1], w_t, guided, *threshold)
+            x = ops.step(x, out_c, slots, rows[k : k + 1], seeds_t, draws[k : k + 1], w_t, slot_reads=reads,
+                         slot_writes=writes, use_out=use_out, cfg=guided and use_out, noise=noise, langevin=langevin,
+                         kernel=kernel, thresholds=thr)
         if callback is not None and use_out:
             o = combine_guidance(out, w) if guided else out
             cx, co = plan.conv[k]
-            callback(k, x, cx * x_prev + co * o)
+            D = cx * x_prev + co * o
+            callback(k, x, D if thr is None else ops.apply_threshold(D, thr.to(D.dtype)))
         if check_finite == "step" and not torch.isfinite(x).all():
             raise FloatingPointError(f"non-finite values after stage {k} (t={plan.stage_times[k]:g}) of "
                                      f"{plan.solver!r}: check the model output and the prediction type")
@@ -211,10 +222,17 @@ class Sampler:
         tqdm bar over stages; default: on for long eager runs when stderr is a terminal, never inside graphs.
     max_graphs : int
         Size of the LRU cache of captured graphs.
+    dynamic_threshold : float, optional
+        Imagen's dynamic thresholding (Saharia et al. 2022; diffusers' ``thresholding=True``) with this quantile
+        ratio (Imagen: 0.995): at every model call, per sample, s = clamp(quantile(|D|, ratio), 1,
+        sample_max_value) and D = clamp(D, -s, s) / s before the update uses it.  For data scaled to [-1, 1].
+    sample_max_value : float
+        The largest threshold (diffusers' ``sample_max_value``; default 1.0).
     """
 
     def __init__(self, model, plan: Plan, backend: str = "auto", compile=None, cuda_graph: bool = True,
-                 guidance_scale=None, progress=None, max_graphs: int = 8):
+                 guidance_scale=None, progress=None, max_graphs: int = 8, dynamic_threshold=None,
+                 sample_max_value: float = 1.0):
         if not isinstance(plan, Plan):
             raise ValueError(f"plan must be a fastdiff Plan (from fastdiff.plan(...)), got {type(plan).__name__}")
         if backend != "auto" and backend not in BACKENDS:
@@ -224,6 +242,9 @@ class Sampler:
         self.model, self.plan, self.backend = model, plan, backend
         self.compile, self.cuda_graph, self.guidance_scale = compile, cuda_graph, guidance_scale
         self.progress, self.max_graphs = progress, max_graphs
+        self.dynamic_threshold, self.sample_max_value = dynamic_threshold, sample_max_value
+        self._threshold = None if dynamic_threshold is None else ops.threshold_options(dynamic_threshold,
+                                                                                         sample_max_value)
         self._compiled = None
         self._graphs: collections.OrderedDict = collections.OrderedDict()
         self._lock = threading.Lock()
@@ -283,7 +304,8 @@ class Sampler:
             bar = _progress(plan.num_stages, show)
             try:
                 x = _prior(plan, x0, shape, dtype, device, seeds_t, kind)
-                x = _loop(model, plan, x, seeds_t, kind, w, kwargs, callback, check_finite, bar, noise_fn)
+                x = _loop(model, plan, x, seeds_t, kind, w, kwargs, callback, check_finite, bar, noise_fn,
+                          self._threshold)
             finally:
                 if bar is not None:
                     bar.close()
@@ -332,7 +354,8 @@ class Sampler:
                                     torch.tensor([s], device=x0.device), st)
             pick = {k: v[idx] for k, v in (cond or {}).items()}, {k: v[idx] for k, v in (uncond or {}).items()}
             runner = Sampler(self.model, sub, backend=self.backend, compile=self.compile, cuda_graph=self.cuda_graph,
-                             guidance_scale=self.guidance_scale, progress=self.progress)
+                             guidance_scale=self.guidance_scale, progress=self.progress,
+                             dynamic_threshold=self.dynamic_threshold, sample_max_value=self.sample_max_value)
             out[idx] = runner.sample(x_T=x_start, seeds=seeds_b, cond=pick[0] or None, uncond=pick[1] or None,
                                      guidance_scale=guidance_scale, check_finite=check_finite)
         return out
@@ -344,7 +367,8 @@ class Sampler:
         with self._lock:
             entry = self._graphs.get(key)
             if entry is None:
-                entry = _GraphEntry(model, self.plan, kind, x0, shape, dtype, device, seeds_t, w, kwargs)
+                entry = _GraphEntry(model, self.plan, kind, x0, shape, dtype, device, seeds_t, w, kwargs,
+                                    self._threshold)
                 self._graphs[key] = entry
                 while len(self._graphs) > self.max_graphs:
                     self._graphs.popitem(last=False)
@@ -356,8 +380,8 @@ class Sampler:
 class _GraphEntry:
     """One captured loop with its static input buffers; replays are serialized by a lock."""
 
-    def __init__(self, model, plan, kind, x0, shape, dtype, device, seeds_t, w, kwargs):
-        self.plan, self.kind, self.model = plan, kind, model
+    def __init__(self, model, plan, kind, x0, shape, dtype, device, seeds_t, w, kwargs, threshold=None):
+        self.plan, self.kind, self.model, self.threshold = plan, kind, model, threshold
         self.x = None if x0 is None else torch.empty_like(x0)
         self.shape, self.dtype, self.device = shape, dtype, device
         self.seeds = torch.empty_like(seeds_t)
@@ -386,7 +410,7 @@ class _GraphEntry:
 
     def _run(self):
         x = _prior(self.plan, self.x, self.shape, self.dtype, self.device, self.seeds, self.kind)
-        return _loop(self.model, self.plan, x, self.seeds, self.kind, self.w, self.cond)
+        return _loop(self.model, self.plan, x, self.seeds, self.kind, self.w, self.cond, threshold=self.threshold)
 
     def replay(self, x0, seeds_t, w, kwargs):
         with self.lock:
@@ -397,7 +421,8 @@ class _GraphEntry:
 
 def sample(model, plan: Plan, x_T=None, shape=None, noise=None, seeds=None, backend: str = "auto",
            guidance_scale=None, cond=None, uncond=None, callback=None, check_finite: str = "end", dtype=None,
-           device=None, compile=False, cuda_graph: bool = False, progress=None) -> torch.Tensor:
+           device=None, compile=False, cuda_graph: bool = False, progress=None, dynamic_threshold=None,
+           sample_max_value: float = 1.0) -> torch.Tensor:
     """Sample with ``model`` along ``plan`` (the one-call form of ``Sampler``).
 
     Parameters
@@ -429,6 +454,8 @@ def sample(model, plan: Plan, x_T=None, shape=None, noise=None, seeds=None, back
         Raise FloatingPointError on NaN / Inf at the end (default) or after every stage.
     compile, cuda_graph, progress
         As for ``Sampler`` (off by default in this one-call form, which keeps no cache between calls).
+    dynamic_threshold : float, optional;  sample_max_value : float
+        Imagen's dynamic thresholding of every data estimate (quantile ratio, largest threshold); see ``Sampler``.
 
     Returns
     -------
@@ -437,6 +464,6 @@ def sample(model, plan: Plan, x_T=None, shape=None, noise=None, seeds=None, back
     if not isinstance(plan, Plan):
         raise ValueError(f"plan must be a fastdiff Plan (from fastdiff.plan(...)), got {type(plan).__name__}")
     s = Sampler(model, plan, backend=backend, compile=compile, cuda_graph=cuda_graph, guidance_scale=guidance_scale,
-                progress=progress)
+                progress=progress, dynamic_threshold=dynamic_threshold, sample_max_value=sample_max_value)
     return s.sample(x_T=x_T, shape=shape, noise=noise, seeds=seeds, cond=cond, uncond=uncond, dtype=dtype,
                     device=device, callback=callback, check_finite=check_finite)

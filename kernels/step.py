@@ -117,6 +117,14 @@ def _sample_noise(seeds_ptr, draws_ptr, b, draw_stride, blk, lane):
 
 
 @triton.jit
+def _threshold(d, thr_ptr, b):
+    """Dynamic thresholding of D: clamp(D, -s_b, s_b) / s_b with compares (NaN stays NaN) and an IEEE division."""
+    s = tl.load(thr_ptr + b)
+    d = tl.where(d > s, s, tl.where(d < -s, -s, d))
+    return tl.div_rn(d, s)
+
+
+@triton.jit
 def _model_out(out_ptr, guid_ptr, b, B, N, e, mask, guid_stride, CFG: tl.constexpr):
     """The model output of sample b in fp32; with CFG out_u + w (out_c - out_u) from rows b and B + b."""
     o = tl.load(out_ptr + b.to(tl.int64) * N + e, mask=mask, other=0.0).to(tl.float32)
@@ -133,12 +141,14 @@ def _model_out(out_ptr, guid_ptr, b, B, N, e, mask, guid_stride, CFG: tl.constex
 
 
 @triton.jit
-def _step_kernel(x_ptr, out_ptr, slots_ptr, rows_ptr, seeds_ptr, draws_ptr, guid_ptr, eps_ptr, x_out_ptr,
+def _step_kernel(x_ptr, out_ptr, slots_ptr, rows_ptr, seeds_ptr, draws_ptr, guid_ptr, eps_ptr, thr_ptr, x_out_ptr,
                  B, N, row_stride, draw_stride, guid_stride,
                  K: tl.constexpr, SLOT_READS: tl.constexpr, SLOT_WRITES: tl.constexpr, USE_OUT: tl.constexpr,
-                 CFG: tl.constexpr, NOISE: tl.constexpr, LANGEVIN: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    """One stage for BLOCK_SIZE elements of sample b: D = cx x + co out; x' = M[0].[x, D, S] + g z (+ Langevin);
-    S_i = M[1+i].[x, D, S] for the slots in SLOT_WRITES.  Every load precedes every store (in-place safe)."""
+                 CFG: tl.constexpr, NOISE: tl.constexpr, LANGEVIN: tl.constexpr, THRESHOLD: tl.constexpr,
+                 BLOCK_SIZE: tl.constexpr):
+    """One stage for BLOCK_SIZE elements of sample b: D = cx x + co out (thresholded with THRESHOLD);
+    x' = M[0].[x, D, S] + g z (+ Langevin); S_i = M[1+i].[x, D, S] for the slots in SLOT_WRITES.  Every load
+    precedes every store (in-place safe)."""
     b = tl.program_id(1)
     blk, lane, e, mask = _tile(tl.program_id(0), N, BLOCK_SIZE)
     base = b.to(tl.int64) * N
@@ -150,6 +160,8 @@ def _step_kernel(x_ptr, out_ptr, slots_ptr, rows_ptr, seeds_ptr, draws_ptr, guid
     if USE_OUT:
         o = _model_out(out_ptr, guid_ptr, b, B, N, e, mask, guid_stride, CFG)
         d = tl.load(row + 0).to(tl.float32) * xv + tl.load(row + 1).to(tl.float32) * o
+        if THRESHOLD:
+            d = _threshold(d, thr_ptr, b)
     svals = ()
     for i in tl.static_range(K):
         if (SLOT_READS >> i) & 1:
@@ -200,9 +212,10 @@ def _step_kernel(x_ptr, out_ptr, slots_ptr, rows_ptr, seeds_ptr, draws_ptr, guid
 
 
 @triton.jit
-def _langevin_partials_kernel(x_ptr, out_ptr, rows_ptr, seeds_ptr, draws_ptr, guid_ptr, part_ptr,
+def _langevin_partials_kernel(x_ptr, out_ptr, rows_ptr, seeds_ptr, draws_ptr, guid_ptr, thr_ptr, part_ptr,
                               B, N, P, row_stride, draw_stride, guid_stride,
-                              USE_OUT: tl.constexpr, CFG: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+                              USE_OUT: tl.constexpr, CFG: tl.constexpr, THRESHOLD: tl.constexpr,
+                              BLOCK_SIZE: tl.constexpr):
     """Per (sample, block) partial sums [sum z^2, sum s^2] (fp32) into part[b, pid, :]; s = lsx x + lsD D."""
     b = tl.program_id(1)
     pid = tl.program_id(0)
@@ -214,6 +227,8 @@ def _langevin_partials_kernel(x_ptr, out_ptr, rows_ptr, seeds_ptr, draws_ptr, gu
     if USE_OUT:
         o = _model_out(out_ptr, guid_ptr, b, B, N, e, mask, guid_stride, CFG)
         d = tl.load(row + 0).to(tl.float32) * xv + tl.load(row + 1).to(tl.float32) * o
+        if THRESHOLD:
+            d = _threshold(d, thr_ptr, b)
         s = lsx * xv + lsd * d
     else:
         s = lsx * xv + lsd * 0.0
@@ -360,16 +375,18 @@ def _stride0(t: torch.Tensor) -> int:
     return 0 if t.shape[0] == 1 else t.stride(0)
 
 
-def langevin_eps(x, out, rows, seeds, draws, guidance, use_out: bool, cfg: bool) -> torch.Tensor:
+def langevin_eps(x, out, rows, seeds, draws, guidance, use_out: bool, cfg: bool, thresholds=None) -> torch.Tensor:
     """Per-sample Langevin step size eps [B] (fp32) on device: partial sums pass + fixed-order finalize pass."""
     B, N = x.shape[0], x[0].numel()
     block = INTERPRET_BLOCK if interpreting() else REDUCE_BLOCK
     P = triton.cdiv(N, block)
     part = torch.empty((B, P, 2), dtype=torch.float32, device=x.device)
     eps = torch.empty((B,), dtype=torch.float32, device=x.device)
+    thr = thresholds if thresholds is not None else rows  # not dereferenced without THRESHOLD
     _langevin_partials_kernel[_grid(N, block, B)](
-        x, out, rows, seeds, draws, guidance, part, B, N, P, _stride0(rows), _stride0(draws), _stride0(guidance),
-        USE_OUT=use_out, CFG=cfg, BLOCK_SIZE=block, num_warps=8, enable_fp_fusion=False)
+        x, out, rows, seeds, draws, guidance, thr, part, B, N, P, _stride0(rows), _stride0(draws),
+        _stride0(guidance), USE_OUT=use_out, CFG=cfg, THRESHOLD=thresholds is not None and use_out, BLOCK_SIZE=block,
+        num_warps=8, enable_fp_fusion=False)
     fblock = min(1024, _next_pow2(P))
     _langevin_eps_kernel[(B,)](part, rows, eps, P, _stride0(rows), FBLOCK=fblock, num_warps=4,
                                enable_fp_fusion=False)
@@ -377,9 +394,11 @@ def langevin_eps(x, out, rows, seeds, draws, guidance, use_out: bool, cfg: bool)
 
 
 def step_forward(x, out, slots, rows, seeds, draws, guidance, slot_reads: int, slot_writes: int, use_out: bool,
-                 cfg: bool, noise: bool, langevin: bool, x_out=None, *, block_size=None, num_warps=None):
+                 cfg: bool, noise: bool, langevin: bool, x_out=None, *, thresholds=None, block_size=None,
+                 num_warps=None):
     """Launch one stage (see ``fastdiff.ops.step_reference``); writes ``x_out`` (default: a new tensor; may be
-    ``x`` itself) and the slots in ``slot_writes``.  One launch, or three with ``langevin``."""
+    ``x`` itself) and the slots in ``slot_writes``.  One launch, or three with ``langevin``.  ``thresholds``:
+    float32 [B] dynamic thresholds applied to D, or None."""
     if x_out is None:
         x_out = torch.empty_like(x)
     B = x.shape[0]
@@ -391,14 +410,15 @@ def step_forward(x, out, slots, rows, seeds, draws, guidance, slot_reads: int, s
         return x_out
     out_t = out if use_out else x  # not dereferenced without use_out
     slots_t = slots if K else x
-    eps = langevin_eps(x, out_t, rows, seeds, draws, guidance, use_out, cfg) if langevin else rows
+    eps = langevin_eps(x, out_t, rows, seeds, draws, guidance, use_out, cfg, thresholds) if langevin else rows
+    thr = thresholds if thresholds is not None else rows  # not dereferenced without THRESHOLD
     meta = dict(K=K, SLOT_READS=reads, SLOT_WRITES=writes, USE_OUT=bool(use_out), CFG=bool(cfg), NOISE=bool(noise),
-                LANGEVIN=bool(langevin))
+                LANGEVIN=bool(langevin), THRESHOLD=thresholds is not None and bool(use_out))
     strides = (_stride0(rows), _stride0(draws), _stride0(guidance))
 
     def run(block, warps, x_dst=x_out, s_dst=slots_t):
-        _step_kernel[_grid(N, block, B)](x, out_t, s_dst, rows, seeds, draws, guidance, eps, x_dst, B, N, *strides,
-                                         **meta, BLOCK_SIZE=block, num_warps=warps, enable_fp_fusion=False)
+        _step_kernel[_grid(N, block, B)](x, out_t, s_dst, rows, seeds, draws, guidance, eps, thr, x_dst, B, N,
+                                         *strides, **meta, BLOCK_SIZE=block, num_warps=warps, enable_fp_fusion=False)
 
     if block_size is None:
         def make_run():  # tuning writes to scratch copies, never to the caller's tensors

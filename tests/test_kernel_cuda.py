@@ -28,6 +28,8 @@ import fastdiff as fd
 from fastdiff import ops, rng
 from fastdiff import schedules as S
 from fastdiff.backends import cuda as cb
+from threshold_ref import CASES as THRESHOLD_CASES
+from threshold_ref import check_thresholded_stage
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
@@ -713,6 +715,30 @@ def test_rejects_bad_input(target):
             run(x=x.cpu())
 
 
+@pytest.mark.parametrize("cfg", [False, True], ids=["plain", "cfg"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("name", list(THRESHOLD_CASES))
+def test_dynamic_thresholding(target, name, dtype, cfg):
+    """Thresholds from ops.dynamic_threshold applied in the kernel (step and Langevin reduction) vs Imagen's
+    formula in float64; odd sizes take the scalar path, (2, 4, 8, 8) the vector path."""
+    for shape in [(3, 4, 9, 11), (2, 4, 8, 8)] + ([(1, 4097)] if dtype == torch.float32 else []):
+        check_thresholded_stage(target.step, name, shape, dtype, target.device, cfg=cfg)
+
+
+def test_rejects_bad_thresholds(target):
+    dev = target.device
+    x = torch.randn(2, 3, 5, device=dev)
+    args = (x, x, torch.zeros(0, 2, 3, 5, device=dev), torch.zeros(1, ops.row_length(0), device=dev),
+            rng.seeds_tensor([1, 2], device=dev), torch.zeros(1, dtype=torch.int64, device=dev),
+            torch.zeros(1, device=dev), 0, 0, True, False, False, False)
+    for bad in (torch.ones(3, device=dev), torch.ones(2, dtype=torch.float64, device=dev),
+                torch.ones(4, device=dev)[::2]):
+        with pytest.raises(ValueError, match="thresholds must be a contiguous float32 tensor"):
+            target.step(*args, thresholds=bad)
+    with pytest.raises(ValueError, match="thresholds is on meta|on meta"):
+        target.step(*args, thresholds=torch.ones(2, device="meta"))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # GPU only: the fastdiff.ops entry points, graph capture, host syncs, launch count
 # ---------------------------------------------------------------------------------------------------------------
@@ -810,6 +836,38 @@ def test_no_host_sync(gpu):
         cb.randn(seeds, draws.clamp(min=0), [2, 4, 64], torch.float16)
         cb.add_noise(inputs[0][2][0], alpha, alpha, inputs[0][2][5], torch.zeros(1, dtype=torch.int64,
                                                                                    device="cuda"))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_thresholded_sampler_graph_and_no_host_sync(gpu, backend):
+    """Dynamic thresholding on the GPU: the reduction pass and the step replay from the CUDA graph equal to the
+    eager loop, and neither issues a host sync."""
+    if not fd.backends.status(backend)[0]:
+        pytest.skip(f"{backend} backend unavailable: {fd.backends.status(backend)[1]}")
+    plan = fd.plan("dpmpp_2m", S.DiscreteVP(), 6)
+
+    def model(x, t):
+        return 1.5 * torch.tanh(3 * x) - 0.2
+
+    kw = dict(dynamic_threshold=0.95, sample_max_value=1.5, backend=backend)
+    eager = fd.Sampler(model, plan, cuda_graph=False, **kw).sample((2, 4, 32, 32), seeds=[1, 2], device="cuda")
+    graphed = fd.Sampler(model, plan, cuda_graph=True, **kw)
+    graphed.sample((2, 4, 32, 32), seeds=[5, 6], device="cuda")  # capture with other seeds
+    torch.testing.assert_close(graphed.sample((2, 4, 32, 32), seeds=[1, 2], device="cuda"), eager, rtol=0, atol=0)
+    x, out, slots, rows, draws, seeds, guidance = _stage_inputs(plan, 2, (2, 4, 64))
+    out = 3 * out
+    f = stage_flags(plan, 2)
+    thr = ops.dynamic_threshold(x, out, rows, ratio=0.9, max_value=2.0)
+    call(cb.step, x, out, slots, rows, seeds, draws, guidance, f, thresholds=thr)  # warm up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        thr = ops.dynamic_threshold(x, out, rows, ratio=0.9, max_value=2.0)
+        call(cb.step, x, out, slots, rows, seeds, draws, guidance, f, thresholds=thr)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()

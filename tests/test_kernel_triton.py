@@ -22,6 +22,8 @@ from fastdiff import ops, rng  # noqa: E402
 from fastdiff import schedules as S  # noqa: E402
 from fastdiff.backends import triton as tb  # noqa: E402
 from fastdiff.kernels import step as tk  # noqa: E402
+from threshold_ref import CASES as THRESHOLD_CASES  # noqa: E402
+from threshold_ref import check_thresholded_stage  # noqa: E402
 
 M32 = 0xFFFFFFFF
 KAT = [  # Random123 kat_vectors, philox4x32_10: (counter, key, expected)
@@ -284,6 +286,18 @@ def check_opcheck(device):
                                                              torch.float32, "triton"))
 
 
+def check_thresholds_rejected(device):
+    x = torch.zeros(2, 3, 4, device=device)
+    args = (x, x, torch.zeros(0, 2, 3, 4, device=device), torch.zeros(1, ops.row_length(0), device=device),
+            rng.seeds_tensor([1, 2], device=device), torch.zeros(1, dtype=torch.int64, device=device),
+            torch.zeros(1, device=device), 0, 0, True, False, False, False)
+    for bad, match in [(torch.ones(3, device=device), "float32 tensor"),
+                       (torch.ones(2, dtype=torch.float64, device=device), "float32 tensor"),
+                       (torch.ones(2, device="meta"), "thresholds is on meta")]:
+        with pytest.raises(ValueError, match=match):
+            tb.step(*args, thresholds=bad)
+
+
 def check_rejects_bad_input(device):
     x = torch.zeros(2, 3, 4, device=device)
     rows = torch.zeros(1, ops.row_length(0), device=device)
@@ -354,6 +368,18 @@ class TestInterpreter:
 
     def test_rejects_bad_input(self):
         check_rejects_bad_input(self.device)
+        check_thresholds_rejected(self.device)
+
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    @pytest.mark.parametrize("name", list(THRESHOLD_CASES))
+    def test_dynamic_thresholding(self, name, dtype):
+        """Thresholds from ops.dynamic_threshold applied in the kernel vs Imagen's formula in float64."""
+        check_thresholded_stage(tb.step, name, (3, 5, 7), dtype, self.device)
+
+    @pytest.mark.parametrize("name,shape,cfg", [("euler_ancestral", (1, 4097), False), ("pc", (3, 5, 7), True),
+                                                ("ddim", (3, 2, 9), True)])
+    def test_dynamic_thresholding_shapes_cfg(self, name, shape, cfg):
+        check_thresholded_stage(tb.step, name, shape, torch.float32, self.device, cfg=cfg)
 
     def test_float64_rows(self):
         check_float64_rows(self.device)
@@ -443,8 +469,16 @@ class TestCUDA:
 
     def test_rejects_bad_input(self):
         check_rejects_bad_input(self.device)
+        check_thresholds_rejected(self.device)
         with pytest.raises(ValueError, match="CUDA tensors"):
             check_in_place("cpu", torch.float32)
+
+    @pytest.mark.parametrize("cfg", [False, True])
+    @pytest.mark.parametrize("shape", [(3, 4, 9, 11), (1, 4097), (3, 4, 64, 64)], ids=str)
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    @pytest.mark.parametrize("name", list(THRESHOLD_CASES))
+    def test_dynamic_thresholding(self, name, dtype, shape, cfg):
+        check_thresholded_stage(tb.step, name, shape, dtype, self.device, cfg=cfg)
 
     def test_graph_capture_and_no_host_sync(self):
         """A whole noisy multistep plan (autotuned first) replays from one CUDA graph, bit-identical to eager, and

@@ -15,8 +15,10 @@
 // DRAM / L3 is touched once while each inner loop is a simple unit-stride loop over a chunk.  Outputs are summed
 // two terms per pass in the reference's order (three in one pass for the common a x + b D + g z), the last pass
 // converting and storing; they are written in an order where none overwrites a register that a later output
-// still reads (x' in place, a slot read and rewritten), with a copy to a temporary only for cyclic reads.  Langevin stages first run a reduction pass
-// (||z||^2, ||s||^2 per sample, double accumulators, z regenerated from Philox, never stored).
+// still reads (x' in place, a slot read and rewritten), with a copy to a temporary only for cyclic reads.
+// Langevin stages first run a reduction pass (||z||^2, ||s||^2 per sample, double accumulators, z regenerated from
+// Philox, never stored).  Dynamic thresholds (Imagen; computed by fastdiff.ops.dynamic_threshold, a reduction pass
+// in torch) clamp and scale D as it is formed: D = clamp(D, -s_b, s_b) / s_b.
 //
 // Vectorization (checked with g++ 12 -O3 -march=native -fopt-info-vec-all on an AVX-512 Xeon): every loop over
 // a chunk reports "loop vectorized using 64 byte vectors": the fp16/bf16 loads and the converting stores, D (with
@@ -161,6 +163,7 @@ struct StepArgs {
   int64_t draw_stride;
   const A* guidance;
   int64_t guid_stride;
+  const A* thresholds;  // [B] dynamic thresholds, or nullptr
   int64_t B, N;
   int K;
   unsigned reads, writes;
@@ -306,7 +309,8 @@ static OutputOrder plan_outputs(const StepArgs<T, A>& p, const A* M, bool direct
   return o;
 }
 
-// D = cx x + co out, out = out_u + w (out_c - out_u) with cfg; one pass, storage converted on the fly
+// D = cx x + co out, out = out_u + w (out_c - out_u) with cfg; one pass, storage converted on the fly.  With
+// dynamic thresholds, D = clamp(D, -s, s) / s (written with compares so NaN stays NaN, as torch.clamp).
 template <class T, class A>
 static inline void compute_D(const StepArgs<T, A>& p, int64_t b, int64_t off, const A* c, const A* xr, A* D,
                              int64_t n) {
@@ -322,6 +326,13 @@ static inline void compute_D(const StepArgs<T, A>& p, int64_t b, int64_t off, co
     }
   } else {
     for (int64_t j = 0; j < n; ++j) D[j] = cx * xr[j] + co * (A)St<T>::get(ou[j]);
+  }
+  if (p.thresholds) {
+    const A s = p.thresholds[b];
+    for (int64_t j = 0; j < n; ++j) {
+      const A d = D[j];
+      D[j] = (d > s ? s : (d < -s ? -s : d)) / s;
+    }
   }
 }
 
@@ -578,7 +589,7 @@ static void check_seeds_draws(const at::Tensor& seeds, const at::Tensor& draws, 
 at::Tensor step(const at::Tensor& x, const at::Tensor& out, const at::Tensor& slots, const at::Tensor& rows,
                 const at::Tensor& seeds, const at::Tensor& draws, const at::Tensor& guidance, int64_t slot_reads,
                 int64_t slot_writes, bool use_out, bool cfg, bool noise, bool langevin,
-                const c10::optional<at::Tensor>& x_out) {
+                const c10::optional<at::Tensor>& x_out, const c10::optional<at::Tensor>& thresholds) {
   const char* who = "fastdiff cpu step: ";
   check_cpu(x, "x");
   TORCH_CHECK_VALUE(storage_ok(x.scalar_type()), who, "x must be float32, float16, bfloat16 or float64, got ",
@@ -623,6 +634,16 @@ at::Tensor step(const at::Tensor& x, const at::Tensor& out, const at::Tensor& sl
   const at::Tensor draws_c = draws.contiguous();
   const at::Tensor guid_c = column(guidance, "guidance", B, mt);
   const at::Tensor seeds_c = seeds.contiguous();
+  // dynamic thresholds [B], in the math type (float32; float64 for float64 x)
+  at::Tensor thr_c;
+  if (thresholds.has_value()) {
+    const at::Tensor& t = *thresholds;
+    check_cpu(t, "thresholds");
+    TORCH_CHECK_VALUE(t.scalar_type() == mt && t.dim() == 1 && t.size(0) == B, who,
+                      "thresholds must be a ", mt, " tensor with one entry per sample (", B, ") for ",
+                      x.scalar_type(), " x, got ", shape_str(t), " ", t.scalar_type());
+    thr_c = t.contiguous();
+  }
   // output, possibly in place
   at::Tensor xo;
   if (x_out.has_value()) {
@@ -666,6 +687,7 @@ at::Tensor step(const at::Tensor& x, const at::Tensor& out, const at::Tensor& sl
     p.cfg = cfg;
     p.noise = noise;
     p.langevin = langevin;
+    p.thresholds = thr_c.defined() && use_out ? thr_c.data_ptr<A>() : nullptr;
     step_kernel(p);
   });
   return xo;
@@ -810,7 +832,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("step", &fdcpu::step, "one sampler stage in one memory pass (see fastdiff.ops)", py::arg("x"), py::arg("out"),
         py::arg("slots"), py::arg("rows"), py::arg("seeds"), py::arg("draws"), py::arg("guidance"),
         py::arg("slot_reads"), py::arg("slot_writes"), py::arg("use_out"), py::arg("cfg"), py::arg("noise"),
-        py::arg("langevin"), py::arg("x_out") = py::none());
+        py::arg("langevin"), py::arg("x_out") = py::none(), py::arg("thresholds") = py::none());
   m.def("add_noise", &fdcpu::add_noise, "x_t = alpha x0 + sigma z with Philox z", py::arg("x0"), py::arg("alpha"),
         py::arg("sigma"), py::arg("seeds"), py::arg("draws"));
   m.def("randn", &fdcpu::randn, "Philox normals, batch-invariant", py::arg("seeds"), py::arg("draws"),

@@ -11,6 +11,7 @@
 // Semantics are exactly fastdiff.ops.step_reference (the oracle), per sample b and element e:
 //     o  = cfg ? out_u + w (out_c - out_u) : out                  (out_u = out[b], out_c = out[B + b])
 //     D  = cx x + co o                                             (only with use_out; else D is absent)
+//     D  = clamp(D, -s_b, s_b) / s_b                               (with dynamic thresholds s [B], flag kThreshold)
 //     x' = M[0] . [x, D, S] + g z  (+ eps s + sqrt(2 eps) z with Langevin)
 //     S_i = M[1+i] . [x, D, S]     for every slot i written; slot i is read only if its bit is in slot_reads
 // Every read of an element happens before any write of it, so x' may alias x.  The dot products accumulate from 0
@@ -51,6 +52,7 @@ constexpr int kCfg = 2;
 constexpr int kNoise = 4;
 constexpr int kLangevin = 8;
 constexpr int kVec = 16;  // every pointer 4-element aligned and numel % 4 == 0: vector accesses
+constexpr int kThreshold = 32;  // dynamic thresholds [B] given: D = clamp(D, -s_b, s_b) / s_b
 
 // ---------------------------------------------------------------------------------------------------------------
 // Storage types: fp32 as float, fp16 and bf16 as their raw 16 bits (no cuda_fp16.h / cuda_bf16.h needed, which
@@ -178,6 +180,7 @@ __device__ __forceinline__ void block_sum2(float& a, float& b, float* red) {
 // Per-sample values every thread of a block needs, read once per sample from device memory.
 struct SampleCtx {
   float cx, co, g, lsx, lsD, w;
+  float thr;  // the sample's dynamic threshold (with kThreshold)
   uint64_t seed;
   uint32_t draw;
   bool has_z;  // this sample draws noise in this launch
@@ -185,10 +188,12 @@ struct SampleCtx {
 
 __device__ __forceinline__ SampleCtx sample_ctx(const float* coef, const long long* seeds, const long long* draws,
                                                 long long draw_stride, const float* guidance,
-                                                long long guidance_stride, long long b, int flags) {
+                                                long long guidance_stride, const float* thresholds, long long b,
+                                                int flags) {
   SampleCtx c;
   c.cx = coef[0]; c.co = coef[1]; c.g = coef[2]; c.lsx = coef[5]; c.lsD = coef[6];
   c.w = (flags & kCfg) ? guidance[b * guidance_stride] : 0.0f;
+  c.thr = (flags & kThreshold) ? thresholds[b] : 1.0f;
   const long long d = draws[b * draw_stride];
   c.has_z = (flags & (kNoise | kLangevin)) && d >= 0;  // draw < 0: this sample takes no noise
   c.draw = (uint32_t)d;
@@ -196,7 +201,8 @@ __device__ __forceinline__ SampleCtx sample_ctx(const float* coef, const long lo
   return c;
 }
 
-// D for one group (the reference: o = ou + w (oc - ou); D = cx x + co o), zeros without use_out.
+// D for one group (the reference: o = ou + w (oc - ou); D = cx x + co o; with thresholds D = clamp(D, -s, s) / s,
+// written with compares so NaN stays NaN, and an IEEE division), zeros without use_out.
 template <class S, bool VEC>
 __device__ __forceinline__ void data_estimate(const typename S::T* out, long long batch, long long numel,
                                               long long b, long long e0, int n, int flags, const SampleCtx& c,
@@ -214,6 +220,11 @@ __device__ __forceinline__ void data_estimate(const typename S::T* out, long lon
     }
 #pragma unroll
     for (int j = 0; j < 4; ++j) dv[j] = c.cx * xv[j] + c.co * o[j];
+    if (flags & kThreshold) {
+      const float s = c.thr;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) dv[j] = (dv[j] > s ? s : (dv[j] < -s ? -s : dv[j])) / s;  // IEEE (prec-div)
+    }
   }
 }
 
@@ -231,7 +242,8 @@ template <class S, bool VEC, int KMAX>
 __device__ __forceinline__ void step_impl(const typename S::T* x, typename S::T* x_out, const typename S::T* out,
                                           typename S::T* slots, const float* rows, long long row_stride,
                                           const long long* seeds, const long long* draws, long long draw_stride,
-                                          const float* guidance, long long guidance_stride, const float* partials,
+                                          const float* guidance, long long guidance_stride,
+                                          const float* thresholds, const float* partials,
                                           int num_partials, long long batch, long long numel, int K, int reads,
                                           int writes, int flags) {
   typedef typename S::T T;
@@ -267,7 +279,8 @@ __device__ __forceinline__ void step_impl(const typename S::T* x, typename S::T*
     } else {
       __syncthreads();
     }
-    const SampleCtx c = sample_ctx(coef, seeds, draws, draw_stride, guidance, guidance_stride, b, flags);
+    const SampleCtx c = sample_ctx(coef, seeds, draws, draw_stride, guidance, guidance_stride, thresholds, b,
+                                   flags);
     const T* xb = x + b * numel;
     T* xob = x_out + b * numel;
 
@@ -341,7 +354,8 @@ template <class S, bool VEC>
 __device__ __forceinline__ void reduce_impl(const typename S::T* x, const typename S::T* out, const float* rows,
                                             long long row_stride, const long long* seeds, const long long* draws,
                                             long long draw_stride, const float* guidance, long long guidance_stride,
-                                            float* partials, long long batch, long long numel, int K, int flags) {
+                                            const float* thresholds, float* partials, long long batch,
+                                            long long numel, int K, int flags) {
   __shared__ float coef[kMaxRow];
   __shared__ float red[64];
   const int R = kRowHead + (1 + K) * (2 + K);
@@ -351,7 +365,8 @@ __device__ __forceinline__ void reduce_impl(const typename S::T* x, const typena
     __syncthreads();
     load_row(coef, rows, row_stride, b, R);
     __syncthreads();
-    const SampleCtx c = sample_ctx(coef, seeds, draws, draw_stride, guidance, guidance_stride, b, flags);
+    const SampleCtx c = sample_ctx(coef, seeds, draws, draw_stride, guidance, guidance_stride, thresholds, b,
+                                   flags);
     float zz = 0.0f, ss = 0.0f;
     for (long long grp = (long long)blockIdx.x * blockDim.x + threadIdx.x; grp < ngroups; grp += gstride) {
       const long long e0 = grp * 4;
@@ -434,37 +449,37 @@ __device__ __forceinline__ void randn_impl(typename S::T* z, const long long* se
   extern "C" __global__ void __launch_bounds__(fastdiff::cuda::kThreads) fastdiff_step_##SUFFIX(                     \
       const S::T* x, S::T* x_out, const S::T* out, S::T* slots, const float* rows, long long row_stride,            \
       const long long* seeds, const long long* draws, long long draw_stride, const float* guidance,                  \
-      long long guidance_stride, const float* partials, int num_partials, long long batch, long long numel,          \
-      int num_slots, int slot_reads, int slot_writes, int flags) {                                                   \
+      long long guidance_stride, const float* thresholds, const float* partials, int num_partials, long long batch,  \
+      long long numel, int num_slots, int slot_reads, int slot_writes, int flags) {                                  \
     if (flags & fastdiff::cuda::kVec)                                                                                \
       fastdiff::cuda::step_impl<S, true, fastdiff::cuda::kMaxSlots>(                                                 \
-          x, x_out, out, slots, rows, row_stride, seeds, draws, draw_stride, guidance, guidance_stride, partials,     \
-          num_partials, batch, numel, num_slots, slot_reads, slot_writes, flags);                                    \
+          x, x_out, out, slots, rows, row_stride, seeds, draws, draw_stride, guidance, guidance_stride, thresholds,   \
+          partials, num_partials, batch, numel, num_slots, slot_reads, slot_writes, flags);                          \
     else                                                                                                             \
       fastdiff::cuda::step_impl<S, false, fastdiff::cuda::kMaxSlots>(                                                \
-          x, x_out, out, slots, rows, row_stride, seeds, draws, draw_stride, guidance, guidance_stride, partials,     \
-          num_partials, batch, numel, num_slots, slot_reads, slot_writes, flags);                                    \
+          x, x_out, out, slots, rows, row_stride, seeds, draws, draw_stride, guidance, guidance_stride, thresholds,   \
+          partials, num_partials, batch, numel, num_slots, slot_reads, slot_writes, flags);                          \
   }                                                                                                                  \
   /* The common case, specialised: K <= 4 and vector accesses only (<= 64 registers: 4 blocks of 256 per SM). */     \
   extern "C" __global__ void __launch_bounds__(fastdiff::cuda::kThreads) fastdiff_step_##SUFFIX##_vec_k4(            \
       const S::T* x, S::T* x_out, const S::T* out, S::T* slots, const float* rows, long long row_stride,            \
       const long long* seeds, const long long* draws, long long draw_stride, const float* guidance,                  \
-      long long guidance_stride, const float* partials, int num_partials, long long batch, long long numel,          \
-      int num_slots, int slot_reads, int slot_writes, int flags) {                                                   \
+      long long guidance_stride, const float* thresholds, const float* partials, int num_partials, long long batch,  \
+      long long numel, int num_slots, int slot_reads, int slot_writes, int flags) {                                  \
     fastdiff::cuda::step_impl<S, true, 4>(x, x_out, out, slots, rows, row_stride, seeds, draws, draw_stride,         \
-                                          guidance, guidance_stride, partials, num_partials, batch, numel,           \
-                                          num_slots, slot_reads, slot_writes, flags);                                \
+                                          guidance, guidance_stride, thresholds, partials, num_partials, batch,      \
+                                          numel, num_slots, slot_reads, slot_writes, flags);                         \
   }                                                                                                                  \
   extern "C" __global__ void __launch_bounds__(fastdiff::cuda::kThreads) fastdiff_step_reduce_##SUFFIX(              \
       const S::T* x, const S::T* out, const float* rows, long long row_stride, const long long* seeds,              \
       const long long* draws, long long draw_stride, const float* guidance, long long guidance_stride,               \
-      float* partials, long long batch, long long numel, int num_slots, int flags) {                                 \
+      const float* thresholds, float* partials, long long batch, long long numel, int num_slots, int flags) {        \
     if (flags & fastdiff::cuda::kVec)                                                                                \
       fastdiff::cuda::reduce_impl<S, true>(x, out, rows, row_stride, seeds, draws, draw_stride, guidance,            \
-                                           guidance_stride, partials, batch, numel, num_slots, flags);               \
+                                           guidance_stride, thresholds, partials, batch, numel, num_slots, flags);   \
     else                                                                                                             \
       fastdiff::cuda::reduce_impl<S, false>(x, out, rows, row_stride, seeds, draws, draw_stride, guidance,           \
-                                            guidance_stride, partials, batch, numel, num_slots, flags);              \
+                                            guidance_stride, thresholds, partials, batch, numel, num_slots, flags);  \
   }                                                                                                                  \
   extern "C" __global__ void __launch_bounds__(fastdiff::cuda::kThreads) fastdiff_add_noise_##SUFFIX(                \
       const S::T* x0, S::T* xt, const float* alpha, long long alpha_stride, const float* sigma,                      \

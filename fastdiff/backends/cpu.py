@@ -150,12 +150,14 @@ def available() -> tuple[bool, str]:
 
 
 def step(x, out, slots, rows, seeds, draws, guidance, slot_reads, slot_writes, use_out, cfg, noise, langevin,
-         x_out=None):
-    """fastdiff::step on CPU tensors; returns x' (``x_out`` when given, which may be ``x``) and updates ``slots``."""
+         x_out=None, thresholds=None):
+    """fastdiff::step on CPU tensors; returns x' (``x_out`` when given, which may be ``x``) and updates ``slots``.
+
+    ``thresholds``: optional [B] dynamic thresholds in the math dtype (float32; float64 for float64 x)."""
     if not x.is_contiguous():
         raise ValueError("x must be contiguous (call .contiguous() first): the cpu kernel streams it linearly")
     return ext().step(x, out, slots, rows, seeds, draws, guidance, int(slot_reads), int(slot_writes), bool(use_out),
-                      bool(cfg), bool(noise), bool(langevin), x_out)
+                      bool(cfg), bool(noise), bool(langevin), x_out, thresholds)
 
 
 def add_noise(x0, alpha, sigma, seeds, draws):

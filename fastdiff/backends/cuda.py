@@ -36,7 +36,7 @@ MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y; the kernels loop over samples b
 ROW_HEAD = 7
 
 # flags (step.cu)
-_USE_OUT, _CFG, _NOISE, _LANGEVIN, _VEC = 1, 2, 4, 8, 16
+_USE_OUT, _CFG, _NOISE, _LANGEVIN, _VEC, _THRESHOLD = 1, 2, 4, 8, 16, 32
 
 _SUFFIX = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 NVRTC_OPTIONS = ("--std=c++17", "--fmad=false")
@@ -252,7 +252,7 @@ def _grid_x(ngroups: int) -> int:
 
 
 def step(x, out, slots, rows, seeds, draws, guidance, slot_reads, slot_writes, use_out, cfg, noise, langevin,
-         x_out=None):
+         x_out=None, thresholds=None):
     """One fused sampler stage on the GPU: returns x' and updates ``slots`` in place (``fastdiff.ops`` contract).
 
     Parameters
@@ -265,6 +265,8 @@ def step(x, out, slots, rows, seeds, draws, guidance, slot_reads, slot_writes, u
     slot_reads, slot_writes : int bitmasks;  use_out, cfg, noise, langevin : bool
     x_out : Tensor like x, optional
         Where to write x' (may be ``x`` itself for an in-place update); a new tensor when None.
+    thresholds : float32 Tensor [B], optional
+        Dynamic thresholds: D = clamp(D, -s_b, s_b) / s_b (``fastdiff.ops.dynamic_threshold``).
 
     One kernel launch (two with ``langevin``: a per-sample reduction of ||z||^2 and ||s||^2 first), no host sync.
     """
@@ -306,6 +308,12 @@ def step(x, out, slots, rows, seeds, draws, guidance, slot_reads, slot_writes, u
         if isinstance(guidance, torch.Tensor) and guidance.is_floating_point() and guidance.dtype != torch.float32:
             guidance = guidance.to(torch.float32)  # a device-side cast (one more launch), no sync
         guidance_stride = _per_sample("guidance", guidance, B, torch.float32, dev)
+    threshold = thresholds is not None and bool(use_out)  # no D to threshold without a model output
+    if thresholds is not None:
+        _check_cuda("thresholds", thresholds, dev)
+        if thresholds.dtype != torch.float32 or tuple(thresholds.shape) != (B,) or (B and thresholds.stride(0) != 1):
+            raise ValueError(f"thresholds must be a contiguous float32 tensor [B] = [{B}], got "
+                             f"{tuple(thresholds.shape)} {thresholds.dtype}")
     if x_out is None:
         x_out = torch.empty_like(x)
     else:
@@ -319,7 +327,7 @@ def step(x, out, slots, rows, seeds, draws, guidance, slot_reads, slot_writes, u
     mask = (1 << K) - 1
     reads, writes = int(slot_reads) & mask, int(slot_writes) & mask
     flags = (_USE_OUT if use_out else 0) | (_CFG if cfg else 0) | (_NOISE if noise else 0) \
-        | (_LANGEVIN if langevin else 0)
+        | (_LANGEVIN if langevin else 0) | (_THRESHOLD if threshold else 0)
     touched = [x, x_out] + ([out] if use_out else []) + ([slots] if (reads | writes) else [])
     vec = numel % 4 == 0 and _aligned(touched, x.element_size())
     if vec:
@@ -331,6 +339,7 @@ def step(x, out, slots, rows, seeds, draws, guidance, slot_reads, slot_writes, u
     grid = (_grid_x(ngroups), min(B, MAX_GRID_Y))
     out_arg = out if use_out else None
     guidance_arg = guidance if cfg else None
+    thresholds_arg = thresholds if threshold else None
 
     partials, num_partials = None, 0
     if langevin:
@@ -340,14 +349,14 @@ def step(x, out, slots, rows, seeds, draws, guidance, slot_reads, slot_writes, u
         partials = torch.empty((B, num_partials, 2), dtype=torch.float32, device=dev)
         _launch(idx, sfx, f"fastdiff_step_reduce_{sfx}", (num_partials, min(B, MAX_GRID_Y)), (
             _ptr(x), _ptr(out_arg), _ptr(rows), _i64(row_stride), _ptr(seeds), _ptr(draws), _i64(draw_stride),
-            _ptr(guidance_arg), _i64(guidance_stride), _ptr(partials), _i64(B), _i64(numel), _i32(K),
-            _i32(flags)))
+            _ptr(guidance_arg), _i64(guidance_stride), _ptr(thresholds_arg), _ptr(partials), _i64(B), _i64(numel),
+            _i32(K), _i32(flags)))
 
     name = f"fastdiff_step_{sfx}_vec_k4" if (vec and K <= 4) else f"fastdiff_step_{sfx}"
     _launch(idx, sfx, name, grid, (
         _ptr(x), _ptr(x_out), _ptr(out_arg), _ptr(slots if K else None), _ptr(rows), _i64(row_stride), _ptr(seeds),
-        _ptr(draws), _i64(draw_stride), _ptr(guidance_arg), _i64(guidance_stride), _ptr(partials),
-        _i32(num_partials), _i64(B), _i64(numel), _i32(K), _i32(reads), _i32(writes), _i32(flags)))
+        _ptr(draws), _i64(draw_stride), _ptr(guidance_arg), _i64(guidance_stride), _ptr(thresholds_arg),
+        _ptr(partials), _i32(num_partials), _i64(B), _i64(numel), _i32(K), _i32(reads), _i32(writes), _i32(flags)))
     return x_out
 
 

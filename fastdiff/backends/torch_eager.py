@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from ..ops import apply_threshold
+
 
 def combine_guidance(out: torch.Tensor, guidance_scale) -> torch.Tensor:
     """Classifier-free guidance on a [uncond; cond] batch: out_u + w (out_c - out_u)."""
@@ -21,7 +23,7 @@ def _per_sample_norm(t: torch.Tensor) -> torch.Tensor:
     return n.reshape((-1,) + (1,) * (t.dim() - 1))
 
 
-def run_stage(plan, k: int, x: torch.Tensor, out, slots: list, z=None) -> torch.Tensor:
+def run_stage(plan, k: int, x: torch.Tensor, out, slots: list, z=None, thresholds=None) -> torch.Tensor:
     """Execute stage ``k`` of ``plan``: returns x' and updates ``slots`` (a list of K tensors) in place.
 
     Parameters
@@ -34,10 +36,14 @@ def run_stage(plan, k: int, x: torch.Tensor, out, slots: list, z=None) -> torch.
         History registers; entries are created on first write.
     z : Tensor [B, ...] or None
         The stage's noise (float32 Philox normals cast to x's dtype), when ``plan.draw[k] >= 0``.
+    thresholds : Tensor [B] or None
+        Dynamic thresholds (``fastdiff.ops.threshold_of`` of this stage's D): D = clamp(D, -s, s) / s.
     """
     cx, co = plan.conv[k]
     M = plan.update[k]
     D = cx * x + co * out if plan.calls_model[k] else None
+    if D is not None and thresholds is not None:
+        D = apply_threshold(D, thresholds.to(D.dtype))
     regs = [x, D] + list(slots)
 
     def combo(row):

@@ -71,11 +71,16 @@ def _small(t: torch.Tensor) -> torch.Tensor:
 
 
 def step(x, out, slots, rows, seeds, draws, guidance, slot_reads, slot_writes, use_out, cfg, noise, langevin,
-         x_out=None):
-    """``fastdiff.ops.step_reference`` on the triton kernel; ``x_out`` (may be ``x``) receives x'."""
+         x_out=None, thresholds=None):
+    """``fastdiff.ops.step_reference`` on the triton kernel; ``x_out`` (may be ``x``) receives x'; ``thresholds``:
+    optional float32 [B] dynamic thresholds."""
     k = _kernels()
     _check_device(k, x=x, out=out, slots=slots, rows=rows, seeds=seeds, draws=draws, guidance=guidance,
-                  **({} if x_out is None else {"x_out": x_out}))
+                  **({} if x_out is None else {"x_out": x_out}),
+                  **({} if thresholds is None else {"thresholds": thresholds}))
+    if thresholds is not None and (thresholds.dtype != torch.float32 or tuple(thresholds.shape) != (x.shape[0],)):
+        raise ValueError(f"thresholds must be a float32 tensor [B] = [{x.shape[0]}], got {tuple(thresholds.shape)} "
+                         f"{thresholds.dtype}")
     _check_storage("x", x)
     if use_out and out.dtype != x.dtype:
         raise ValueError(f"out is {out.dtype} but x is {x.dtype}: cast the model output to x's dtype")
@@ -93,7 +98,7 @@ def step(x, out, slots, rows, seeds, draws, guidance, slot_reads, slot_writes, u
                              f"{x_out.dtype}")
     return k.step_forward(x, out, slots, _small(rows), _small(seeds), _small(draws), _small(guidance),
                           int(slot_reads), int(slot_writes), bool(use_out), bool(cfg), bool(noise), bool(langevin),
-                          x_out)
+                          x_out, thresholds=None if thresholds is None else _small(thresholds))
 
 
 def add_noise(x0, alpha, sigma, seeds, draws):
