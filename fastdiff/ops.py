@@ -126,14 +126,23 @@ def add_noise_reference(x0, alpha, sigma, seeds, draws) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _impl(kernel: str, op: str):
-    if kernel == "torch":
-        return {"step": step_reference, "add_noise": add_noise_reference, "randn": _randn_reference}[op]
-    if kernel not in KERNELS:
-        raise ValueError(f"unknown kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
-    from . import backends
+_IMPLS: dict = {}  # (kernel, op) -> function, once its backend loaded (an eager step must not pay for the lookup)
 
-    return backends.load(kernel).OPS[op]
+
+def _impl(kernel: str, op: str):
+    fn = _IMPLS.get((kernel, op))
+    if fn is not None:
+        return fn
+    if kernel == "torch":
+        fn = {"step": step_reference, "add_noise": add_noise_reference, "randn": _randn_reference}[op]
+    elif kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
+    else:
+        from . import backends
+
+        fn = backends.load(kernel).OPS[op]  # raises (and caches nothing) where the backend cannot load
+    _IMPLS[(kernel, op)] = fn
+    return fn
 
 
 def _randn_reference(seeds, draws, shape, dtype):
@@ -202,6 +211,13 @@ def _traced(*tensors) -> bool:
     return torch.compiler.is_compiling() or any(type(t) is not torch.Tensor for t in tensors)
 
 
+_CPU_NO_GUIDANCE = torch.zeros(1)  # the default guidance weight on CPU (read only when cfg; never written)
+# Layouts of ops.step arguments that passed every check: (shape, dtype, device) of each tensor, contiguity of x and
+# out, the flags the checks depend on.  A repeated layout (every later stage of a loop) skips the checks, whose
+# outcome depends on nothing else; bounded, so a stream of new shapes cannot grow it.
+_CHECKED_LAYOUTS: set = set()
+
+
 def _check_step(x, out, slots, rows, seeds, draws, guidance, use_out, cfg):
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
         raise ValueError("x must be a floating-point tensor [B, ...]")
@@ -263,20 +279,40 @@ def step(x, out, slots, rows, seeds, draws, guidance=None, *, slot_reads=None, s
         Dynamic thresholding: D = clamp(D, -s_b, s_b) / s_b before D is used; float32 (float64 with float64 x),
         e.g. from ``dynamic_threshold`` on the same x, out, rows and guidance.
     """
+    if not isinstance(x, torch.Tensor):
+        raise ValueError("x must be a floating-point tensor [B, ...]")
+    T = torch.Tensor
+    plain = (type(x) is T and type(out) is T and type(slots) is T and type(rows) is T and type(seeds) is T
+             and type(draws) is T and (guidance is None or type(guidance) is T)
+             and (thresholds is None or type(thresholds) is T))
     if guidance is None:
-        guidance = torch.zeros(1, dtype=torch.float32, device=x.device)
+        guidance = _CPU_NO_GUIDANCE if plain and x.is_cpu else torch.zeros(1, dtype=torch.float32, device=x.device)
     if slot_reads is None:
         slot_reads = (1 << slots.shape[0]) - 1
+    args = (x, out, slots, rows, seeds, draws, guidance, int(slot_reads), int(slot_writes), bool(use_out), bool(cfg),
+            bool(noise), bool(langevin))
+    if not plain or torch.compiler.is_compiling():  # fake / functional tensors, torch.compile: the registered op
+        _check_step_args(x, out, slots, rows, seeds, draws, guidance, use_out, cfg, thresholds)
+        return _step_op(*args, kernel, thresholds)
+    layout = (x.shape, x.dtype, x.device, x.is_contiguous(), out.shape, out.dtype, out.device, out.is_contiguous(),
+              slots.shape, slots.dtype, slots.device, rows.shape, rows.device, seeds.shape, seeds.dtype,
+              seeds.device, draws.shape, draws.dtype, draws.device, guidance.shape, guidance.device, args[9],
+              args[10], None if thresholds is None else (thresholds.shape, thresholds.dtype, thresholds.device))
+    if layout not in _CHECKED_LAYOUTS:
+        _check_step_args(x, out, slots, rows, seeds, draws, guidance, use_out, cfg, thresholds)
+        if len(_CHECKED_LAYOUTS) >= 256:
+            _CHECKED_LAYOUTS.clear()
+        _CHECKED_LAYOUTS.add(layout)
+    fn = _impl(kernel, "step")
+    return fn(*args) if thresholds is None else fn(*args, thresholds=thresholds)
+
+
+def _check_step_args(x, out, slots, rows, seeds, draws, guidance, use_out, cfg, thresholds):
     _check_step(x, out, slots, rows, seeds, draws, guidance, use_out, cfg)
     if thresholds is not None:
         _check_thresholds(x, thresholds)
     if not x.is_contiguous() or (use_out and not out.is_contiguous()):
         raise ValueError("x and out must be contiguous (call .contiguous() first): kernels stream them linearly")
-    args = (x, out, slots, rows, seeds, draws, guidance, int(slot_reads), int(slot_writes), bool(use_out), bool(cfg),
-            bool(noise), bool(langevin))
-    if _traced(x, out, slots, rows) or (thresholds is not None and _traced(thresholds)):
-        return _step_op(*args, kernel, thresholds)
-    return _call_step(kernel, args, thresholds)
 
 
 def threshold_of(D: torch.Tensor, ratio: float = 0.995, max_value: float = 1.0) -> torch.Tensor:

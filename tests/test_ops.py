@@ -142,3 +142,23 @@ def test_step_rejects_bad_input(change, match):
     args.update(change)
     with pytest.raises(ValueError, match=match):
         ops.step(**args, kernel=kernel)
+
+
+def test_checks_still_run_after_a_layout_passed():
+    """ops.step skips the checks for an argument layout it has seen pass; any change of layout is checked again."""
+    plan, x, out, slots, seeds = _sample_args()
+    args = dict(x=x, out=out, slots=slots, rows=torch.tensor(plan.rows()[1:2], dtype=torch.float32), seeds=seeds,
+                draws=torch.tensor([2]))
+    ops.step(**args)
+    ops.step(**args)  # the same layout again: no check, same call
+    for change, match in [(dict(x=torch.zeros(2, 5, 3).transpose(1, 2)), "contiguous"),
+                          (dict(out=torch.zeros(2, 3, 5, dtype=torch.float64)), "cast the model output"),
+                          (dict(seeds=torch.tensor([1, 2], dtype=torch.int32)), "seeds must be an int64"),
+                          (dict(draws=torch.tensor([1, 2, 3])), "draws must be int64"),
+                          (dict(rows=torch.zeros(1, 5)), "rows must be")]:
+        with pytest.raises(ValueError, match=match):
+            ops.step(**dict(args, **change))
+    with pytest.raises(ValueError, match="one entry per sample"):
+        ops.step(**args, thresholds=torch.ones(3))
+    with pytest.raises(ValueError, match="x must be a floating-point tensor"):
+        ops.step(**dict(args, x=[[0.0] * 5] * 3))
