@@ -1,9 +1,11 @@
 """diffusers drop-in schedulers: per-step cost of fastdiff's class vs diffusers' own in the standard loop.
 
 For each scheduler, a 20-step loop ``set_timesteps; for t: scale_model_input; step`` with a precomputed model
-output (so only the scheduler's cost remains) at 1x4x64x64 and 2x4x128x128 fp32; the two classes are timed
-alternately (round-robin) in one run and the ratio is reported.  Before timing, the drop-in's result is checked
-against the stock scheduler's on the same inputs (deterministic schedulers; a generator for the stochastic ones).
+output (so only the scheduler's cost remains) at 1x4x64x64 and 2x4x128x128 fp32; the classes are timed
+alternately (round-robin) in one run and the ratio is reported.  Both get a ``torch.Generator`` where ``step``
+takes one, so the drop-in draws diffusers' own noise (torch.randn) for parity; for the stochastic schedulers a
+third column times the drop-in without a generator, i.e. with fastdiff's Philox noise drawn inside the kernel.
+Before timing, the drop-in's result is checked against the stock scheduler's on the same inputs.
 
     python benchmarks/bench_dropin.py [--quick]
 """
@@ -38,12 +40,15 @@ SIZES = [(1, 4, 64, 64), (2, 4, 128, 128)]
 STEPS = 20
 
 
-def loop(scheduler, x_T, out, seed=0):
+STOCHASTIC = ("DDPMScheduler", "EulerAncestralDiscreteScheduler", "LCMScheduler")
+
+
+def loop(scheduler, x_T, out, seed=0, generator=True):
     scheduler.set_timesteps(STEPS)
     x = x_T
     g = torch.Generator().manual_seed(seed)
     accepts = scheduler.step.__code__.co_varnames
-    kw = {"generator": g} if "generator" in accepts else {}
+    kw = {"generator": g} if generator and "generator" in accepts else {}
     scale = getattr(scheduler, "scale_model_input", None)
     for t in scheduler.timesteps:
         if scale is not None:
@@ -76,19 +81,28 @@ def main(argv=None):
                 err = float((ref - got).abs().max()) / max(1.0, float(ref.abs().max()))
                 if not err < 1e-3:
                     raise AssertionError(f"{name}: drop-in differs from diffusers by {err:.2e} (relative)")
-                times = {"diffusers": [], "fastdiff": []}
+                runs = [("diffusers", stock, True), ("fastdiff", ours, True)]
+                if name in STOCHASTIC:
+                    runs.append(("fastdiff_philox", ours, False))
+                    loop(ours, x_T, out, generator=False)
+                times = {label: [] for label, _, _ in runs}
                 for _ in range(repeats):
-                    for label, s in (("diffusers", stock), ("fastdiff", ours)):
+                    for label, s, gen in runs:
                         t0 = time.perf_counter()
-                        loop(s, x_T, out)
+                        loop(s, x_T, out, generator=gen)
                         times[label].append((time.perf_counter() - t0) / len(s.timesteps))
             med = {k: statistics.median(v) for k, v in times.items()}
             row = dict(bench="dropin", scheduler=name, shape=list(shape), steps=STEPS, max_rel_diff=err,
                        diffusers_us_per_step=1e6 * med["diffusers"], fastdiff_us_per_step=1e6 * med["fastdiff"],
                        speedup=med["diffusers"] / med["fastdiff"])
+            line = (f"{'x'.join(map(str, shape)):>12} {name:34s} diffusers {row['diffusers_us_per_step']:8.1f} us  "
+                    f"fastdiff {row['fastdiff_us_per_step']:8.1f} us  x{row['speedup']:.2f}")
+            if "fastdiff_philox" in med:
+                row["fastdiff_philox_us_per_step"] = 1e6 * med["fastdiff_philox"]
+                row["speedup_philox"] = med["diffusers"] / med["fastdiff_philox"]
+                line += f"  (Philox noise {row['fastdiff_philox_us_per_step']:.1f} us x{row['speedup_philox']:.2f})"
             rows.append(row)
-            print(f"{'x'.join(map(str, shape)):>12} {name:34s} diffusers {row['diffusers_us_per_step']:8.1f} us  "
-                  f"fastdiff {row['fastdiff_us_per_step']:8.1f} us  x{row['speedup']:.2f}")
+            print(line)
     print(f"wrote {write('dropin_quick' if args.quick else 'dropin', rows, args.out)}")
 
 

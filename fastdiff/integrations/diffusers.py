@@ -670,9 +670,6 @@ class EulerDiscreteScheduler(_EulerFamily, _d.EulerDiscreteScheduler):
     def _fd_solver(self, begin):
         return "euler", {}
 
-    def _fd_peer_draws(self, n):
-        return [True] * n  # diffusers draws its churn noise on every step, used or not
-
     def step(self, model_output, timestep, sample, s_churn: float = 0.0, s_tmin: float = 0.0,
              s_tmax: float = float("inf"), s_noise: float = 1.0, generator=None, return_dict: bool = True, *,
              seeds=None, step_index=None, state=None):
