@@ -115,3 +115,13 @@ def test_model_calls_record_no_autograd_graph():
     with ContinuousBatcher(model, max_batch=4) as b:
         x = b.submit(plan, 1, (2, 4)).result()
     assert seen and not any(seen) and not x.requires_grad
+
+
+def test_cpu_threads_of_the_batcher_thread():
+    with pytest.raises(ValueError, match="cpu_threads"):
+        ContinuousBatcher(model, cpu_threads=0)
+    before = torch.get_num_threads()
+    with ContinuousBatcher(model, max_batch=4, cpu_threads=1) as batcher:
+        x = batcher.submit(PLANS[1], 7, SHAPE).result(timeout=60)
+    torch.testing.assert_close(x, alone(PLANS[1], 7), rtol=1e-6, atol=1e-6)
+    assert torch.get_num_threads() == before  # the caller's setting is untouched
