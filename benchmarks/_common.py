@@ -9,6 +9,7 @@ import os
 import platform
 import re
 import statistics
+import subprocess
 import sys
 import time
 import types
@@ -42,10 +43,23 @@ def machine_name() -> str:
     return f"cpu-{_slug(cpu_model())}-{os.cpu_count()}c"
 
 
+def source_version() -> dict:
+    """The commit the measured code comes from, and whether the library sources (fastdiff/, csrc/) differ from it."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "fastdiff", "csrc"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return {}
+    return {"commit": commit, "sources_modified": bool(dirty)}
+
+
 def machine_info() -> dict:
     info = {"machine": machine_name(), "cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
             "python": platform.python_version(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), **source_version()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     try:

@@ -24,6 +24,7 @@ checked against fastdiff's (eager model) before timing.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -32,9 +33,9 @@ import torch._inductor.config
 import fastdiff as fd
 
 try:
-    from _common import loadavg, time_interleaved, write
+    from _common import loadavg, source_version, time_interleaved, write
 except ImportError:
-    from ._common import loadavg, time_interleaved, write
+    from ._common import loadavg, source_version, time_interleaved, write
 
 STEPS = [1, 4, 10, 25, 50]
 RTOL = 1e-3  # loop vs loop, relative to the data scale: fp32 models through up to 50 steps, compiled or not
@@ -169,7 +170,7 @@ def main(argv=None, quick=False):
                                                                if quick else "--no-compile)"))
     # compile in this process: inductor's worker pool starts in the background and competes with the timing
     torch._inductor.config.compile_threads = 1
-    load0 = loadavg()
+    load0, source = loadavg(), source_version()  # at the start: others may commit while this runs
     rows = []
     try:
         from fastdiff.models import digits
@@ -190,9 +191,13 @@ def main(argv=None, quick=False):
     rows += run_case("synthetic", model, fd.schedules.DiscreteVP.scaled_linear(), cfg, (4, 4, 32, 32), {}, False,
                      None, steps_list, repeats, compile_model=compile_model)
     load1 = loadavg()
+    if load0 > 0.6 * (os.cpu_count() or 1):  # at the start, before this script's own threads count
+        print("WARNING: the machine was busy: OpenMP regions wait for descheduled threads, so these timings (and, "
+              "less so, the interleaved ratios) are not representative")
     print(f"(1-min load average {load0:.2f} -> {load1:.2f}; ms per loop, (host overhead per step = (loop - model "
           "alone) / steps))")
-    print(f"wrote {write('e2e_quick' if quick else 'e2e', rows, args.out, extra={'loadavg_1min': [load0, load1]})}")
+    path = write("e2e_quick" if quick else "e2e", rows, args.out, extra={"loadavg_1min": [load0, load1], **source})
+    print(f"wrote {path}")
     return rows
 
 

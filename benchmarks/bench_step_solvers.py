@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import functools
 import inspect
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -54,9 +55,9 @@ from fastdiff.backends import resolve
 from fastdiff.backends.torch_eager import run_stage
 
 try:
-    from _common import load_k_diffusion, loadavg, time_interleaved, timeit, write
+    from _common import load_k_diffusion, loadavg, source_version, time_interleaved, timeit, write
 except ImportError:
-    from ._common import load_k_diffusion, loadavg, time_interleaved, timeit, write
+    from ._common import load_k_diffusion, loadavg, source_version, time_interleaved, timeit, write
 
 SOLVERS = ["ddim", "euler", "heun", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "euler_ancestral", "flow_euler"]
 SIZES = [(1, 4, 64, 64), (2, 4, 128, 128), (16, 4, 128, 128), (1, 4 * 2**20)]
@@ -347,7 +348,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     sizes = ([tuple(int(n) for n in s.split("x")) for s in args.sizes.split(",")] if args.sizes
              else SIZES[:1] if args.quick else SIZES)
-    repeats = 3 if args.quick else 7
+    repeats = 3 if args.quick else 11
     kernel = resolve("auto", "cuda" if torch.cuda.is_available() else "cpu")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     sync = torch.cuda.synchronize if dev == "cuda" else None
@@ -358,7 +359,7 @@ def main(argv=None):
         print("(torch-compile skipped: --no-compile)")
     elif args.quick:
         print(f"(--quick: torch-compile for {', '.join(QUICK_COMPILE)} only; inductor takes ~5 s per solver)")
-    load0 = loadavg()
+    load0, source = loadavg(), source_version()  # at the start: others may commit while this runs
     rows = []
     for shape in sizes:
         numel = int(np.prod(shape))
@@ -381,7 +382,7 @@ def main(argv=None):
                     providers["fastdiff-" + kernel if name == "fastdiff" else name] = p
             timed = {name: p.run for name, p in providers.items()}
             timed.update({name + " (model alone)": p.baseline for name, p in providers.items() if p.baseline})
-            times = time_interleaved(timed, repeats=repeats if numel <= 2**20 else 3, warmup=1, sync=sync)
+            times = time_interleaved(timed, repeats=repeats if numel <= 2**20 else 5, warmup=1, sync=sync)
             nbytes = sum(stage_bytes(plan, k, numel, 4) for k in range(plan.num_stages))
             by = {}
             for name, p in providers.items():
@@ -406,8 +407,11 @@ def main(argv=None):
                   f"  {ours['gbps']:6.1f} GB/s ({ours['fraction_of_copy']:.2f} of copy)  {ratio}", flush=True)
     load1 = loadavg()
     print(f"(1-min load average {load0:.2f} -> {load1:.2f})")
+    if load0 > 0.6 * (os.cpu_count() or 1):  # at the start, before this script's own threads count
+        print("WARNING: the machine was busy: OpenMP regions wait for descheduled threads, so these timings (and, "
+              "less so, the interleaved ratios) are not representative")
     path = write("step_solvers_quick" if args.quick else "step_solvers", rows, args.out,
-                 extra={"loadavg_1min": [load0, load1]})
+                 extra={"loadavg_1min": [load0, load1], **source})
     print(f"wrote {path}")
     return rows
 

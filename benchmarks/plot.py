@@ -40,13 +40,14 @@ def plot_per_step(plt, rows: list, folder: Path) -> Path:
                 ax.barh([y + (j - (len(providers) - 1) / 2) * width for y in ys], xs, height=width, color=color,
                         label=prov)
         ax.set_yticks(range(len(solvers)), solvers)
-        ax.invert_yaxis()
         ax.set_xscale("log")
         ax.set_xlabel("us per step")
         ax.set_title("x".join(map(str, shape)) if len(shape) > 2 else f"{shape[-1] / 2**20:.0f}M elements")
-    axes[0][0].legend(fontsize=7, loc="lower right")
+    axes[0][0].invert_yaxis()  # once: the panels share the y axis
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
     fig.suptitle(f"per-step cost (precomputed model output, fp32), {folder.name}", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(folder / "per_step.png", dpi=120)
     return folder / "per_step.png"
 
