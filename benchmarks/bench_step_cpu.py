@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch._inductor.config
 
 import fastdiff as fd
 
@@ -191,6 +192,8 @@ def bench_latent(reps: int, records: list, meta: dict):
     def ddim_step(x, out, a, b):
         return a * x + b * out
 
+    # compile in this process: inductor's worker pool starts in the background and competes with the timing
+    torch._inductor.config.compile_threads = 1
     compiled = torch.compile(ddim_step, backend="inductor", fullgraph=True, dynamic=False)
 
     def torch_loop(fn):
