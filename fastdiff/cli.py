@@ -200,7 +200,8 @@ def bench(quick: bool = False, as_json: bool = False, only=None, out_dir=None, n
         subjects.append(("step_cpu", ["--quick"] if quick else []))
     if torch.cuda.is_available():
         subjects.append(("step_gpu", ["--reps", "10"] if quick else []))
-    subjects += [(name, ["--quick"] if quick else []) for name in ("step_solvers", "e2e", "quality", "serving")]
+    subjects += [(name, ["--quick"] if quick else []) for name in ("step_solvers", "e2e", "quality", "serving",
+                                                                 "dropin")]
     if no_compile:  # the torch.compile providers: inductor's warm-up is the slow part of a run
         subjects = [(name, [*args, "--no-compile"] if name in ("step_solvers", "e2e") else args)
                     for name, args in subjects]
@@ -287,7 +288,7 @@ def main(argv=None) -> int:
     p_bench = sub.add_parser("bench", help="run the benchmarks (results under benchmarks/results/<machine>/)")
     p_bench.add_argument("--quick", action="store_true", help="small sizes, under 2 minutes on 2 cores")
     p_bench.add_argument("--json", action="store_true", help="print the results as JSON at the end")
-    p_bench.add_argument("--only", nargs="*", help="subjects: step_cpu step_gpu step_solvers e2e quality serving")
+    p_bench.add_argument("--only", nargs="*", help="subjects: step_cpu step_gpu step_solvers e2e quality serving dropin")
     p_bench.add_argument("--out-dir", help="write the JSON here instead of benchmarks/results/<machine>/")
     p_bench.add_argument("--no-compile", action="store_true", help="skip the torch.compile providers")
     sub.add_parser("info", help="versions, devices and available backends")

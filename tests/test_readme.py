@@ -41,11 +41,13 @@ def test_bench_quick_smoke(tmp_path, capsys):
 
     from fastdiff.cli import main
 
-    subjects = ["quality", "step_cpu", "step_solvers"]
+    subjects = ["quality", "step_cpu", "step_solvers", "dropin"]
     # (--no-compile: inductor's warm-up would dominate the test; the compile provider runs in `fastdiff bench`)
     assert main(["bench", "--quick", "--no-compile", "--only", *subjects, "--out-dir", str(tmp_path), "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert any(k.endswith("quality.json") for k in out)
+    dropin = next(v for k, v in out.items() if k.endswith("dropin.json"))
+    assert dropin["rows"] and all(r["max_rel_diff"] < 1e-3 for r in dropin["rows"])
     step = next(v for k, v in out.items() if k.endswith("step_solvers.json"))
     # every provider passed its correctness check against fastdiff before it was timed
     providers = {r["provider"] for r in step["rows"]}
