@@ -75,16 +75,18 @@ def timeit(fn, repeats=20, warmup=3, sync=None) -> dict:
     """Median and p20/p80 of wall seconds per call (CPU: perf_counter; pass sync=torch.cuda.synchronize on GPU)."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        if sync:
-            sync()
-        t0 = time.perf_counter()
-        fn()
-        if sync:
-            sync()
-        times.append(time.perf_counter() - t0)
-    return _quantiles(times)
+    return _quantiles([_timed(fn, sync) for _ in range(repeats)])
+
+
+def _timed(fn, sync=None) -> float:
+    """Wall seconds of one call, with the device synchronized before and after when ``sync`` is given."""
+    if sync:
+        sync()
+    t0 = time.perf_counter()
+    fn()
+    if sync:
+        sync()
+    return time.perf_counter() - t0
 
 
 def _quantiles(times: list) -> dict:
@@ -102,13 +104,7 @@ def time_interleaved(cases: dict, repeats=20, warmup=1, sync=None) -> dict:
     times = {name: [] for name in cases}
     for _ in range(repeats):
         for name, fn in cases.items():
-            if sync:
-                sync()
-            t0 = time.perf_counter()
-            fn()
-            if sync:
-                sync()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(_timed(fn, sync))
     return {name: _quantiles(ts) for name, ts in times.items()}
 
 
