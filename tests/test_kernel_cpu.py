@@ -15,6 +15,7 @@ import fastdiff as fd
 from fastdiff import ops, rng
 from fastdiff import schedules as S
 from fastdiff.backends import cpu
+from kernel_checks import DTYPES, KAT, M32, assert_like_torch, assert_verbose_close, per_sample_scale
 
 _ok, _why = cpu.available()
 if not _ok:
@@ -23,20 +24,8 @@ if not _ok:
 EXT = cpu.ext()
 STEP = cpu.OPS["step"]
 
-M32 = 0xFFFFFFFF
-KAT = [  # Random123 kat_vectors, philox4x32_10: (counter, key, expected)
-    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
-    ((M32, M32, M32, M32), (M32, M32), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
-     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
-]
 SEEDS = [3, 2**64 - 5, (1 << 40) + 7, 12345]  # small, >= 2^63 (negative int64 pattern), >= 2^32
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(1, 4097), (3, 4, 9, 11), (2, 1, 3, 5)]
-# tiny in |kernel - ref64| <= 2 |torch_same_dtype - ref64| + tiny * (1 + max |ref64| of the sample): about an ulp
-# of the storage dtype at the sample's scale (fp32: a few ulp, room for the kernel's vectorized log / sin / cos
-# differing from torch's by an ulp or two, carried to the state's scale by the noise gain).
-TINY = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 NORMAL_TOL = 4e-6  # |z_kernel - z_rng| <= NORMAL_TOL * max(1, |z|)
 
 
@@ -61,40 +50,6 @@ def solver_plan(solver):
 # ---------------------------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def assert_verbose_close(got, ref, allowed, what):
-    """|got - ref| <= allowed elementwise, NaN where ref is NaN only; on failure say how many, where, how much."""
-    got, ref = got.detach().double(), ref.detach().double()
-    allowed = torch.as_tensor(allowed, dtype=torch.float64).expand_as(ref)
-    nan_g, nan_r = torch.isnan(got), torch.isnan(ref)
-    if not torch.equal(nan_g, nan_r):
-        i = int(torch.nonzero((nan_g != nan_r).flatten())[0])
-        raise AssertionError(f"{what}: NaN mismatch at {int((nan_g != nan_r).sum())} elements, first at "
-                             f"{np.unravel_index(i, tuple(ref.shape))}: got {got.flatten()[i].item()}, "
-                             f"ref {ref.flatten()[i].item()}")
-    inf_mismatch = torch.isinf(got) != torch.isinf(ref)
-    assert not inf_mismatch.any(), f"{what}: Inf mismatch at {int(inf_mismatch.sum())} elements"
-    err = (got - ref).abs().nan_to_num(0.0)
-    bad = err > allowed
-    if bad.any():
-        i = int(torch.argmax((err - allowed).flatten()))
-        idx = np.unravel_index(i, tuple(ref.shape))
-        raise AssertionError(f"{what}: {int(bad.sum())}/{ref.numel()} elements off; worst at {idx}: got "
-                             f"{got.flatten()[i].item():.9g}, ref {ref.flatten()[i].item():.9g}, |err| "
-                             f"{err.flatten()[i].item():.3g} > allowed {allowed.flatten()[i].item():.3g}")
-
-
-def per_sample_scale(ref):
-    """1 + max |ref| over each sample, broadcast to ref's shape."""
-    m = ref.detach().double().abs().reshape(ref.shape[0], -1).amax(dim=1) if ref.numel() else ref.new_zeros(0)
-    return (1.0 + m).reshape((-1,) + (1,) * (ref.dim() - 1))
-
-
-def assert_like_torch(got, same, ref64, dtype, what):
-    """The kernel's error is at most twice torch's own error in ``dtype`` plus an ulp-sized tiny."""
-    allowed = 2.0 * (same.double() - ref64).abs() + TINY[dtype] * per_sample_scale(ref64)
-    assert_verbose_close(got, ref64, allowed, what)
 
 
 def stage_args(plan, k, B, rows_dtype=torch.float32):
@@ -305,7 +260,7 @@ def test_add_noise_matches_reference(dtype):
     if dtype == torch.float64:
         assert_verbose_close(got, ref64, 1e-6 * per_sample_scale(ref64), "add_noise fp64")
     else:
-        assert_like_torch(got, same, ref64, dtype, f"add_noise {dtype}")
+        assert_like_torch(got, same, ref64, f"add_noise {dtype}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -334,10 +289,10 @@ def test_step_matches_reference(solver, dtype, shape):
         got = call(STEP, x, out, slots, rows, seeds, draws, **flags)
         assert got.dtype == dtype and got.shape == x.shape
         what = f"{solver} stage {k}/{plan.num_stages} {dtype} {shape}"
-        assert_like_torch(got, same, ref64, dtype, what + " x'")
+        assert_like_torch(got, same, ref64, what + " x'")
         for i in range(K):
             if (flags["slot_writes"] >> i) & 1:
-                assert_like_torch(slots[i], slots_same[i], slots64[i], dtype, what + f" slot {i}")
+                assert_like_torch(slots[i], slots_same[i], slots64[i], what + f" slot {i}")
         if dtype == torch.float32:  # and close to torch's own fp32 result
             assert_verbose_close(got, same, 1e-5 * per_sample_scale(same), what + " vs torch fp32")
         x = got  # continue from the kernel's state: every stage sees realistic inputs
@@ -441,7 +396,7 @@ def test_cfg_with_per_sample_guidance(dtype):
                  cfg=True, **flags)
     same = call(ops.step_reference, x, out, slots_same, rows, seeds, draws, guidance=w, cfg=True, **flags)
     got = call(STEP, x, out, slots, rows, seeds, draws, guidance=w, cfg=True, **flags)
-    assert_like_torch(got, same, ref64, dtype, f"cfg {dtype}")
+    assert_like_torch(got, same, ref64, f"cfg {dtype}")
     # one shared weight broadcasts like a per-sample one
     g1 = call(STEP, x, out, slots.clone(), rows, seeds, draws, guidance=torch.tensor([7.5]), cfg=True, **flags)
     g3 = call(STEP, x, out, slots.clone(), rows, seeds, draws, guidance=torch.full((3,), 7.5), cfg=True, **flags)
@@ -494,7 +449,7 @@ def test_langevin_per_sample_snr_and_negative_draws(shape):
     got = call(STEP, x, out, slots, rows, seeds, draws, **flags)
     ref64 = call(ops.step_reference, x.double(), out.double(), slots.double(), rows.double(), seeds, draws, **flags)
     same = call(ops.step_reference, x, out, slots, rows, seeds, draws, **flags)
-    assert_like_torch(got, same, ref64, torch.float32, "langevin")
+    assert_like_torch(got, same, ref64, "langevin")
     # the draw < 0 sample got the deterministic part only
     r = rows[-1]
     det = r[7] * x[-1] + r[8] * (r[0] * x[-1] + r[1] * out[-1])

@@ -30,23 +30,13 @@ from fastdiff import schedules as S
 from fastdiff.backends import cuda as cb
 from threshold_ref import CASES as THRESHOLD_CASES
 from threshold_ref import check_thresholded_stage
+from kernel_checks import DTYPES, KAT, M32, assert_like_torch, assert_verbose_close
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 STEP_CU = CSRC / "cuda" / "step.cu"
 
-M32 = 0xFFFFFFFF
-KAT = [  # Random123 kat_vectors for philox4x32_10: (counter, key, expected)
-    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
-    ((M32, M32, M32, M32), (M32, M32), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
-     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
-]
 SEEDS = [3, 2**64 - 5, (1 << 40) + 7, 12345]  # small, >= 2^63 (negative int64 pattern), >= 2^32
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# |kernel - ref64| <= 2 |torch_same_dtype - ref64| + TINY * (1 + max |ref64| of the sample): TINY is about an ulp of
-# the storage dtype (fp32: a few ulp, room for libm's log / sin / cos differing by an ulp in the noise).
-TINY = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 # batch 1, odd sizes (scalar path), multiples of 4 (vector path), 4097 elements (scalar path with a tail)
 SHAPES = [(1, 4097), (2, 3), (3, 4, 9), (2, 11), (2, 4, 8, 8)]
 EMU_SHAPES = [(1, 4097), (3, 4, 9), (2, 11)]
@@ -366,34 +356,6 @@ def gpu():
 # ---------------------------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def assert_verbose_close(got, ref, allowed, what):
-    """|got - ref| <= allowed elementwise (non-finite values must match), reporting where it fails."""
-    got, ref = got.detach().double().cpu(), ref.detach().double().cpu()
-    allowed = allowed.double().cpu().expand_as(ref)
-    fin_g, fin_r = torch.isfinite(got), torch.isfinite(ref)
-    if not torch.equal(fin_g, fin_r):
-        raise AssertionError(f"{what}: non-finite mismatch at {int((fin_g != fin_r).sum())} of {ref.numel()} "
-                             f"elements (got {int((~fin_g).sum())} NaN/Inf, reference {int((~fin_r).sum())})")
-    err = torch.where(fin_r, (got - ref).abs(), torch.zeros_like(ref))
-    bad = err > allowed
-    if bad.any():
-        i = int(torch.argmax((err - allowed).flatten()))
-        idx = np.unravel_index(i, tuple(ref.shape))
-        raise AssertionError(f"{what}: {int(bad.sum())}/{ref.numel()} elements off; worst at {idx}: got "
-                             f"{got.flatten()[i].item():.9g}, ref {ref.flatten()[i].item():.9g}, |err| "
-                             f"{err.flatten()[i].item():.3g} > allowed {allowed.flatten()[i].item():.3g}")
-
-
-def assert_like_torch(got, torch_same, ref64, what):
-    """flash-attention's rule: at most twice torch's own error (same dtype) against float64, plus ~an ulp."""
-    assert got.dtype == torch_same.dtype and got.shape == ref64.shape, what
-    ref64 = ref64.detach().double().cpu()
-    scale = ref64.abs().nan_to_num(0.0).reshape(ref64.shape[0], -1).amax(dim=1)
-    scale = scale.reshape((-1,) + (1,) * (ref64.dim() - 1))
-    allowed = 2 * (torch_same.detach().double().cpu() - ref64).abs().nan_to_num(0.0) + TINY[got.dtype] * (1 + scale)
-    assert_verbose_close(got, ref64, allowed, what)
 
 
 def stage_flags(plan, k):

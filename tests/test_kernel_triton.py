@@ -24,20 +24,9 @@ from fastdiff.backends import triton as tb  # noqa: E402
 from fastdiff.kernels import step as tk  # noqa: E402
 from threshold_ref import CASES as THRESHOLD_CASES  # noqa: E402
 from threshold_ref import check_thresholded_stage  # noqa: E402
+from kernel_checks import DTYPES, KAT, assert_like_torch  # noqa: E402
 
-M32 = 0xFFFFFFFF
-KAT = [  # Random123 kat_vectors, philox4x32_10: (counter, key, expected)
-    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
-    ((M32, M32, M32, M32), (M32, M32), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
-     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
-]
 SEEDS = [3, 2**64 - 5, (1 << 40) + 7]  # small, >= 2^63 (a negative int64 pattern), >= 2^32
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# "tiny" of |kernel - ref64| <= 2 |torch_same_dtype - ref64| + tiny * (1 + max |ref64| of the sample): about an
-# ulp of the storage dtype at the sample's scale (fp32: a few ulp, room for libm's log/sin/cos differing by an ulp
-# or two in the noise, which the noise gain carries to the scale of the state even where x' itself is small).
-TINY = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 PLANS = {
     "ddim_eta": lambda: fd.plan("ddim", S.DiscreteVP(), 3, eta=0.7),
@@ -62,30 +51,6 @@ def _interpreter_ready():
 # ---------------------------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def assert_verbose_close(got, ref, allowed, what):
-    """|got - ref| <= allowed elementwise (NaN must match NaN), with a report of where it fails."""
-    got, ref = got.double().cpu(), ref.double().cpu()
-    allowed = allowed.double().cpu().expand_as(ref)
-    nan_g, nan_r = torch.isnan(got), torch.isnan(ref)
-    assert torch.equal(nan_g, nan_r), f"{what}: NaN mismatch at {int((nan_g != nan_r).sum())} elements"
-    err = (got - ref).abs().nan_to_num(0.0)
-    bad = err > allowed
-    if bad.any():
-        i = int(torch.argmax((err - allowed).flatten()))
-        idx = np.unravel_index(i, tuple(ref.shape))
-        raise AssertionError(f"{what}: {int(bad.sum())}/{ref.numel()} elements off; worst at {idx}: got "
-                             f"{got.flatten()[i].item():.9g}, ref {ref.flatten()[i].item():.9g}, |err| "
-                             f"{err.flatten()[i].item():.3g} > allowed {allowed.flatten()[i].item():.3g}")
-
-
-def assert_like_torch(got, torch_same, ref64, what):
-    """The flash-attention rule: the kernel is at most twice as far from float64 as torch in the same dtype."""
-    ref64 = ref64.double().cpu()
-    scale = ref64.abs().reshape(ref64.shape[0], -1).amax(dim=1).reshape((-1,) + (1,) * (ref64.dim() - 1))
-    allowed = 2 * (torch_same.double().cpu() - ref64).abs() + TINY[got.dtype] * (1 + scale)
-    assert_verbose_close(got, ref64, allowed, what)
 
 
 def ulp_distance(a, b):

@@ -6,19 +6,7 @@ import scipy.stats
 import torch
 
 from fastdiff import rng
-
-M32 = 0xFFFFFFFF
-
-# Random123 kat_vectors for philox4x32_10: (counter, key, expected output).
-KAT = [
-    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
-    ((M32, M32, M32, M32), (M32, M32), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-    (
-        (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
-        (0xA4093822, 0x299F31D0),
-        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
-    ),
-]
+from kernel_checks import KAT, M32  # Random123 known answers, shared with the kernel tests
 
 # Tolerance for normals between numpy and torch float32 libm (log/sin/cos differ by an ulp or so).
 NORMAL_RTOL = 1e-6
