@@ -258,6 +258,7 @@ class Plan:
             for k in range(S)
         )
         self._rows = self._flat_rows()
+        self._shared = {}  # num_slots -> shared_rows(num_slots), filled on first use
         self._check_finite()
 
     # hashable by what was asked for; equal plans are the same program
@@ -292,6 +293,28 @@ class Plan:
     def rows(self) -> np.ndarray:
         """Flat float64 coefficient rows [S, 7 + (1+K)(2+K)]: ``[cx, co, g, snr, r, lsx, lsD, M row-major]``."""
         return self._rows
+
+    def shared_rows(self, num_slots: int | None = None) -> np.ndarray:
+        """``rows()`` re-laid for ``num_slots`` >= K slots, with the identity S_i' = S_i on every slot a stage does
+        not write: rows of different stages (or plans) then share one launch with the union of their slot masks
+        (continuous batching, per-sample steps). Read-only, cached per ``num_slots``."""
+        K0 = self.num_slots
+        K = K0 if num_slots is None else int(num_slots)
+        if K < K0:
+            raise ValueError(f"num_slots={K} is below the plan's {K0} history slots")
+        hit = self._shared.get(K)
+        if hit is None:
+            S = self.num_stages
+            M = np.zeros((S, 1 + K, 2 + K))
+            M[:, : 1 + K0, : 2 + K0] = self.update
+            for k in range(S):
+                for i in range(K):
+                    if i >= K0 or not self.writes[k, i]:
+                        M[k, 1 + i, :] = 0.0
+                        M[k, 1 + i, 2 + i] = 1.0
+            head = self._rows[:, : len(ROW_HEADER)]
+            hit = self._shared[K] = _ro(np.concatenate([head, M.reshape(S, -1)], axis=1))
+        return hit
 
     def _flat_rows(self):
         S = self.num_stages

@@ -26,7 +26,6 @@ from .backends import resolve
 from .plan import Plan
 from .sampler import _check_end
 
-_HEAD = ops.ROW_HEAD
 
 
 class QueueFullError(RuntimeError):
@@ -46,21 +45,6 @@ class _Request:
     slots: torch.Tensor = None
     stage: int = 0
     key: tuple = field(default=None)
-
-
-def embed_row(plan: Plan, k: int, K: int) -> np.ndarray:
-    """Stage k's flat row re-laid for K >= plan.num_slots slots; slots the plan does not write keep their value."""
-    k0 = plan.num_slots
-    row = np.zeros(ops.row_length(K))
-    row[:_HEAD] = plan.rows()[k, :_HEAD]
-    M = np.zeros((1 + K, 2 + K))
-    M[: 1 + k0, : 2 + k0] = plan.update[k]
-    for i in range(K):
-        if i >= k0 or not plan.writes[k, i]:
-            M[1 + i, :] = 0.0
-            M[1 + i, 2 + i] = 1.0  # identity: S_i' = S_i
-    row[_HEAD:] = M.ravel()
-    return row
 
 
 class ContinuousBatcher:
@@ -218,7 +202,7 @@ class ContinuousBatcher:
         for b, r in enumerate(batch):
             if r.plan.num_slots:
                 slots[: r.plan.num_slots, b] = r.slots
-        rows = np.stack([embed_row(r.plan, r.stage, K) for r in batch])
+        rows = np.stack([r.plan.shared_rows(K)[r.stage] for r in batch])
         flags = [r.plan.stage_flags[r.stage] for r in batch]
         use_out = [f[2] for f in flags]
         guided = batch[0].guidance is not None

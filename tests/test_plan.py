@@ -114,3 +114,23 @@ def test_boundaries_give_the_steps_between_arbitrary_times():
             fd.plan("ddim", vp, boundaries=bad)
     with pytest.raises(ValueError, match="exactly one"):
         fd.plan("ddim", vp, boundaries=[999, -1], timesteps=[999])
+
+
+def test_shared_rows_keep_unwritten_slots():
+    p = fd.plan("dpmpp_3m", fd.schedules.DiscreteVP.scaled_linear(), 6)
+    K0 = p.num_slots
+    for K in (K0, K0 + 2):
+        shared = p.shared_rows(K).reshape(p.num_stages, -1)
+        M = shared[:, 7:].reshape(p.num_stages, 1 + K, 2 + K)
+        assert np.array_equal(shared[:, :7], p.rows()[:, :7])
+        assert np.array_equal(M[:, : 1 + K0, : 2 + K0][:, 0], p.update[:, 0])  # the x' row is the plan's
+        for k in range(p.num_stages):
+            for i in range(K):
+                want = p.update[k, 1 + i] if i < K0 and p.writes[k, i] else np.eye(2 + K)[2 + i][: 2 + K0]
+                got = M[k, 1 + i, : 2 + K0] if i < K0 else M[k, 1 + i, 2 + i]
+                if i < K0:
+                    assert np.array_equal(got, want)
+                else:
+                    assert got == 1.0 and np.count_nonzero(M[k, 1 + i]) == 1
+    with pytest.raises(ValueError, match="below"):
+        p.shared_rows(K0 - 1)

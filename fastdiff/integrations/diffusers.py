@@ -72,8 +72,8 @@ class _Program:
     """Rows of every diffusers ``step`` call (stage k = the k-th call), folded for the scheduler's sample space.
 
     The plan computes in x = alpha y; a scheduler whose sample is y (``a_in`` / ``a_out`` != 1) gets rows with the
-    x columns scaled by ``a_in`` and the output row divided by ``a_out``.  Slot rows that a stage does not write are
-    set to the identity, so per-sample rows of different stages can run with the union of the stages' slot masks.
+    x columns scaled by ``a_in`` and the output row divided by ``a_out``.  ``rows`` are ``Plan.shared_rows()``
+    (identity on unwritten slots), so per-sample rows of different stages run with the union of the slot masks.
     """
 
     def __init__(self, rows, flags, draws, num_slots, timesteps, a_in=None, a_out=None, peer_draws=None,
@@ -87,11 +87,6 @@ class _Program:
         M[:, :, 0] *= a_in[:, None]
         M[:, 0, :] /= a_out[:, None]  # y' = x' / a_out
         rows[:, 2] /= a_out
-        for k, (_, writes, _, _, _) in enumerate(flags):
-            for i in range(K):
-                if not (writes >> i) & 1:
-                    M[k, 1 + i, :] = 0.0
-                    M[k, 1 + i, 2 + i] = 1.0
         rows[:, ops.ROW_HEAD:] = M.reshape(S, -1)
         self.rows64 = rows
         x0_rows = rows.copy()
@@ -145,7 +140,7 @@ def _stacked(plans_or_none, num_slots=0):
             draws.append(-1)
             continue
         assert p.num_stages == 1 and p.num_slots == num_slots
-        rows.append(p.rows()[0])
+        rows.append(p.shared_rows()[0])
         flags.append(p.stage_flags[0])
         draws.append(k + 1 if p.stage_flags[0][3] else -1)
     return rows, flags, draws
@@ -545,7 +540,7 @@ class DDPMScheduler(_FastdiffStep, _d.DDPMScheduler):
         variance = "fixed_large" if self.config.variance_type == "fixed_large" else "fixed_small"
         p = make_plan("ddpm", self._fd_schedule(), prediction=PREDICTION[self.config.prediction_type],
                       boundaries=list(ts) + [-1.0], variance=variance)
-        return _Program(p.rows(), p.stage_flags, p.draw, 0, ts, peer_draws=ts > 0)
+        return _Program(p.shared_rows(), p.stage_flags, p.draw, 0, ts, peer_draws=ts > 0)
 
     def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True, *, seeds=None,
              step_index=None, state=None):
@@ -572,7 +567,7 @@ class LCMScheduler(_FastdiffStep, _d.LCMScheduler):
         p = make_plan("lcm", self._fd_schedule(), prediction=PREDICTION[self.config.prediction_type],
                       boundaries=list(ts) + [-1.0], timestep_scaling=scaling)
         c = np.array([boundary_scalings(float(t), scaling) for t in ts]).reshape(-1, 2)
-        return _Program(p.rows(), p.stage_flags, p.draw, 0, ts, peer_draws=np.arange(len(ts)) != len(ts) - 1,
+        return _Program(p.shared_rows(), p.stage_flags, p.draw, 0, ts, peer_draws=np.arange(len(ts)) != len(ts) - 1,
                         extra={"c_skip": c[:, 0], "c_out": c[:, 1]})
 
     def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True, *, seeds=None,
@@ -621,7 +616,7 @@ class _SigmaScheduler(_FastdiffStep):
         ts = self._fd_ts_host[begin:]
         if p.num_stages != len(ts) or not all(p.calls_model):  # one model call per diffusers step
             raise AssertionError(f"{solver} plan has {p.num_stages} stages for {len(ts)} timesteps")
-        return _Program(p.rows(), p.stage_flags, p.draw, p.num_slots, ts, peer_draws=self._fd_peer_draws(len(ts)),
+        return _Program(p.shared_rows(), p.stage_flags, p.draw, p.num_slots, ts, peer_draws=self._fd_peer_draws(len(ts)),
                         **self._fd_fold(begin))
 
     def _fd_peer_draws(self, n):
@@ -835,7 +830,7 @@ class FlowMatchEulerDiscreteScheduler(_SigmaScheduler, _d.FlowMatchEulerDiscrete
         # t_min below diffusers' smallest sigma (shifted or Karras sigmas go below 1 / num_train_timesteps)
         flow = RectifiedFlow(t_min=min(1e-3, float(sig[sig > 0].min())), t_max=max(1.0, float(sig.max())))
         p = make_plan("flow_euler", flow, prediction="flow", boundaries=list(sig))
-        return _Program(p.rows(), p.stage_flags, p.draw, 0, self._fd_ts_host)
+        return _Program(p.shared_rows(), p.stage_flags, p.draw, 0, self._fd_ts_host)
 
     def step(self, model_output, timestep, sample, s_churn: float = 0.0, s_tmin: float = 0.0,
              s_tmax: float = float("inf"), s_noise: float = 1.0, generator=None, per_token_timesteps=None,
