@@ -99,6 +99,7 @@ class _Program:
         self.num_slots = K
         self.num_stages = S
         self.timesteps = np.asarray(timesteps, dtype=np.float64)
+        self.timesteps_unique = len(np.unique(self.timesteps)) == len(self.timesteps)  # a timestep names a step
         self.in_scale = a_in
         self.peer_draws = tuple(bool(v) for v in (peer_draws if peer_draws is not None else [False] * S))
         self.alpha_next = None if alpha_next is None else np.asarray(alpha_next, dtype=np.float64)
@@ -295,7 +296,7 @@ class _FastdiffStep:
             return dev[name][k : k + 1]
         kind, v = k
         if kind == "device":
-            if len(set(prog.timesteps.tolist())) != len(prog.timesteps):
+            if not prog.timesteps_unique:
                 raise ValueError(f"{type(self).__name__} repeats timesteps, so a timestep does not name a step: "
                                  "pass step_index= (an int or a [B] tensor)")
             t = torch.as_tensor(v, device=dev["timesteps"].device).to(torch.float64).reshape(-1)
