@@ -100,7 +100,7 @@ def test_rectified_flow_and_lipman_convention():
     rf = S.RectifiedFlow()
     assert rf.alpha(0.3) == pytest.approx(0.7) and rf.sigma(0.3) == pytest.approx(0.3)
     lip = S.RectifiedFlow.lipman(sigma_min=0.01)
-    t_lipman = 0.8  # 004_*.txt: mu_t = t x1, sigma_t = 1 - (1 - sigma_min) t
+    t_lipman = 0.8  # Lipman et al. 2023: mu_t = t x1, sigma_t = 1 - (1 - sigma_min) t
     t = lip.t_from_model_time(t_lipman)
     assert lip.model_time(t) == pytest.approx(t_lipman)
     assert lip.alpha(t) == pytest.approx(t_lipman)
