@@ -415,7 +415,7 @@ def _betainc_cf(a, b, x):
             d = 1.0 / d
             delta = d * c
             h = h * delta
-        if np.all(np.abs(delta - 1.0) < 1e-16):
+        if np.all(np.abs(delta - 1.0) < 1e-15):
             break
     return h
 
@@ -440,14 +440,33 @@ def beta_cdf(x, a: float, b: float) -> np.ndarray:
 def beta_ppf(p, a: float, b: float) -> np.ndarray:
     """Quantile function of Beta(a, b) (the inverse of ``beta_cdf`` in x), float64; p in [0, 1]."""
     p = np.asarray(p, dtype=np.float64)
-    lo, hi = np.zeros_like(p), np.ones_like(p)
-    # bisection: the distribution function is monotone, and 100 halvings reach the spacing of doubles near 0 and 1
-    for _ in range(100):
-        mid = 0.5 * (lo + hi)
-        below = beta_cdf(mid, a, b) < p
-        lo, hi = np.where(below, mid, lo), np.where(below, hi, mid)
-    x = 0.5 * (lo + hi)
-    return np.where(p <= 0, 0.0, np.where(p >= 1, 1.0, x))
+    out = np.where(p >= 1, 1.0, 0.0)
+    lower = (p > 0) & (p <= 0.5)
+    upper = (p > 0.5) & (p < 1)
+    out[lower] = _beta_lower_quantile(p[lower], a, b)
+    out[upper] = 1.0 - _beta_lower_quantile(1.0 - p[upper], b, a)  # X ~ Beta(a, b) <=> 1 - X ~ Beta(b, a)
+    return out
+
+
+def _beta_lower_quantile(q, a, b):
+    """Beta(a, b) quantiles for q in (0, 1/2]: Newton's method on the distribution function from its power law
+    near 0, I_x ~ x^a / (a B(a, b)), kept inside a bisection bracket."""
+    log_norm = math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
+    lo, hi = np.zeros_like(q), np.ones_like(q)
+    with np.errstate(under="ignore"):
+        x = np.clip(np.exp((np.log(q) + math.log(a) + log_norm) / a), 1e-300, 0.5)
+    for _ in range(200):
+        f = beta_cdf(x, a, b) - q
+        lo, hi = np.where(f < 0, x, lo), np.where(f < 0, hi, x)
+        with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+            density = np.exp((a - 1) * np.log(x) + (b - 1) * np.log1p(-x) - log_norm)
+            step = x - f / density
+        step = np.where((step > lo) & (step < hi), step, 0.5 * (lo + hi))
+        done = np.abs(step - x) <= 4e-16 * x
+        x = step
+        if np.all(done):
+            break
+    return x
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -469,7 +488,7 @@ def _custom_sequence(name, values, min_len):
     if np.any(np.diff(seq) >= 0):
         i = int(np.flatnonzero(np.diff(seq) >= 0)[0])
         raise ValueError(f"{name}= must be strictly decreasing (from noise to data), but entry {i + 1} "
-                         f"({seq[i + 1]!r}) is not below entry {i} ({seq[i]!r})")
+                         f"({float(seq[i + 1])!r}) is not below entry {i} ({float(seq[i])!r})")
     return seq
 
 
@@ -505,7 +524,7 @@ def custom_times(schedule: Schedule, *, timesteps=None, sigmas=None, boundaries=
     if sigmas is not None:
         seq = _custom_sequence("sigmas", sigmas, 2)
         if seq[-1] < 0:
-            raise ValueError(f"sigmas= must be >= 0, got last value {seq[-1]!r}")
+            raise ValueError(f"sigmas= must be >= 0, got last value {float(seq[-1])!r}")
         return np.asarray(schedule.t_from_sigma_ratio(seq), dtype=np.float64)
     seq = _custom_sequence("timesteps", timesteps, 1)
     if seq[0] > t_max or seq[-1] < t_min:
