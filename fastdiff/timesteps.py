@@ -148,7 +148,7 @@ _GITS_SIGMAS_120 = (
 
 def _check_steps(steps):
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= MAX_STEPS:
-        raise ValueError(f"steps must be an integer in [1, {MAX_STEPS}], got {steps!r}")
+        raise ValueError(f"steps must be an integer >= 1 (at most {MAX_STEPS}), got {steps!r}")
     return int(steps)
 
 
