@@ -70,19 +70,9 @@ SPACINGS = ("uniform", "logsnr", "karras", "exponential", "quadratic", "leading"
             "normal", "sgm_uniform", "simple", "ddim_uniform", "beta", "kl_optimal", "linear_quadratic",
             "polyexponential", "laplace", "ays", "gits")
 FINALS = ("zero", "t_min")
-# spacing option -> the spacings that read it; plan() passes these names from its keyword options to timesteps()
-_OPTION_USERS = {
-    "rho": ("karras", "polyexponential"),
-    "steps_offset": ("leading",),
-    "beta_dist_alpha": ("beta",),
-    "beta_dist_beta": ("beta",),
-    "laplace_mu": ("laplace",),
-    "laplace_beta": ("laplace",),
-    "threshold_noise": ("linear_quadratic",),
-    "linear_steps": ("linear_quadratic",),
-    "ays_model": ("ays",),
-}
-SPACING_OPTIONS = tuple(_OPTION_USERS)
+# the keyword options of timesteps(); plan() passes these names from its options to timesteps()
+SPACING_OPTIONS = ("rho", "steps_offset", "beta_dist_alpha", "beta_dist_beta", "laplace_mu", "laplace_beta",
+                   "threshold_noise", "linear_steps", "ays_model")
 AYS_MODELS = ("sd15", "sdxl", "svd")
 MAX_STEPS = 100_000  # longest grid accepted, named or custom: a guard against runaway sizes
 
@@ -157,13 +147,13 @@ def _check_final(final):
         raise unknown_name("final", final, FINALS)
 
 
-def _option_real(name, value, lo=None, lo_open=True):
-    """A finite float option; with ``lo``: > lo (or >= lo)."""
+def _option_real(name, value, lo=None):
+    """A finite float option; with ``lo``: > lo."""
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
             or not math.isfinite(value):
         raise ValueError(f"spacing option {name}={value!r} must be a finite number")
-    if lo is not None and (value <= lo if lo_open else value < lo):
-        raise ValueError(f"spacing option {name}={value!r} must be {'>' if lo_open else '>='} {lo}")
+    if lo is not None and value <= lo:
+        raise ValueError(f"spacing option {name}={value!r} must be > {lo}")
     return float(value)
 
 

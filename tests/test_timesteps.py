@@ -152,3 +152,14 @@ def test_custom_grids_through_plan():
         fd.plan("euler", S.EDM(), timesteps=[100.0, 1.0])
     p = fd.plan("euler", S.EDM(), boundaries=[10.0, 1.0, 0.0])
     np.testing.assert_array_equal(p.times, [10.0, 1.0, 0.0])
+
+
+def test_spacing_options_name_every_option_of_timesteps():
+    # plan() forwards exactly these names to timesteps(); a new option must be listed to be reachable from plan()
+    import inspect
+
+    from fastdiff.timesteps import SPACING_OPTIONS, timesteps
+
+    params = inspect.signature(timesteps).parameters
+    keyword_only = [name for name, p in params.items() if p.kind is p.KEYWORD_ONLY and name != "final"]
+    assert sorted(SPACING_OPTIONS) == sorted(keyword_only)
