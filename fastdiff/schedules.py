@@ -1,8 +1,8 @@
 """Noise schedules: the Gaussian perturbation ``x_t = alpha(t) * x0 + sigma(t) * n``.
 
 Every schedule is an immutable, hashable object in its own time unit ``t`` (the unit the model is called
-with, see docs/architecture.md): DiscreteVP the timestep index in [0, N-1], ContinuousVP / SubVP / VE / RectifiedFlow
-t in (0, 1], EDM t = sigma.  Each gives, in float64 numpy:
+with, see docs/architecture.md): DiscreteVP the timestep index in [0, N-1], ContinuousVP / SubVP / VE /
+RectifiedFlow t in (0, 1], EDM t = sigma.  Each gives, in float64 numpy:
 
 - ``alpha(t)``, ``sigma(t)``: the perturbation coefficients;
 - ``lambda_(t) = log(alpha / sigma)``: half the log-SNR, +inf at the clean point, -inf where alpha = 0;
@@ -21,6 +21,8 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from ._names import unknown_name
 
 __all__ = ["Schedule", "DiscreteVP", "ContinuousVP", "SubVP", "VE", "EDM", "RectifiedFlow", "flux_shift"]
 
@@ -167,7 +169,8 @@ class DiscreteVP(Schedule):
         Explicit betas (length N); overrides ``beta_schedule``.
     beta_schedule : {"linear", "scaled_linear", "cosine", "squaredcos_cap_v2"}
     beta_start, beta_end : float
-        In (0, 1]; the first and last beta of "linear" / "scaled_linear".
+        The first and last beta of "linear" / "scaled_linear": beta_start in (0, 1), beta_end in (0, 1] (1 is
+        zero terminal SNR).
     num_train_timesteps : int
         N >= 2.
     rescale_betas_zero_snr : bool
@@ -216,8 +219,8 @@ class DiscreteVP(Schedule):
         bad[-1] = not (0 < betas[-1] <= 1)
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            raise ValueError(f"DiscreteVP(betas=...): betas[{i}] = {float(betas[i])!r} is outside (0, 1) (only the last beta "
-                             "may be 1: zero terminal SNR)")
+            raise ValueError(f"DiscreteVP(betas=...): betas[{i}] = {float(betas[i])!r} is outside (0, 1) (only the "
+                             "last beta may be 1: zero terminal SNR)")
         return betas
 
     def _named_betas(self) -> np.ndarray:
@@ -226,11 +229,10 @@ class DiscreteVP(Schedule):
             raise ValueError(f"DiscreteVP(num_train_timesteps={n!r}): num_train_timesteps must be an integer >= 2")
         object.__setattr__(self, "num_train_timesteps", int(n))
         if self.beta_schedule not in BETA_SCHEDULES:
-            from ._names import unknown_name
             raise unknown_name("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
         if self.beta_schedule in ("cosine", "squaredcos_cap_v2"):
             return _betas_for_alpha_bar(int(n))
-        lo = _check_range("DiscreteVP", "beta_start", self.beta_start, 0.0, 1.0)
+        lo = _check_range("DiscreteVP", "beta_start", self.beta_start, 0.0, 1.0, hi_open=True)
         hi = _check_range("DiscreteVP", "beta_end", self.beta_end, 0.0, 1.0)
         if self.beta_schedule == "linear":
             return np.linspace(lo, hi, int(n), dtype=np.float64)

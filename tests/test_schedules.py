@@ -141,8 +141,9 @@ NAN, INF = float("nan"), float("inf")
     (lambda: S.DiscreteVP(num_train_timesteps=0), r"num_train_timesteps=0\): num_train_timesteps must be an int"),
     (lambda: S.DiscreteVP(num_train_timesteps=1), r"num_train_timesteps=1\)"),
     (lambda: S.DiscreteVP(num_train_timesteps=10.5), r"num_train_timesteps=10.5\)"),
-    (lambda: S.DiscreteVP(beta_start=-1e-4), r"beta_start=-0.0001\): beta_start must be in \(0.0, 1.0\]"),
-    (lambda: S.DiscreteVP(beta_end=2.0), r"beta_end=2.0\)"),
+    (lambda: S.DiscreteVP(beta_start=-1e-4), r"beta_start=-0.0001\): beta_start must be in \(0.0, 1.0\)"),
+    (lambda: S.DiscreteVP(beta_start=1.0), r"beta_start=1.0\): beta_start must be in \(0.0, 1.0\)"),
+    (lambda: S.DiscreteVP(beta_end=2.0), r"beta_end=2.0\): beta_end must be in \(0.0, 1.0\]"),
     (lambda: S.DiscreteVP.scaled_linear(beta_end=NAN), r"beta_end=nan"),
     (lambda: S.DiscreteVP(rescale_betas_zero_snr="yes"), r"rescale_betas_zero_snr='yes'\)"),
 ])
