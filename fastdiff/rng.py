@@ -5,8 +5,8 @@ same uint32 stream bit for bit and the same normals to within a few ulp (libm
 differences in log/sin/cos only).  This file is the reference; kernels copy the
 layout below.
 
-Layout (DESIGN.md section 3, "Noise")
--------------------------------------
+Layout
+------
 Philox4x32-10 exactly as in Random123: 10 rounds, multipliers
 ``M0 = 0xD2511F53``, ``M1 = 0xCD9E8D57``, Weyl key increments
 ``W0 = 0x9E3779B9``, ``W1 = 0xBB67AE85``.  One round maps counter (c0..c3) and

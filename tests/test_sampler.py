@@ -16,7 +16,7 @@ BACKENDS = [b for b in ("torch", "cpu") if fd.backends.status(b)[0]]
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("solver", ["euler_ancestral", "dpmpp_2m_sde", "ddpm", "pc"])
 def test_batch_invariance(solver, backend):
-    """A seed gives a bitwise identical sample whatever the batch size and position (DESIGN §3)."""
+    """A seed gives a bitwise identical sample whatever the batch size and position."""
     sch = S.EDM() if solver != "ddpm" else S.DiscreteVP()
     if solver == "pc":
         sch = S.VE()
@@ -110,3 +110,26 @@ def test_sampler_is_thread_safe():
         parallel = list(pool.map(lambda s: sampler.sample((2, 33), seeds=s), jobs))
     for a, b in zip(serial, parallel):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("solver,schedule,prediction", [
+    ("dpmpp_2m", S.DiscreteVP.scaled_linear(), "epsilon"),
+    ("dpmpp_2m_sde", S.EDM(), "epsilon"),
+    ("pc", S.VE(sigma_max=1000.0), "score"),  # Langevin step sizes beyond fp16 range: NaN when computed in fp16
+])
+def test_half_precision_sample_is_finite_and_close_to_float32(backend, dtype, solver, schedule, prediction):
+    """fp16 / bf16 data: every backend computes a stage in float32 and rounds only what it stores, so the sample
+    is finite and within the storage precision's rounding of the float32 sample."""
+    plan = fd.plan(solver, schedule, 8, prediction=prediction)
+    model = MIX.model(schedule, prediction)
+    kw = dict(shape=(3, 4, 16, 17), seeds=[1, 2, 3], backend=backend)
+    want = fd.sample(model, plan, **kw)
+    got = fd.sample(model, plan, dtype=dtype, check_finite="off", **kw)
+    assert got.dtype == dtype
+    assert torch.isfinite(got).all(), f"{(~torch.isfinite(got)).sum().item()} non-finite values"
+    err = (got.float() - want).abs()
+    unit = 2.0 ** -10 if dtype == torch.float16 else 2.0 ** -7  # the storage format's relative precision
+    scale = want.abs().mean().item()
+    assert err.mean().item() < 16 * unit * scale, (err.mean().item(), scale)
