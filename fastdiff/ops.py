@@ -330,7 +330,7 @@ def _check_x(name, x):
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
         raise ValueError(f"{name} must be a floating-point tensor [B, ...], got {_describe(x)}")
     if x.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{name} is {x.dtype}; the step works on float32, float16, bfloat16 or float64 (torch "
+        raise ValueError(f"{name} is {x.dtype}; fastdiff's ops take float32, float16, bfloat16 or float64 (torch "
                          f"backend) data: convert it with .float()")
 
 

@@ -121,8 +121,8 @@ def _check_seeds(seeds, batch) -> Optional[list]:
     if seeds is None:
         return None
     if isinstance(seeds, numbers.Integral) or (isinstance(seeds, torch.Tensor) and seeds.dim() == 0):
-        raise ValueError(f"seeds must be a list with one integer per sample, got the single int {int(seeds)}: "
-                         f"write seeds=[{int(seeds)}] for one sample, or seeds=list(range({batch})) for {batch}")
+        raise ValueError(f"seeds must be a list with one integer per sample ({batch} here), got the single int "
+                         f"{int(seeds)}: write seeds=[{int(seeds)}] for one sample")
     if isinstance(seeds, (str, bytes)) or not hasattr(seeds, "__len__"):
         raise ValueError(f"seeds must be a list with one integer per sample, got {_describe(seeds)}")
     n = seeds.numel() if isinstance(seeds, torch.Tensor) else len(seeds)

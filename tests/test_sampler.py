@@ -133,3 +133,35 @@ def test_half_precision_sample_is_finite_and_close_to_float32(backend, dtype, so
     unit = 2.0 ** -10 if dtype == torch.float16 else 2.0 ** -7  # the storage format's relative precision
     scale = want.abs().mean().item()
     assert err.mean().item() < 16 * unit * scale, (err.mean().item(), scale)
+
+
+class _TupleModel(torch.nn.Module):
+    """A module returning (output, extra), as many research models do."""
+
+    def forward(self, x, t):
+        return torch.tanh(x) * (t[:, None, None] / 1000.0), {"extra": 1}
+
+
+def test_model_returning_a_tuple_is_accepted():
+    plan = fd.plan("dpmpp_2m", S.DiscreteVP(), 5)
+    net = _TupleModel()
+    got = fd.sample(net, plan, shape=(2, 3, 5), seeds=[4, 5])
+    want = fd.sample(lambda x, t: net(x, t)[0], plan, shape=(2, 3, 5), seeds=[4, 5])
+    assert torch.equal(got, want)
+
+
+def test_diffusers_unet_is_passed_as_it_is():
+    """A diffusers model returns UNet2DOutput (the tensor in ``.sample``): fd.sample takes the model without a
+    lambda.  Tiny random weights, no download."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=2, out_channels=2, layers_per_block=1,
+                                 block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4).eval()
+    plan = fd.plan("ddim", S.DiscreteVP(), 3)
+    with torch.no_grad():
+        got = fd.sample(unet, plan, shape=(2, 2, 8, 8), seeds=[1, 2])
+        want = fd.sample(lambda x, t: unet(x, t).sample, plan, shape=(2, 2, 8, 8), seeds=[1, 2])
+        as_tuple = fd.sample(lambda x, t: unet(x, t, return_dict=False), plan, shape=(2, 2, 8, 8), seeds=[1, 2])
+    assert torch.isfinite(got).all()
+    assert torch.equal(got, want) and torch.equal(as_tuple, want)
