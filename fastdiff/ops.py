@@ -280,9 +280,10 @@ def _(seeds, draws, shape, dtype, backend):
 
 
 def _describe(v) -> str:
+    """A short description of a bad argument for error messages."""
     if isinstance(v, torch.Tensor):
         return f"a {v.dtype} tensor of shape {tuple(v.shape)} on {v.device}"
-    return f"{type(v).__name__} {v!r}" if isinstance(v, (int, float, str)) else type(v).__name__
+    return f"{type(v).__name__} {v!r}" if isinstance(v, (numbers.Number, str)) else type(v).__name__
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:

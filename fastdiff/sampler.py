@@ -29,6 +29,7 @@ from . import ops, rng
 from ._names import unknown_name
 from .backends import BACKENDS, resolve
 from .plan import Plan
+from .ops import _describe
 from .thresholding import apply_threshold, dynamic_threshold, threshold_options
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -36,12 +37,6 @@ from .thresholding import apply_threshold, dynamic_threshold, threshold_options
 # ---------------------------------------------------------------------------------------------------------------
 
 _DTYPES = "torch.float32, torch.float16, torch.bfloat16 or torch.float64"
-
-
-def _describe(v) -> str:
-    if isinstance(v, torch.Tensor):
-        return f"a {v.dtype} tensor of shape {tuple(v.shape)}"
-    return f"{type(v).__name__} {v!r}" if isinstance(v, (numbers.Number, str)) else type(v).__name__
 
 
 def _check_plan(plan):
