@@ -184,3 +184,20 @@ def test_checks_still_run_after_a_layout_passed():
         ops.step(**args, thresholds=torch.ones(3))
     with pytest.raises(ValueError, match="x must be a floating-point tensor"):
         ops.step(**dict(args, x=[[0.0] * 5] * 3))
+
+
+def test_explicit_unit_noise_replaces_the_philox_draw():
+    """z= (k-diffusion's noise_sampler through the sampler) enters exactly where the Philox draw does: x' + g z."""
+    plan, k = fd.plan("euler_ancestral", S.EDM(), 4), 1
+    seeds_list = [3, 9, 2**63 + 1]
+    seeds = rng.seeds_tensor(seeds_list)
+    x, out = torch.randn(SHAPE, dtype=torch.float64), torch.randn(SHAPE, dtype=torch.float64)
+    slots = torch.zeros((0,) + SHAPE, dtype=torch.float64)
+    philox = rng.randn(SHAPE, seeds_list, draw=int(plan.draw[k]), dtype=torch.float64)
+    drawn = stage_call(plan, k, x, out, slots, seeds)
+    torch.testing.assert_close(stage_call(plan, k, x, out, slots, seeds, z=philox), drawn, rtol=1e-12, atol=1e-12)
+    other = torch.randn(SHAPE, dtype=torch.float64)
+    g = float(plan.noise_gain[k])
+    assert g != 0.0
+    torch.testing.assert_close(stage_call(plan, k, x, out, slots, seeds, z=other), drawn + g * (other - philox),
+                               rtol=1e-12, atol=1e-12)
