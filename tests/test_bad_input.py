@@ -193,3 +193,10 @@ def test_ops_take_backend_and_the_old_kernel_keyword():
     want = 0.5 * x0 + 0.8 * rng.randn((2, 3), seeds, draw=0)
     torch.testing.assert_close(a, want)
     assert torch.equal(ops.randn((2, 3), seeds, 3, kernel="torch"), rng.randn((2, 3), seeds, draw=3))
+
+
+@pytest.mark.parametrize("seeds,match", [(5, "not a single int"), (None, "sequence of integers"),
+                                         (["a"], r"seeds\[0\] = 'a' is not an integer")])
+def test_seeds_tensor_rejects(seeds, match):
+    with pytest.raises(ValueError, match=match):
+        rng.seeds_tensor(seeds)
