@@ -6,8 +6,8 @@ and flow_euler (rectified flow).  Sizes: 1x4x64x64, 2x4x128x128 (a CFG batch), 1
 Providers (one setup function each, ``PROVIDERS``), all running the whole 20-step loop on the same inputs:
 
 - ``fastdiff-<kernel>``: the plan's stages through ``fastdiff.ops.step`` on this device's kernel (checks, dispatch).
-- ``torch-eager``: the same stages as eager torch ops (fastdiff's torch backend, ``run_stage``), noise from the
-  torch Philox of ``fastdiff.rng``.
+- ``torch-eager``: the same stages as eager torch ops (fastdiff's torch backend, ``ops.step_reference``), noise
+  from the torch Philox of ``fastdiff.rng``.
 - ``torch-compile``: the flat-row stage in torch ops (``fastdiff.ops.step_reference``, the contract every kernel
   matches, torch Philox included) under ``torch.compile`` (inductor, fullgraph, static shapes).  Coefficients are
   tensors, so it compiles one graph per distinct stage structure (1-6 per solver), not one per step; the compile
@@ -52,7 +52,6 @@ import torch._inductor.config
 import fastdiff as fd
 from fastdiff import ops, rng
 from fastdiff.backends import resolve
-from fastdiff.backends.torch_eager import run_stage
 
 try:
     from _common import load_k_diffusion, loadavg, source_version, time_interleaved, timeit, write
@@ -177,20 +176,9 @@ def setup_fastdiff(c: Case):
 
 
 def setup_torch_eager(c: Case):
-    plan, shape = c.plan, c.shape
-    seeds_t = rng.seeds_tensor(c.seeds, device=c.x0.device)
-    per_sample = int(np.prod(shape[1:]))
-
-    def loop(outs):
-        x, slots = c.x0, [None] * plan.num_slots
-        for k in range(plan.num_stages):
-            z = (rng.normals_per_sample(seeds_t, torch.full_like(seeds_t, int(plan.draw[k])), per_sample)
-                 .reshape(shape) if plan.draw[k] >= 0 else None)
-            x = run_stage(plan, k, x, outs[k] if plan.calls_model[k] else None, slots, z)
-        return x
-
+    loop = fused_loop(c.plan, c.x0, c.seeds, "torch")  # the torch backend: ops.step_reference, eager
     return Provider(lambda: loop(c.outs), check(loop(c.check_outs), c.want, "torch-eager"),
-                    noise="torch Philox (fastdiff.rng)" if plan.num_draws > 1 else None)
+                    noise="torch Philox (fastdiff.rng)" if c.plan.num_draws > 1 else None)
 
 
 def setup_torch_compile(c: Case):

@@ -8,6 +8,8 @@ backends execute a row in one memory pass; Philox noise makes a seed's sample in
     x = fd.sample(model, plan, shape=(4, 4, 64, 64), seeds=[1, 2, 3, 4])
 """
 
+import importlib
+
 from . import backends, rng, schedules
 from .plan import PREDICTIONS, Plan, plan
 from .sampler import Sampler, sample
@@ -20,5 +22,18 @@ SOLVERS = tuple(sorted(_SOLVER_TABLE))
 __version__ = "0.1.0"
 
 __all__ = ["backends", "rng", "schedules", "plan", "Plan", "sample", "Sampler", "timesteps", "SOLVERS", "SPACINGS",
-           "PREDICTIONS",
-           "solver_options", "__version__"]
+           "PREDICTIONS", "solver_options", "__version__"]
+
+# Public submodules imported on first access (``fd.models.GaussianMixture``), so ``import fastdiff`` stays light:
+# several pull in optional dependencies (diffusers, scipy, fastapi) only when used.
+_LAZY_SUBMODULES = ("distributed", "integrations", "models", "ops", "reference", "serving", "thresholding")
+
+
+def __getattr__(name):
+    if name in _LAZY_SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")  # also binds it here: later lookups skip this
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY_SUBMODULES))

@@ -1,9 +1,11 @@
 """fastdiff's custom ops: ``fastdiff::step``, ``fastdiff::add_noise``, ``fastdiff::randn``.
 
 Declared once with ``torch.library.custom_op`` (fake implementations included, so they compose with
-``torch.compile(fullgraph=True)`` and CUDA-graph capture); the ``kernel`` argument names the implementation:
-``"torch"`` (the reference below, any device, float64 too), ``"cpu"`` (C++/OpenMP, csrc/cpu), ``"triton"``
-(kernels/), ``"cuda"`` (CUDA C++, csrc/cuda).  Every kernel implements exactly ``step_reference``.
+``torch.compile(fullgraph=True)`` and CUDA-graph capture); the ``backend`` argument (old name: ``kernel``) names
+the implementation: ``"torch"`` (``step_reference`` below, any device, float64 too), ``"cpu"`` (C++/OpenMP,
+csrc/cpu), ``"triton"`` (kernels/), ``"cuda"`` (CUDA C++, csrc/cuda).  Every kernel implements exactly
+``step_reference``.  The public wrappers ``step`` / ``add_noise`` / ``randn`` check every argument; the backends
+check only their own limits (dtypes, devices they support).
 
 The step contract (one memory pass; all coefficient reads from device memory, no host sync):
 
@@ -22,26 +24,37 @@ The step contract (one memory pass; all coefficient reads from device memory, no
     thresholds [B], optional  Imagen dynamic thresholding (see ``dynamic_threshold``, the reduction pass that
                            computes them): D = clamp(D, -s_b, s_b) / s_b right after D is formed, before anything
                            uses it; float32 (float64 with float64 x)
+    z [B, *S], optional    unit noise used in place of the Philox draw (torch backend only: an external noise
+                           source such as k-diffusion's ``noise_sampler``)
 
     D  = cx x + co out ;  x' = M[0].[x, D, S] + g z (+ Langevin term) ;  S_i = M[1+i].[x, D, S] for written i
 """
 
 from __future__ import annotations
 
-import math
 import numbers
 from typing import Optional
 
 import torch
 
 from . import rng
+from ._names import unknown_name
+from .backends import BACKENDS
+from .thresholding import apply_threshold, dynamic_threshold, threshold_of, threshold_options  # noqa: F401 (re-exported)
 
-KERNELS = ("torch", "cpu", "triton", "cuda")
+KERNELS = BACKENDS  # old name of the backend list
 ROW_HEAD = 7  # cx, co, g, snr, r, lsx, lsD
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def row_length(num_slots: int) -> int:
+    """Length of a flat coefficient row for ``num_slots`` history slots: 7 + (1+K)(2+K)."""
     return ROW_HEAD + (1 + num_slots) * (2 + num_slots)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a step computes in for data of ``dtype``: float64 for float64, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _bcast(col: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -50,14 +63,67 @@ def _bcast(col: torch.Tensor, ndim: int) -> torch.Tensor:
 
 
 def per_sample_norm(t: torch.Tensor) -> torch.Tensor:
+    """||t_b|| over all non-batch dims: [B, ...] -> [B]."""
     return t.reshape(t.shape[0], -1).norm(dim=1)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The contract in plain torch (the torch backend, and the oracle every kernel is tested against)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def guided_output(out: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
+    """Classifier-free guidance on a [uncond; cond] batch [2B, ...]: out_u + w (out_c - out_u), in out's dtype."""
+    B = out.shape[0] // 2
+    return out[:B] + _bcast(guidance.to(out.dtype), out.dim()) * (out[B:] - out[:B])
+
+
+def _data_estimate(x, out, rows, guidance, cfg: bool) -> torch.Tensor:
+    """D = cx x + co out (out guided with ``cfg``) in the compute dtype; no checks."""
+    cdt = compute_dtype(x.dtype)
+    c = rows.to(cdt)
+    o = out.to(cdt)
+    if cfg:
+        o = guided_output(o, guidance)
+    return _bcast(c[:, 0], x.dim()) * x.to(cdt) + _bcast(c[:, 1], x.dim()) * o
+
+
+def data_estimate(x, out, rows, guidance=None, cfg: bool = False) -> torch.Tensor:
+    """The data estimate D = cx x + co out a stage forms from the model output, as every kernel forms it.
+
+    Parameters
+    ----------
+    x : Tensor [B, *S]
+    out : Tensor [B, *S] or [2B, *S] (with ``cfg``: [uncond; cond], combined as out_u + w (out_c - out_u))
+    rows : Tensor [B or 1, R] (columns 0 and 1: cx, co)
+    guidance : Tensor [B or 1], the cfg weight w (needed with ``cfg``)
+
+    Returns
+    -------
+    Tensor [B, *S] in float32 (float64 for float64 x)
+    """
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
+        raise ValueError(f"x must be a floating-point tensor [B, ...], got {_describe(x)}")
+    B = x.shape[0]
+    _check_tensor_arg("out", out, (2 * B if cfg else B,) + tuple(x.shape[1:]), x.device, floating=True,
+                      what="[uncond; cond]" if cfg else "x's shape")
+    if not isinstance(rows, torch.Tensor) or rows.dim() != 2 or rows.shape[0] not in (1, B) or rows.shape[1] < 2:
+        raise ValueError(f"rows must be [B or 1, R] coefficient rows, got {_describe(rows)}")
+    _same_device_as_x("rows", rows, x)
+    if cfg:
+        if not isinstance(guidance, torch.Tensor) or guidance.dim() != 1 or guidance.shape[0] not in (1, B):
+            raise ValueError(f"with cfg, guidance must be a [B or 1] tensor of guidance weights, got "
+                             f"{_describe(guidance)}")
+        _same_device_as_x("guidance", guidance, x)
+    return _data_estimate(x, out, rows, guidance, cfg)
+
+
 def step_reference(x, out, slots, rows, seeds, draws, guidance, slot_reads: int, slot_writes: int, use_out: bool,
-                   cfg: bool, noise: bool, langevin: bool, thresholds=None) -> torch.Tensor:
-    """The step contract in plain torch (the oracle every kernel is tested against). Mutates ``slots``."""
+                   cfg: bool, noise: bool, langevin: bool, thresholds=None, z=None) -> torch.Tensor:
+    """The step contract in plain torch, in float32 (float64 for float64 x): the torch backend and the oracle every
+    kernel is tested against.  Mutates ``slots``; ``z`` (unit noise [B, *S]) replaces the Philox draw."""
     B, K = x.shape[0], slots.shape[0]
-    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    cdt = compute_dtype(x.dtype)
     nd = x.dim()
     c = rows.to(cdt)
 
@@ -65,18 +131,12 @@ def step_reference(x, out, slots, rows, seeds, draws, guidance, slot_reads: int,
         return _bcast(c[:, j], nd)
 
     xf = x.to(cdt)
-    regs = [xf, None] + [None] * K
+    D = None
     if use_out:
-        o = out.to(cdt)
-        if cfg:
-            w = _bcast(guidance.to(cdt), nd)
-            o = o[:B] + w * (o[B:] - o[:B])
-        regs[1] = coef(0) * xf + coef(1) * o
+        D = _data_estimate(x, out, rows, guidance, cfg)
         if thresholds is not None:
-            regs[1] = apply_threshold(regs[1], thresholds.to(cdt))
-    for i in range(K):
-        if (slot_reads >> i) & 1:
-            regs[2 + i] = slots[i].to(cdt)
+            D = apply_threshold(D, thresholds)
+    regs = [xf, D] + [slots[i].to(cdt) if (slot_reads >> i) & 1 else None for i in range(K)]
 
     def combo(r):
         acc = torch.zeros_like(xf)
@@ -87,17 +147,16 @@ def step_reference(x, out, slots, rows, seeds, draws, guidance, slot_reads: int,
 
     x_new = combo(0)
     if noise or langevin:
-        noisy = draws >= 0
-        z = rng.normals_per_sample(seeds, draws.clamp(min=0).expand(B), xf[0].numel()).to(cdt).reshape(xf.shape)
-        z = z * _bcast(noisy.expand(B).to(cdt), nd)
+        if z is None:
+            z = rng.normals_per_sample(seeds, draws.clamp(min=0).expand(B), xf[0].numel()).reshape(xf.shape)
+        z = z.to(cdt) * _bcast((draws >= 0).expand(B).to(cdt), nd)
         x_new = x_new + coef(2) * z
         if langevin:
-            D = regs[1] if regs[1] is not None else torch.zeros_like(xf)
-            s = coef(5) * xf + coef(6) * D
+            # Song et al. 2021, Algorithm 4 per sample: eps = 2 r (snr ||z|| / ||s||)^2 with the score s
+            s = coef(5) * xf + coef(6) * (D if D is not None else torch.zeros_like(xf))
             snr, r = c[:, 3].expand(B), c[:, 4].expand(B)
             ratio = per_sample_norm(z) / per_sample_norm(s)
-            eps = torch.where(snr != 0, 2.0 * r * (snr * ratio) ** 2, torch.zeros_like(ratio))
-            eps = _bcast(eps, nd)
+            eps = _bcast(torch.where(snr != 0, 2.0 * r * (snr * ratio) ** 2, torch.zeros_like(ratio)), nd)
             x_new = x_new + eps * s + torch.sqrt(2.0 * eps) * z
     new = {i: combo(1 + i) for i in range(K) if (slot_writes >> i) & 1}
     for i, v in new.items():
@@ -105,44 +164,13 @@ def step_reference(x, out, slots, rows, seeds, draws, guidance, slot_reads: int,
     return x_new.to(x.dtype)
 
 
-def apply_threshold(D: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
-    """Imagen's dynamic thresholding of a data estimate D [B, ...] with per-sample thresholds s [B]:
-    clamp(D, -s, s) / s (NaN stays NaN), as every kernel applies it."""
-    s = _bcast(thresholds, D.dim())
-    return torch.clamp(D, -s, s) / s
-
-
 def add_noise_reference(x0, alpha, sigma, seeds, draws) -> torch.Tensor:
     """Forward process x_t = alpha x0 + sigma z with per-sample alpha, sigma [B] and Philox z (math in fp32+)."""
-    cdt = torch.float64 if x0.dtype == torch.float64 else torch.float32
+    cdt = compute_dtype(x0.dtype)
     nd = x0.dim()
     z = rng.normals_per_sample(seeds, draws.expand(x0.shape[0]), x0[0].numel()).to(cdt).reshape(x0.shape)
     x = _bcast(alpha.to(cdt), nd) * x0.to(cdt) + _bcast(sigma.to(cdt), nd) * z
     return x.to(x0.dtype)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Kernel lookup: the backends register their implementations lazily (building C++ / compiling CUDA on first use)
-# ---------------------------------------------------------------------------------------------------------------
-
-
-_IMPLS: dict = {}  # (kernel, op) -> function, once its backend loaded (an eager step must not pay for the lookup)
-
-
-def _impl(kernel: str, op: str):
-    fn = _IMPLS.get((kernel, op))
-    if fn is not None:
-        return fn
-    if kernel == "torch":
-        fn = {"step": step_reference, "add_noise": add_noise_reference, "randn": _randn_reference}[op]
-    elif kernel not in KERNELS:
-        raise ValueError(f"unknown kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
-    else:
-        from . import backends
-
-        fn = backends.load(kernel).OPS[op]  # raises (and caches nothing) where the backend cannot load
-    _IMPLS[(kernel, op)] = fn
-    return fn
 
 
 def _randn_reference(seeds, draws, shape, dtype):
@@ -153,62 +181,220 @@ def _randn_reference(seeds, draws, shape, dtype):
     return z.reshape(shape).to(dtype).contiguous()
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Backend lookup: the kernel backends register their implementations lazily (building C++ / compiling CUDA on
+# first use)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+_IMPLS: dict = {}  # (backend, op) -> function, once its backend loaded (an eager step must not pay for the lookup)
+_REFERENCE = {"step": step_reference, "add_noise": add_noise_reference, "randn": _randn_reference}
+
+
+def _impl(backend: str, op: str):
+    fn = _IMPLS.get((backend, op))
+    if fn is not None:
+        return fn
+    if backend == "torch":
+        fn = _REFERENCE[op]
+    elif backend not in BACKENDS:
+        raise _unknown_backend(backend)
+    else:
+        from . import backends
+
+        fn = backends.load(backend).OPS[op]  # raises (and caches nothing) where the backend cannot load
+    _IMPLS[(backend, op)] = fn
+    return fn
+
+
+def _unknown_backend(name) -> ValueError:
+    if name == "auto":
+        return ValueError("ops take a concrete backend, not 'auto': pick one with "
+                          "fastdiff.backends.resolve('auto', device_type) (one of: " + ", ".join(BACKENDS) + ")")
+    return unknown_name("backend", name, BACKENDS)
+
+
+def _backend_arg(backend, kernel) -> str:
+    """The backend named by ``backend=`` or by its old name ``kernel=`` (not both, unless they agree)."""
+    if kernel is not None:
+        if backend not in ("torch", kernel):
+            raise ValueError(f"got backend={backend!r} and kernel={kernel!r}: kernel= is the old name of backend=, "
+                             "give only backend=")
+        backend = kernel
+    if backend not in BACKENDS:
+        raise _unknown_backend(backend)
+    return backend
+
+
+def _call_step(backend, args, thresholds, z):
+    """The backend's step on the contract's 13 arguments; thresholds and z as keywords, only when given (only the
+    torch backend takes z)."""
+    extra = {}
+    if thresholds is not None:
+        extra["thresholds"] = thresholds
+    if z is not None:
+        extra["z"] = z
+    return _impl(backend, "step")(*args, **extra)
+
+
 @torch.library.custom_op("fastdiff::step", mutates_args=("slots",))
 def _step_op(x: torch.Tensor, out: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor, seeds: torch.Tensor,
              draws: torch.Tensor, guidance: torch.Tensor, slot_reads: int, slot_writes: int, use_out: bool,
-             cfg: bool, noise: bool, langevin: bool, kernel: str,
-             thresholds: Optional[torch.Tensor] = None) -> torch.Tensor:
-    return _call_step(kernel, (x, out, slots, rows, seeds, draws, guidance, slot_reads, slot_writes, use_out, cfg,
-                               noise, langevin), thresholds)
+             cfg: bool, noise: bool, langevin: bool, backend: str,
+             thresholds: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return _call_step(backend, (x, out, slots, rows, seeds, draws, guidance, slot_reads, slot_writes, use_out, cfg,
+                                noise, langevin), thresholds, z)
 
 
 @_step_op.register_fake
-def _(x, out, slots, rows, seeds, draws, guidance, slot_reads, slot_writes, use_out, cfg, noise, langevin, kernel,
-      thresholds=None):
+def _(x, out, slots, rows, seeds, draws, guidance, slot_reads, slot_writes, use_out, cfg, noise, langevin, backend,
+      thresholds=None, z=None):
     return torch.empty_like(x)
-
-
-def _call_step(kernel, args, thresholds):
-    """The kernel's step on the contract's 13 arguments; thresholds only when given (keyword, every kernel)."""
-    if thresholds is None:
-        return _impl(kernel, "step")(*args)
-    return _impl(kernel, "step")(*args, thresholds=thresholds)
 
 
 @torch.library.custom_op("fastdiff::add_noise", mutates_args=())
 def _add_noise_op(x0: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, seeds: torch.Tensor,
-                  draws: torch.Tensor, kernel: str) -> torch.Tensor:
-    return _impl(kernel, "add_noise")(x0, alpha, sigma, seeds, draws)
+                  draws: torch.Tensor, backend: str) -> torch.Tensor:
+    return _impl(backend, "add_noise")(x0, alpha, sigma, seeds, draws)
 
 
 @_add_noise_op.register_fake
-def _(x0, alpha, sigma, seeds, draws, kernel):
+def _(x0, alpha, sigma, seeds, draws, backend):
     return torch.empty_like(x0)
 
 
 @torch.library.custom_op("fastdiff::randn", mutates_args=())
 def _randn_op(seeds: torch.Tensor, draws: torch.Tensor, shape: list[int], dtype: torch.dtype,
-              kernel: str) -> torch.Tensor:
-    return _impl(kernel, "randn")(seeds, draws, shape, dtype)
+              backend: str) -> torch.Tensor:
+    return _impl(backend, "randn")(seeds, draws, shape, dtype)
 
 
 @_randn_op.register_fake
-def _(seeds, draws, shape, dtype, kernel):
+def _(seeds, draws, shape, dtype, backend):
     return seeds.new_empty(shape, dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Public wrappers: check shapes / devices / dtypes, then call the op
+# Argument checks (all of them live here; a backend checks only its own limits)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _describe(v) -> str:
+    """A short description of a bad argument for error messages."""
+    if isinstance(v, torch.Tensor):
+        return f"a {v.dtype} tensor of shape {tuple(v.shape)} on {v.device}"
+    return f"{type(v).__name__} {v!r}" if isinstance(v, (numbers.Number, str)) else type(v).__name__
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """Same device, where a missing index ("cuda") matches any index of its type."""
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
+def _same_device_as_x(name, t, x):
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {x.device}: put every input on one device (.to())")
+
+
+def _check_tensor_arg(name, t, shape, device, *, floating=False, dtype=None, what=""):
+    """t must be a tensor of ``shape`` (a tuple, or None for any) on ``device``, floating or of ``dtype``."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a tensor{' of shape ' + str(shape) if shape else ''}, got {_describe(t)}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)}{' (' + what + ')' if what else ''}")
+    if floating and not t.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if dtype is not None and t.dtype != dtype:
+        raise ValueError(f"{name} must be {dtype}, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but x is on {device}: put every input on one device (.to())")
+
+
+def _check_column(name, t, B, device, *, kind, dtype=None):
+    """t must be a 1-D tensor [B or 1] (of ``dtype``, or floating) on ``device``."""
+    ok = (isinstance(t, torch.Tensor) and t.dim() == 1 and t.shape[0] in (1, B)
+          and (t.dtype == dtype if dtype is not None else t.is_floating_point()))
+    if not ok:
+        raise ValueError(f"{name} must be {kind} tensor [B or 1] = [{B} or 1], got {_describe(t)}")
+    _check_tensor_arg(name, t, None, device)
+
+
+def _check_seeds_tensor(seeds, B, device):
+    if (not isinstance(seeds, torch.Tensor) or seeds.dtype != torch.int64 or seeds.dim() != 1
+            or seeds.shape[0] != B):
+        raise ValueError(f"seeds must be an int64 tensor with one entry per sample ([{B}], e.g. from "
+                         f"fastdiff.rng.seeds_tensor), got {_describe(seeds)}")
+    _check_tensor_arg("seeds", seeds, None, device)
+
+
+def _check_x(name, x):
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise ValueError(f"{name} must be a floating-point tensor [B, ...], got {_describe(x)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} is {x.dtype}; fastdiff's ops take float32, float16, bfloat16 or float64 (torch "
+                         f"backend) data: convert it with .float()")
+
+
+def _check_step_args(x, out, slots, rows, seeds, draws, guidance, slot_reads, slot_writes, use_out, cfg, thresholds,
+                     z, backend):
+    _check_x("x", x)
+    B, dev = x.shape[0], x.device
+    if not isinstance(slots, torch.Tensor) or slots.dim() != x.dim() + 1 or tuple(slots.shape[1:]) != tuple(x.shape):
+        raise ValueError(f"slots must be a tensor [K, *x.shape] = [K, {', '.join(map(str, x.shape))}] (K = 0 "
+                         f"without history), got {_describe(slots)}")
+    K = slots.shape[0]
+    if K and slots.dtype != x.dtype:
+        raise ValueError(f"slots are {slots.dtype} but x is {x.dtype}: keep the history slots in x's dtype")
+    _check_tensor_arg("slots", slots, None, dev)
+    if use_out:
+        _check_tensor_arg("out", out, (2 * B if cfg else B,) + tuple(x.shape[1:]), dev,
+                          what="[uncond; cond] with cfg" if cfg else "x's shape")
+        if out.dtype != x.dtype:
+            raise ValueError(f"out is {out.dtype} but x is {x.dtype}: cast the model output to x's dtype")
+    elif not isinstance(out, torch.Tensor):
+        raise ValueError(f"out must be a tensor (any, e.g. x, when use_out=False), got {_describe(out)}")
+    R = row_length(K)
+    if not isinstance(rows, torch.Tensor) or rows.dim() != 2 or rows.shape[0] not in (1, B) or rows.shape[1] != R:
+        raise ValueError(f"rows must be a tensor [B or 1, {R}] for K={K} slots, got {_describe(rows)}")
+    _check_tensor_arg("rows", rows, None, dev, floating=True)
+    _check_seeds_tensor(seeds, B, dev)
+    _check_column("draws", draws, B, dev, kind="an int64 (Philox draw index)", dtype=torch.int64)
+    _check_column("guidance", guidance, B, dev, kind="a floating-point (guidance weight)")
+    for name, mask in (("slot_reads", slot_reads), ("slot_writes", slot_writes)):
+        if not 0 <= mask < (1 << K):
+            raise ValueError(f"{name} is the bitmask {mask} but there are {K} slots: use bits 0..{K - 1} only")
+    if cfg and not use_out:
+        raise ValueError("cfg=True needs use_out=True: guidance combines the model outputs of a stage that calls it")
+    if thresholds is not None:
+        if not use_out:
+            raise ValueError("thresholds are given for a stage without model output (use_out=False): drop them")
+        want = compute_dtype(x.dtype)
+        if (not isinstance(thresholds, torch.Tensor) or thresholds.dtype != want
+                or tuple(thresholds.shape) != (B,)):
+            raise ValueError(f"thresholds must be a {want} tensor with one entry per sample ([{B}]) for {x.dtype} x "
+                             f"(from fastdiff.thresholding.dynamic_threshold), got {_describe(thresholds)}")
+        _check_tensor_arg("thresholds", thresholds, None, dev)
+    if z is not None:
+        if backend != "torch":
+            raise ValueError(f"z= (external unit noise) is taken by the torch backend only; the {backend!r} kernel "
+                             "draws its Philox noise itself: use backend='torch' or drop z")
+        _check_tensor_arg("z", z, tuple(x.shape), dev, floating=True, what="unit noise of x's shape")
+    if not x.is_contiguous() or (use_out and not out.is_contiguous()):
+        raise ValueError("x and out must be contiguous (call .contiguous() first): kernels stream them linearly")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public wrappers: check the arguments, then call the backend (the registered op when traced)
 # ---------------------------------------------------------------------------------------------------------------
 
 
 def _traced(*tensors) -> bool:
     """True under torch.compile or with tensor subclasses (fake tensors, functionalization): use the registered op.
 
-    In eager code the kernels are called directly: ``torch.library.custom_op``'s Python dispatch costs ~100 us per
-    call, more than a whole CPU step on a latent.
+    In eager code the backends are called directly: ``torch.library.custom_op``'s Python dispatch costs more than a
+    whole CPU step on a latent.
     """
-    return torch.compiler.is_compiling() or any(type(t) is not torch.Tensor for t in tensors)
+    return torch.compiler.is_compiling() or any(type(t) is not torch.Tensor for t in tensors if t is not None)
 
 
 _CPU_NO_GUIDANCE = torch.zeros(1)  # the default guidance weight on CPU (read only when cfg; never written)
@@ -218,51 +404,13 @@ _CPU_NO_GUIDANCE = torch.zeros(1)  # the default guidance weight on CPU (read on
 _CHECKED_LAYOUTS: set = set()
 
 
-def _check_step(x, out, slots, rows, seeds, draws, guidance, use_out, cfg):
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
-        raise ValueError("x must be a floating-point tensor [B, ...]")
-    B = x.shape[0]
-    dev = x.device
-    K = slots.shape[0]
-    for name, t in (("out", out), ("slots", slots), ("rows", rows), ("seeds", seeds), ("draws", draws),
-                    ("guidance", guidance)):
-        if t.device != dev:
-            raise ValueError(f"{name} is on {t.device} but x is on {dev}: put every step input on one device")
-    if use_out:
-        want = (2 * B if cfg else B,) + tuple(x.shape[1:])
-        if tuple(out.shape) != want:
-            raise ValueError(f"out has shape {tuple(out.shape)}, expected {want} ({'[uncond; cond]' if cfg else 'x'})")
-        if out.dtype != x.dtype:
-            raise ValueError(f"out is {out.dtype} but x is {x.dtype}: cast the model output to x's dtype")
-    if tuple(slots.shape[1:]) != tuple(x.shape) or (K and slots.dtype != x.dtype):
-        raise ValueError(f"slots must be [K, *x.shape] = [K, {', '.join(map(str, x.shape))}] in x's dtype, "
-                         f"got {tuple(slots.shape)} {slots.dtype}")
-    if rows.dim() != 2 or rows.shape[0] not in (1, B) or rows.shape[1] != row_length(K):
-        raise ValueError(f"rows must be [B or 1, {row_length(K)}] for K={K} slots, got {tuple(rows.shape)}")
-    if seeds.dtype != torch.int64 or tuple(seeds.shape) != (B,):
-        raise ValueError(f"seeds must be an int64 tensor with one entry per sample ({B}), got "
-                         f"{tuple(seeds.shape)} {seeds.dtype}")
-    if draws.dtype != torch.int64 or draws.dim() != 1 or draws.shape[0] not in (1, B):
-        raise ValueError(f"draws must be int64 [B or 1], got {tuple(draws.shape)} {draws.dtype}")
-    if guidance.dim() != 1 or guidance.shape[0] not in (1, B):
-        raise ValueError(f"guidance must be [B or 1], got {tuple(guidance.shape)}")
-
-
-def _check_thresholds(x, thresholds):
-    want = torch.float64 if x.dtype == torch.float64 else torch.float32
-    if not isinstance(thresholds, torch.Tensor):
-        raise ValueError(f"thresholds must be a {want} tensor [B] (from fastdiff.ops.dynamic_threshold), got "
-                         f"{type(thresholds).__name__}")
-    if thresholds.device != x.device:
-        raise ValueError(f"thresholds is on {thresholds.device} but x is on {x.device}: put every step input on one "
-                         "device")
-    if thresholds.dtype != want or tuple(thresholds.shape) != (x.shape[0],):
-        raise ValueError(f"thresholds must be a {want} tensor with one entry per sample ([{x.shape[0]}]) for {x.dtype} "
-                         f"x, got {tuple(thresholds.shape)} {thresholds.dtype}")
+def _layout(t):
+    return None if t is None else (t.shape, t.dtype, t.device, t.is_contiguous())
 
 
 def step(x, out, slots, rows, seeds, draws, guidance=None, *, slot_reads=None, slot_writes=0, use_out=True,
-         cfg=False, noise=True, langevin=False, kernel="torch", thresholds=None) -> torch.Tensor:
+         cfg=False, noise=True, langevin=False, backend="torch", thresholds=None, z=None,
+         kernel=None) -> torch.Tensor:
     """Execute one stage for a batch: returns x' and updates ``slots`` in place (see the module docstring).
 
     Parameters
@@ -274,167 +422,136 @@ def step(x, out, slots, rows, seeds, draws, guidance=None, *, slot_reads=None, s
     seeds : int64 Tensor [B];  draws : int64 Tensor [B or 1];  guidance : Tensor [B or 1] (cfg weight)
     slot_reads, slot_writes : int bitmasks (default: read every slot, write none)
     use_out, cfg, noise, langevin : bool, structural flags of the stage (host constants)
-    kernel : {"torch", "cpu", "triton", "cuda"}
+    backend : {"torch", "cpu", "triton", "cuda"} (``kernel=`` is its old name)
     thresholds : Tensor [B], optional
         Dynamic thresholding: D = clamp(D, -s_b, s_b) / s_b before D is used; float32 (float64 with float64 x),
         e.g. from ``dynamic_threshold`` on the same x, out, rows and guidance.
+    z : Tensor [B, *S], optional
+        Unit noise used in place of the Philox draw (torch backend only; the kernels draw their own noise).
     """
-    if not isinstance(x, torch.Tensor):
-        raise ValueError("x must be a floating-point tensor [B, ...]")
-    T = torch.Tensor
-    plain = (type(x) is T and type(out) is T and type(slots) is T and type(rows) is T and type(seeds) is T
-             and type(draws) is T and (guidance is None or type(guidance) is T)
-             and (thresholds is None or type(thresholds) is T))
+    backend = _backend_arg(backend, kernel)
+    if not isinstance(x, torch.Tensor) or not isinstance(slots, torch.Tensor):
+        _check_step_args(x, out, slots, rows, seeds, draws, guidance, 0, 0, use_out, cfg, thresholds, z, backend)
     if guidance is None:
-        guidance = _CPU_NO_GUIDANCE if plain and x.is_cpu else torch.zeros(1, dtype=torch.float32, device=x.device)
+        plain_cpu = x.is_cpu and type(x) is torch.Tensor and not torch.compiler.is_compiling()
+        guidance = _CPU_NO_GUIDANCE if plain_cpu else torch.zeros(1, dtype=torch.float32, device=x.device)
     if slot_reads is None:
         slot_reads = (1 << slots.shape[0]) - 1
     args = (x, out, slots, rows, seeds, draws, guidance, int(slot_reads), int(slot_writes), bool(use_out), bool(cfg),
             bool(noise), bool(langevin))
-    if not plain or torch.compiler.is_compiling():  # fake / functional tensors, torch.compile: the registered op
-        _check_step_args(x, out, slots, rows, seeds, draws, guidance, use_out, cfg, thresholds)
-        return _step_op(*args, kernel, thresholds)
-    layout = (x.shape, x.dtype, x.device, x.is_contiguous(), out.shape, out.dtype, out.device, out.is_contiguous(),
-              slots.shape, slots.dtype, slots.device, rows.shape, rows.device, seeds.shape, seeds.dtype,
-              seeds.device, draws.shape, draws.dtype, draws.device, guidance.shape, guidance.device, args[9],
-              args[10], None if thresholds is None else (thresholds.shape, thresholds.dtype, thresholds.device))
-    if layout not in _CHECKED_LAYOUTS:
-        _check_step_args(x, out, slots, rows, seeds, draws, guidance, use_out, cfg, thresholds)
+    if _traced(x, out, slots, rows, seeds, draws, guidance, thresholds, z):  # fake / functional tensors, compile
+        _check_step_args(*args[:11], thresholds, z, backend)
+        return _step_op(*args, backend, thresholds, z)
+    try:
+        layout = (backend,) + tuple(_layout(t) for t in (x, out, slots, rows, seeds, draws, guidance, thresholds, z)) \
+            + args[7:11]
+    except AttributeError:  # a non-tensor argument: the checks say which
+        layout = None
+    if layout is None or layout not in _CHECKED_LAYOUTS:
+        _check_step_args(*args[:11], thresholds, z, backend)
         if len(_CHECKED_LAYOUTS) >= 256:
             _CHECKED_LAYOUTS.clear()
         _CHECKED_LAYOUTS.add(layout)
-    fn = _impl(kernel, "step")
-    return fn(*args) if thresholds is None else fn(*args, thresholds=thresholds)
+    return _call_step(backend, args, thresholds, z)
 
 
-def _check_step_args(x, out, slots, rows, seeds, draws, guidance, use_out, cfg, thresholds):
-    _check_step(x, out, slots, rows, seeds, draws, guidance, use_out, cfg)
-    if thresholds is not None:
-        _check_thresholds(x, thresholds)
-    if not x.is_contiguous() or (use_out and not out.is_contiguous()):
-        raise ValueError("x and out must be contiguous (call .contiguous() first): kernels stream them linearly")
+def _seeds_arg(seeds, B, device) -> torch.Tensor:
+    """Seeds as an int64 tensor [B] on ``device``: an int64 tensor as is, else a sequence of B integers in
+    [0, 2**64) (checked by ``fastdiff.rng.seeds_tensor``)."""
+    if isinstance(seeds, torch.Tensor) and seeds.dtype == torch.int64:
+        _check_seeds_tensor(seeds, B, device)
+        return seeds
+    if isinstance(seeds, numbers.Integral):
+        raise ValueError(f"seeds must hold one integer per sample (a list of {B}), got the single int {seeds}: "
+                         f"write seeds=[{seeds}] for one sample")
+    t = rng.seeds_tensor(seeds, device=device)
+    if t.shape[0] != B:
+        raise ValueError(f"seeds has {t.shape[0]} entries but the batch has {B} samples: give one seed per sample")
+    return t
 
 
-def threshold_of(D: torch.Tensor, ratio: float = 0.995, max_value: float = 1.0) -> torch.Tensor:
-    """Per-sample dynamic thresholds of a data estimate (Saharia et al. 2022, Imagen; diffusers' ``_threshold_sample``).
-
-    ``s_b = clamp(quantile(|D_b|, ratio), 1, max_value)`` over all elements of sample b, in float32 (float64 for
-    float64 D).  Plain torch ops on D's device, no host sync (graph-capturable).
-
-    Parameters
-    ----------
-    D : Tensor [B, *S]
-    ratio : float in [0, 1];  max_value : float >= 1
-
-    Returns
-    -------
-    Tensor [B], float32 (float64 for float64 D)
-    """
-    ratio, max_value = threshold_options(ratio, max_value)
-    cdt = torch.float64 if D.dtype == torch.float64 else torch.float32
-    a = D.to(cdt).reshape(D.shape[0], -1).abs()
-    n = a.shape[1]
-    if n == 0:
-        return torch.ones(D.shape[0], dtype=cdt, device=D.device)
-    # torch.quantile's linear interpolation, rank = ratio (n - 1) rounded in the compute dtype as torch does, with
-    # the two order statistics from topk: torch.quantile sorts every row and refuses more than 2**24 elements.
-    rnd = (lambda v: v) if cdt == torch.float64 else _round_f32
-    rank = rnd(rnd(ratio) * (n - 1))
-    lo, hi = math.floor(rank), math.ceil(rank)
-    top = torch.topk(a, n - lo, dim=1).values  # descending: order statistic i (ascending) sits at n - 1 - i
-    q = torch.lerp(top[:, n - 1 - lo], top[:, n - 1 - hi], rank - lo)
-    return q.clamp(min=1.0, max=max_value)
-
-
-def _round_f32(v: float) -> float:
-    """v rounded to float32 (to nearest, ties to even) in plain Python, so torch.compile folds it as a constant."""
-    if v == 0.0:
-        return v
-    m, e = math.frexp(v)  # v = m 2**e, 0.5 <= |m| < 1: 24 significant bits are round(m 2**24)
-    return math.ldexp(round(m * 16777216.0) / 16777216.0, e)
-
-
-def threshold_options(ratio, max_value) -> tuple[float, float]:
-    """Check dynamic thresholding's options: (ratio in [0, 1], max_value >= 1) as floats, else ValueError."""
-    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real):
-        raise ValueError(f"dynamic thresholding takes the quantile ratio (a number in [0, 1], Imagen: 0.995), got "
-                         f"{ratio!r}")
-    ratio, max_value = float(ratio), float(max_value)
-    if not 0.0 <= ratio <= 1.0:
-        raise ValueError(f"the dynamic thresholding ratio is a quantile in [0, 1], got {ratio}")
-    if not max_value >= 1.0:  # also rejects NaN
-        raise ValueError(f"sample_max_value must be >= 1 (thresholds are clamped to [1, max]), got {max_value}")
-    return ratio, max_value
-
-
-def dynamic_threshold(x, out, rows, guidance=None, cfg=False, ratio=0.995, max_value=1.0) -> torch.Tensor:
-    """The reduction pass of dynamic thresholding: the thresholds ``step(..., thresholds=)`` takes for this stage.
-
-    Forms D = cx x + co out exactly as the step does (with ``cfg``: out = out_u + w (out_c - out_u)), in float32
-    (float64 for float64 x), then ``threshold_of(D, ratio, max_value)``.  Plain torch ops, no host sync.
-
-    Parameters
-    ----------
-    x : Tensor [B, *S]
-    out : Tensor [B, *S] or [2B, *S] (with ``cfg``: [uncond; cond])
-    rows : Tensor [B or 1, R] (columns 0 and 1: cx, co)
-    guidance : Tensor [B or 1], optional (the cfg weight w)
-    cfg : bool
-    ratio : float, the quantile of |D| (Imagen: 0.995);  max_value : float >= 1, the largest threshold
-
-    Returns
-    -------
-    Tensor [B]: float32 (float64 for float64 x), each >= 1
-    """
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
-        raise ValueError("x must be a floating-point tensor [B, ...]")
-    B = x.shape[0]
-    want = (2 * B if cfg else B,) + tuple(x.shape[1:])
-    if tuple(out.shape) != want:
-        raise ValueError(f"out has shape {tuple(out.shape)}, expected {want} ({'[uncond; cond]' if cfg else 'x'})")
-    if rows.dim() != 2 or rows.shape[0] not in (1, B) or rows.shape[1] < 2:
-        raise ValueError(f"rows must be [B or 1, R] coefficient rows, got {tuple(rows.shape)}")
-    if cfg and (not isinstance(guidance, torch.Tensor) or guidance.dim() != 1 or guidance.shape[0] not in (1, B)):
-        raise ValueError("with cfg, guidance must be a [B or 1] tensor of guidance weights")
-    for name, t in (("out", out), ("rows", rows)) + ((("guidance", guidance),) if cfg else ()):
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}: put every input on one device")
-    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    nd = x.dim()
-    c = rows.to(cdt)
-    xf, o = x.to(cdt), out.to(cdt)
-    if cfg:
-        o = o[:B] + _bcast(guidance.to(cdt), nd) * (o[B:] - o[:B])
-    D = _bcast(c[:, 0], nd) * xf + _bcast(c[:, 1], nd) * o
-    return threshold_of(D, ratio, max_value)
-
-
-def add_noise(x0, alpha, sigma, seeds, draws=None, *, kernel="torch") -> torch.Tensor:
-    """Forward process ``alpha x0 + sigma z`` with per-sample alpha, sigma [B] and Philox noise (img2img, training).
-
-    ``seeds``: int64 [B]; ``draws``: int64 [B or 1] (default draw 0).
-    """
-    B = x0.shape[0]
+def _draws_arg(draws, B, device) -> torch.Tensor:
+    """A Philox draw index: an int in [0, 2**32) or an int64 tensor [B or 1]."""
     if draws is None:
-        draws = torch.zeros(1, dtype=torch.int64, device=x0.device)
-    for name, t in (("alpha", alpha), ("sigma", sigma)):
-        if t.dim() != 1 or t.shape[0] not in (1, B) or t.device != x0.device:
-            raise ValueError(f"{name} must be a [B or 1] tensor on x0's device")
-    if seeds.dtype != torch.int64 or tuple(seeds.shape) != (B,):
-        raise ValueError(f"seeds must be an int64 tensor with one entry per sample ({B})")
-    if _traced(x0, alpha, sigma, seeds):
-        return _add_noise_op(x0.contiguous(), alpha, sigma, seeds, draws, kernel)
-    return _impl(kernel, "add_noise")(x0.contiguous(), alpha, sigma, seeds, draws)
+        draws = 0
+    if isinstance(draws, torch.Tensor):
+        _check_column("draws", draws, B, device, kind="an int64 (Philox draw index)", dtype=torch.int64)
+        return draws
+    return torch.tensor([rng._check_u32(draws, "draw")], dtype=torch.int64, device=device)
 
 
-def randn(shape, seeds, draw=0, *, dtype=torch.float32, device="cpu", kernel="torch") -> torch.Tensor:
-    """Philox normals of ``shape`` (batch first), one seed per sample, bitwise batch-invariant."""
+def _per_sample_arg(name, v, B, x0) -> torch.Tensor:
+    """A per-sample coefficient: a number, a 0-d tensor or a 1-D tensor [B or 1] on x0's device."""
+    if isinstance(v, numbers.Real) and not isinstance(v, bool):
+        return torch.tensor([float(v)], dtype=compute_dtype(x0.dtype), device=x0.device)
+    if isinstance(v, torch.Tensor) and v.dim() == 0:
+        v = v.reshape(1)
+    _check_column(name, v, B, x0.device, kind="a number or a floating-point")
+    return v
+
+
+def add_noise(x0, alpha, sigma, seeds, draws=None, *, backend="torch", kernel=None) -> torch.Tensor:
+    """Forward process ``alpha x0 + sigma z`` with per-sample alpha, sigma and Philox noise (img2img, training).
+
+    Parameters
+    ----------
+    x0 : Tensor [B, *S] (float32 / float16 / bfloat16; float64 on the torch backend)
+    alpha, sigma : number or Tensor [B or 1]
+    seeds : int64 Tensor [B] (seed bit patterns) or a sequence of B integers in [0, 2**64)
+    draws : int in [0, 2**32) or int64 Tensor [B or 1] (default: draw 0, the prior's)
+    backend : {"torch", "cpu", "triton", "cuda"} (``kernel=`` is its old name)
+
+    Returns
+    -------
+    Tensor [B, *S] in x0's dtype
+    """
+    backend = _backend_arg(backend, kernel)
+    _check_x("x0", x0)
+    B = x0.shape[0]
+    alpha = _per_sample_arg("alpha", alpha, B, x0)
+    sigma = _per_sample_arg("sigma", sigma, B, x0)
+    seeds = _seeds_arg(seeds, B, x0.device)
+    draws = _draws_arg(draws, B, x0.device)
+    x0 = x0.contiguous()
+    if _traced(x0, alpha, sigma, seeds, draws):
+        return _add_noise_op(x0, alpha, sigma, seeds, draws, backend)
+    return _impl(backend, "add_noise")(x0, alpha, sigma, seeds, draws)
+
+
+def randn(shape, seeds, draw=0, *, dtype=torch.float32, device=None, backend="torch", kernel=None) -> torch.Tensor:
+    """Philox normals of ``shape`` (batch first), one seed per sample, bitwise batch-invariant.
+
+    Parameters
+    ----------
+    shape : sequence of ints, batch first (each >= 1)
+    seeds : int64 Tensor [B] (seed bit patterns) or a sequence of B integers in [0, 2**64)
+    draw : int in [0, 2**32) or int64 Tensor [B or 1], the Philox draw index (0: the prior)
+    dtype : float32, float16, bfloat16 (float64 on the torch backend)
+    device : the output's device (default: the seeds tensor's, else CPU)
+    backend : {"torch", "cpu", "triton", "cuda"} (``kernel=`` is its old name)
+
+    Returns
+    -------
+    Tensor ``shape`` of ``dtype``
+    """
+    backend = _backend_arg(backend, kernel)
+    if isinstance(shape, (str, bytes)) or not hasattr(shape, "__len__") or len(shape) < 1:
+        raise ValueError(f"shape must be a sequence of sizes with the batch first, e.g. (4, 3, 64, 64), got "
+                         f"{_describe(shape)}")
+    if not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 1 for s in shape):
+        raise ValueError(f"shape must hold positive integer sizes, got {tuple(shape)}")
     shape = [int(s) for s in shape]
-    if not isinstance(seeds, torch.Tensor):
-        seeds = rng.seeds_tensor(seeds, device=device)
-    if seeds.numel() != shape[0]:
-        raise ValueError(f"seeds has {seeds.numel()} entries but the batch has {shape[0]} samples")
-    draws = torch.as_tensor([draw] if isinstance(draw, int) else draw, dtype=torch.int64, device=seeds.device)
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(map(str, FLOAT_DTYPES))}, got {dtype!r}")
+    if device is not None:
+        device = torch.device(device)
+    if isinstance(seeds, torch.Tensor):
+        if device is not None and not _same_device(seeds.device, device):
+            raise ValueError(f"seeds is on {seeds.device} but device={device}: move seeds or drop device=")
+        device = seeds.device
+    device = device if device is not None else torch.device("cpu")
+    seeds = _seeds_arg(seeds, shape[0], device)
+    draws = _draws_arg(draw, shape[0], seeds.device)
     if _traced(seeds, draws):
-        return _randn_op(seeds, draws, shape, dtype, kernel)
-    return _impl(kernel, "randn")(seeds, draws, shape, dtype)
+        return _randn_op(seeds, draws, shape, dtype, backend)
+    return _impl(backend, "randn")(seeds, draws, shape, dtype)

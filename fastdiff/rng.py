@@ -5,8 +5,8 @@ same uint32 stream bit for bit and the same normals to within a few ulp (libm
 differences in log/sin/cos only).  This file is the reference; kernels copy the
 layout below.
 
-Layout (DESIGN.md section 3, "Noise")
--------------------------------------
+Layout
+------
 Philox4x32-10 exactly as in Random123: 10 rounds, multipliers
 ``M0 = 0xD2511F53``, ``M1 = 0xCD9E8D57``, Weyl key increments
 ``W0 = 0x9E3779B9``, ``W1 = 0xBB67AE85``.  One round maps counter (c0..c3) and
@@ -52,7 +52,7 @@ the number of devices.
 from __future__ import annotations
 
 import operator
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -231,8 +231,9 @@ def _check_u32(value, name: str) -> int:
     return v
 
 
-def _normalize_seeds(seeds: SeedsLike, batch: int) -> list[int]:
-    """Seeds as Python ints in [0, 2^64); accepts ints, numpy (u)int64, 1-D int tensors."""
+def _normalize_seeds(seeds: SeedsLike, batch: Optional[int]) -> list[int]:
+    """Seeds as Python ints in [0, 2^64); accepts ints, numpy (u)int64, 1-D int tensors.  ``batch``: the number of
+    seeds expected (None: any)."""
     if isinstance(seeds, torch.Tensor):
         if seeds.dim() != 1 or seeds.dtype.is_floating_point or seeds.dtype.is_complex or seeds.dtype == torch.bool:
             raise ValueError(f"seeds tensor must be 1-D with an integer dtype, got {seeds.dtype} {tuple(seeds.shape)}")
@@ -243,8 +244,11 @@ def _normalize_seeds(seeds: SeedsLike, batch: int) -> list[int]:
         seeds = seeds.tolist()
     elif isinstance(seeds, (int, np.integer)):
         raise ValueError("seeds must be a sequence with one seed per sample (shape[0] of them), not a single int")
-    seeds = list(seeds)
-    if len(seeds) != batch:
+    try:
+        seeds = list(seeds)
+    except TypeError:
+        raise ValueError(f"seeds must be a sequence of integers (one per sample), got {type(seeds).__name__}") from None
+    if batch is not None and len(seeds) != batch:
         raise ValueError(f"got {len(seeds)} seeds for a batch of {batch} (shape[0]); pass exactly one seed per sample")
     out = []
     for i, s in enumerate(seeds):
@@ -356,5 +360,5 @@ def normals_per_sample(seeds: torch.Tensor, draws: torch.Tensor, numel: int, str
 
 def seeds_tensor(seeds, device="cpu") -> torch.Tensor:
     """Seeds (Python ints in [0, 2^64) and friends) as an int64 [B] tensor of their bit patterns."""
-    vals = _normalize_seeds(seeds, len(seeds) if not isinstance(seeds, torch.Tensor) else seeds.numel())
+    vals = _normalize_seeds(seeds, None)
     return torch.tensor([v - (1 << 64) if v >= (1 << 63) else v for v in vals], dtype=torch.int64, device=device)

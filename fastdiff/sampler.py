@@ -1,85 +1,247 @@
 """The sampler loop: run a Plan's stages with a model.
 
-Model calling convention (DESIGN §4): ``model(x, t, **cond) -> out`` with ``x`` the unscaled state [B, ...] and
-``t`` a [B] tensor of model times; ``out`` has x's shape, in the plan's prediction parameterization.
+Model calling convention: ``model(x, t, **cond) -> out`` with ``x`` the unscaled state [B, ...] and ``t`` a [B]
+tensor of model times; ``out`` has x's shape, in the plan's prediction parameterization.  A model may also return
+an object with a ``.sample`` tensor (diffusers' ``UNet2DOutput``, ``Transformer2DModelOutput``) or a tuple / list
+whose first element is the output, so diffusers models are passed as they are.
 
-Three paths share one stage loop:
-- ``torch`` backend: readable torch ops per stage (float64 works); the oracle.
-- kernel backends (``cpu``, ``triton``, ``cuda``): one ``fastdiff::step`` launch per stage over device-resident
-  coefficient rows, guidance combined inside the kernel, Philox noise drawn inside the kernel from a seeds tensor.
-- CUDA graph (kernel backends on CUDA): the whole loop, prior draw included, captured once per
-  (plan, shape, dtype, device, guidance on/off, conditioning shapes) and replayed; new seeds, x_T, guidance weight
-  or conditioning values are copied into static buffers, so they need no re-capture.
+Every stage is one ``fastdiff.ops.step`` on the chosen backend (``torch`` runs ``ops.step_reference``: plain
+torch ops, float64 too; ``cpu`` / ``triton`` / ``cuda`` are fused kernels), over device-resident coefficient rows,
+guidance combined inside the step, Philox noise drawn inside the step from a seeds tensor.  One stage loop
+(``_loop``) runs either eagerly or, on CUDA kernel backends, captured whole (prior draw included) in one CUDA graph
+per (plan, shape, dtype, device, guidance on/off, conditioning shapes) and replayed; new seeds, x_T, guidance
+weight or conditioning values are copied into static buffers, so they need no re-capture.
 """
 
 from __future__ import annotations
 
 import collections
 import math
+import numbers
 import sys
 import threading
+from collections.abc import Mapping
+from typing import NamedTuple, Optional
 
 import torch
 
 from . import ops, rng
+from ._names import unknown_name
 from .backends import BACKENDS, resolve
-from .backends.torch_eager import combine_guidance, run_stage
 from .plan import Plan
+from .ops import _describe
+from .thresholding import apply_threshold, dynamic_threshold, threshold_options
 
 # ---------------------------------------------------------------------------------------------------------------
-# Input checks
+# Input checks: every argument of Sampler / sample / img2img is checked here, before anything runs
 # ---------------------------------------------------------------------------------------------------------------
 
+_DTYPES = "torch.float32, torch.float16, torch.bfloat16 or torch.float64"
 
-def _check_seeds(seeds, batch):
-    if seeds is None:
+
+def _check_plan(plan):
+    if not isinstance(plan, Plan):
+        raise ValueError(f"plan must be a fastdiff Plan (from fastdiff.plan(...)), got {_describe(plan)}")
+
+
+def _check_guidance_scale(value) -> Optional[float]:
+    """None, or the guidance weight as a finite float (a number or a 0-d tensor)."""
+    if value is None:
         return None
-    n = len(seeds) if not isinstance(seeds, torch.Tensor) else seeds.numel()
-    if n != batch:
-        raise ValueError(f"seeds has {n} entries but the batch has {batch} samples: give one seed per sample")
-    return seeds
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.dtype.is_complex:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+        raise ValueError(f"guidance_scale must be a finite number (e.g. 7.5), got {_describe(value)}")
+    return float(value)
 
 
-def _check_tensor(t, name):
+def _check_options(plan, backend, guidance_scale, max_graphs, dynamic_threshold, sample_max_value):
+    """Sampler's construction options: (guidance weight or None, thresholding (ratio, max_value) or None)."""
+    _check_plan(plan)
+    if backend != "auto" and backend not in BACKENDS:
+        raise unknown_name("backend", backend, ("auto",) + BACKENDS)
+    if isinstance(max_graphs, bool) or not isinstance(max_graphs, numbers.Integral) or max_graphs < 1:
+        raise ValueError(f"max_graphs must be an integer >= 1 (the number of CUDA graphs kept), got {max_graphs!r}")
+    threshold = None if dynamic_threshold is None else threshold_options(dynamic_threshold, sample_max_value)
+    return _check_guidance_scale(guidance_scale), threshold
+
+
+def _check_state(t, name):
+    """A start state / init image / noise: a floating-point tensor [B, ...] with B >= 1."""
     if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point torch.Tensor [B, ...]")
+        raise ValueError(f"{name} must be a floating-point torch.Tensor [B, ...] ({_DTYPES}), got {_describe(t)}")
+    if t.dtype not in ops.FLOAT_DTYPES:
+        raise ValueError(f"{name} is {t.dtype}; fastdiff samples in {_DTYPES}: convert it with .float()")
     if t.dim() < 1 or t.shape[0] < 1:
-        raise ValueError(f"{name} must have a batch dimension, got shape {tuple(t.shape)}")
+        raise ValueError(f"{name} must have a batch dimension with at least one sample, got shape {tuple(t.shape)}")
     return t
 
 
-def _start(plan, x_T, shape, noise, seeds, dtype=None, device=None):
-    """(x_T or None, shape, dtype, device): x_T None means 'draw the prior from seeds' (draw 0)."""
-    if x_T is not None:
-        x = _check_tensor(x_T, "x_T")
-        return x, tuple(x.shape), x.dtype, x.device
-    if noise is not None:
-        n = _check_tensor(noise, "noise")
-        return plan.init_scale * n, tuple(n.shape), n.dtype, n.device
-    if shape is None:
-        raise ValueError("give x_T=, noise= or shape= (with seeds=) so the sampler knows where to start")
+def _check_shape(shape) -> tuple:
+    if isinstance(shape, (str, bytes)) or not hasattr(shape, "__len__"):
+        raise ValueError(f"shape must be a tuple of sizes with the batch first, e.g. (4, 3, 64, 64); got "
+                         f"{_describe(shape)}" + (f" (for {shape} samples of one value write ({shape}, 1))"
+                                                  if isinstance(shape, int) else ""))
+    if len(shape) < 1 or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in shape):
+        raise ValueError(f"shape must be a tuple of integer sizes with the batch first, got {tuple(shape)!r}")
     shape = tuple(int(s) for s in shape)
-    if len(shape) < 1 or any(s < 1 for s in shape):
-        raise ValueError(f"shape must be a tuple of positive sizes with the batch first, got {shape}")
+    if shape[0] < 1:
+        raise ValueError(f"shape {shape} has a batch of {shape[0]} samples: shape[0] must be at least 1")
+    if any(s < 1 for s in shape):
+        raise ValueError(f"shape must hold positive sizes, got {shape}")
+    return shape
+
+
+def _check_dtype(dtype):
+    if dtype is not None and dtype not in ops.FLOAT_DTYPES:
+        raise ValueError(f"dtype must be {_DTYPES}, got {dtype!r}")
+    return dtype
+
+
+def _check_device(device) -> Optional[torch.device]:
+    if device is None:
+        return None
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda', got {device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r} but CUDA is not available here (torch.cuda.is_available() is "
+                         "False): use device='cpu'")
+    return device
+
+
+def _check_seeds(seeds, batch) -> Optional[list]:
+    """None, or the seeds as a list: one integer in [0, 2**64) per sample."""
     if seeds is None:
-        raise ValueError(f"seeds= is needed to draw x_T for shape {shape}: give one integer seed per sample")
-    return None, shape, dtype or torch.float32, torch.device(device or "cpu")
+        return None
+    if isinstance(seeds, numbers.Integral) or (isinstance(seeds, torch.Tensor) and seeds.dim() == 0):
+        raise ValueError(f"seeds must be a list with one integer per sample ({batch} here), got the single int "
+                         f"{int(seeds)}: write seeds=[{int(seeds)}] for one sample")
+    if isinstance(seeds, (str, bytes)) or not hasattr(seeds, "__len__"):
+        raise ValueError(f"seeds must be a list with one integer per sample, got {_describe(seeds)}")
+    n = seeds.numel() if isinstance(seeds, torch.Tensor) else len(seeds)
+    if n != batch:
+        raise ValueError(f"seeds has {n} entries but the batch has {batch} samples: give one seed per sample")
+    rng.seeds_tensor(seeds)  # checks each seed: an integer in [0, 2**64)
+    return seeds
+
+
+def _check_mapping(name, value):
+    if value is not None and not isinstance(value, Mapping):
+        raise ValueError(f"{name} must be a dict of keyword arguments for the model (model(x, t, **{name})), e.g. "
+                         f"{name}={{'class_labels': labels}}; got {_describe(value)}")
+    return dict(value or {})
 
 
 def _batched_cond(cond, uncond, guided, batch, device):
-    cond = dict(cond or {})
+    """The model's keyword arguments: cond, or [uncond; cond] stacked per key with guidance."""
+    cond, uncond_d = _check_mapping("cond", cond), _check_mapping("uncond", uncond)
+    if guided and uncond is None:
+        raise ValueError("guidance_scale needs uncond= (the unconditional inputs, a dict with the same keys as cond, "
+                         "e.g. the empty prompt's embeddings): the model runs on [uncond; cond]")
+    if not guided and uncond is not None:
+        raise ValueError("uncond= is only used with classifier-free guidance: give guidance_scale= too, or drop "
+                         "uncond")
+    for name, d in (("cond", cond), ("uncond", uncond_d)):
+        for key, v in d.items():
+            if not isinstance(v, torch.Tensor) or v.dim() < 1 or v.shape[0] != batch:
+                raise ValueError(f"{name}[{key!r}] must be a tensor with {batch} rows (one per sample), got "
+                                 f"{_describe(v)}")
+            if v.device != device:
+                raise ValueError(f"{name}[{key!r}] is on {v.device} but x is on {device}: move it with .to()")
     if guided:
-        uncond = dict(uncond or {})
-        if set(cond) != set(uncond):
+        if set(cond) != set(uncond_d):
             raise ValueError(f"cond and uncond must have the same keys for guidance, got {sorted(cond)} and "
-                             f"{sorted(uncond)}")
-        cond = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
-    for key, v in cond.items():
-        if not isinstance(v, torch.Tensor) or v.shape[0] != batch * (2 if guided else 1):
-            raise ValueError(f"conditioning {key!r} must be a tensor with {batch} rows (one per sample)")
-        if v.device != device:
-            raise ValueError(f"conditioning {key!r} is on {v.device} but x is on {device}: move it with .to()")
+                             f"{sorted(uncond_d)}")
+        cond = {k: torch.cat([uncond_d[k], cond[k]]) for k in cond}
     return cond
+
+
+class _Request(NamedTuple):
+    """One sampling call, checked: where it starts, its noise, guidance, conditioning and backend."""
+
+    x_T: Optional[torch.Tensor]  # the start state; None: draw the prior from the seeds (draw 0)
+    shape: tuple
+    dtype: torch.dtype
+    device: torch.device
+    seeds: torch.Tensor  # int64 [B] seed bit patterns (zeros for a deterministic plan without seeds)
+    guidance: Optional[torch.Tensor]  # [1] guidance weight, None without guidance
+    cond: dict  # the model's keyword arguments ([uncond; cond] with guidance)
+    backend: str  # a concrete backend
+    noise_fn: object
+
+
+def _request(sampler, shape_or_x, x_T, shape, noise, seeds, cond, uncond, guidance_scale, dtype, device, callback,
+             check_finite, noise_fn) -> _Request:
+    """Check one call of ``Sampler.sample`` and resolve its defaults."""
+    plan = sampler.plan
+    if check_finite not in ("end", "step", "off"):
+        raise ValueError(f"check_finite must be 'end', 'step' or 'off', got {check_finite!r}")
+    for name, fn in (("callback", callback), ("noise_fn", noise_fn)):
+        if fn is not None and not callable(fn):
+            raise ValueError(f"{name} must be a function or None, got {_describe(fn)}")
+    if isinstance(shape_or_x, torch.Tensor):
+        if x_T is not None:
+            raise ValueError("the start state is given twice (positionally and as x_T=): give it once")
+        x_T = shape_or_x
+    elif shape_or_x is not None:
+        if shape is not None:
+            raise ValueError("shape is given twice (positionally and as shape=): give it once")
+        shape = shape_or_x
+    dtype, device = _check_dtype(dtype), _check_device(device)
+    if x_T is not None and noise is not None:
+        raise ValueError("give x_T= (the start state) or noise= (unit noise scaled by the plan), not both")
+    start = None
+    if x_T is not None or noise is not None:
+        name, t = ("x_T", x_T) if x_T is not None else ("noise", noise)
+        _check_state(t, name)
+        if shape is not None and _check_shape(shape) != tuple(t.shape):
+            raise ValueError(f"{name} has shape {tuple(t.shape)} but shape={tuple(shape)}: give only one of them")
+        if dtype is not None and dtype != t.dtype:
+            raise ValueError(f"dtype={dtype} but {name} is {t.dtype}: cast {name} with .to({dtype}) or drop dtype=")
+        if device is not None and not ops._same_device(device, t.device):
+            raise ValueError(f"device={device} but {name} is on {t.device}: move {name} with .to() or drop device=")
+        start = t if x_T is not None else plan.init_scale * t
+        shape, dtype, device = tuple(t.shape), t.dtype, t.device
+    elif shape is None:
+        raise ValueError("give x_T=, noise= or shape= (with seeds=) so the sampler knows where to start")
+    else:
+        shape = _check_shape(shape)
+        dtype, device = dtype or torch.float32, device or torch.device("cpu")
+    batch = shape[0]
+    seeds = _check_seeds(seeds, batch)
+    if seeds is None and start is None:
+        raise ValueError(f"seeds= is needed to draw x_T for shape {shape}: give one integer seed per sample")
+    if seeds is None and plan.num_draws > 1:
+        raise ValueError(f"solver {plan.solver!r} draws noise: pass seeds= (one integer per sample)")
+    w = sampler.guidance_scale if guidance_scale is None else _check_guidance_scale(guidance_scale)
+    kwargs = _batched_cond(cond, uncond, w is not None, batch, device)
+    # float64 and external noise run on the torch backend only (the kernels compute in fp32 and draw their own noise)
+    torch_only = dtype == torch.float64 or noise_fn is not None
+    backend = "torch" if sampler.backend == "auto" and torch_only else resolve(sampler.backend, device.type)
+    if noise_fn is not None and backend != "torch":
+        raise ValueError(f"noise_fn needs backend='torch' (the {backend!r} kernel draws its own noise)")
+    seeds_t = (rng.seeds_tensor(seeds, device=device) if seeds is not None
+               else torch.zeros(batch, dtype=torch.int64, device=device))
+    w_t = None if w is None else torch.full((1,), w, dtype=ops.compute_dtype(dtype), device=device)
+    return _Request(start, shape, dtype, device, seeds_t, w_t, kwargs, backend, noise_fn)
+
+
+def _check_strengths(strength, batch) -> list:
+    """img2img's strength: one number (a Python / numpy number or a 0-d tensor) or one per sample, each in [0, 1]."""
+    if isinstance(strength, torch.Tensor):
+        strength = strength.item() if strength.dim() == 0 else strength.tolist()
+    if isinstance(strength, numbers.Real) and not isinstance(strength, bool):
+        values = [float(strength)] * batch
+    elif hasattr(strength, "__len__") and not isinstance(strength, (str, bytes)) and all(
+            isinstance(v, numbers.Real) and not isinstance(v, bool) for v in strength):
+        values = [float(v) for v in strength]
+    else:
+        raise ValueError(f"strength must be one number or {batch} numbers in [0, 1], got {_describe(strength)}")
+    if len(values) != batch or not all(0.0 <= v <= 1.0 for v in values):
+        raise ValueError(f"strength must be one number or {batch} numbers in [0, 1], got {strength!r}")
+    return values
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -89,34 +251,66 @@ def _batched_cond(cond, uncond, guided, batch, device):
 
 def _model_time(plan, k, batch, x):
     t = float(plan.schedule.model_time(plan.stage_times[k]))  # a host constant: no sync, graph-safe
-    tdtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return torch.full((batch,), t, dtype=tdtype, device=x.device)
+    return torch.full((batch,), t, dtype=ops.compute_dtype(x.dtype), device=x.device)
 
 
-def _call_model(model, plan, k, x, guided, kwargs):
+def _output_tensor(out):
+    """The output tensor of a model call: a tensor as is, the ``.sample`` tensor of an output object (diffusers'
+    ``UNet2DOutput``, ``Transformer2DModelOutput``), the first element of a tuple / list; else ``out`` unchanged."""
+    if isinstance(out, torch.Tensor):
+        return out
+    sample = getattr(out, "sample", None)
+    if isinstance(sample, torch.Tensor):
+        return sample
+    if isinstance(out, (tuple, list)) and len(out) > 0 and isinstance(out[0], torch.Tensor):
+        return out[0]
+    return out
+
+
+def _call_model(model, plan, k, x, guided, kwargs, first: bool):
+    """The model output of stage k ([uncond; cond] with guidance) in x's dtype, contiguous."""
     batch = x.shape[0]
     t = _model_time(plan, k, batch, x)
-    out = model(torch.cat([x, x]), torch.cat([t, t]), **kwargs) if guided else model(x, t, **kwargs)
+    try:
+        out = model(torch.cat([x, x]), torch.cat([t, t]), **kwargs) if guided else model(x, t, **kwargs)
+    except TypeError as e:
+        if not first:
+            raise
+        keys = f" and keyword arguments {', '.join(map(repr, kwargs))} (from cond)" if kwargs else ""
+        raise ValueError(f"the model raised TypeError at its first call: {e}.  fastdiff calls model(x, t, **cond) "
+                         f"with x [B, ...], t [B] the model times{keys}: give a model that takes these (wrap another "
+                         "signature, e.g. lambda x, t, **cond: net(x, t.long(), **cond))") from e
+    out = _output_tensor(out)
     expect = (2 * batch if guided else batch,) + tuple(x.shape[1:])
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != expect:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(f"the model returned {got}, expected a tensor of shape {expect}")
-    return out.to(x.dtype)
+        raise ValueError(f"the model returned {got}, expected a tensor of shape {expect}"
+                         + (" ([uncond; cond] outputs for the [uncond; cond] batch)" if guided else ""))
+    if not out.is_floating_point():
+        raise ValueError(f"the model returned a {out.dtype} tensor: its output must be floating-point")
+    return out.to(x.dtype).contiguous()
+
+
+def _unit_noise(noise_fn, k, x):
+    z = noise_fn(k)
+    if not isinstance(z, torch.Tensor) or tuple(z.shape) != tuple(x.shape):
+        raise ValueError(f"noise_fn({k}) returned {_describe(z)}, expected unit noise of x's shape {tuple(x.shape)}")
+    return z
 
 
 _ROWS_CACHE: dict = {}
 _ROWS_LOCK = threading.Lock()
 
 
-def device_rows(plan, device) -> tuple:
-    """(rows float32 [S, R], draws int64 [S]) of a plan on a device, cached (plans are immutable)."""
-    key = (plan, str(device))
+def device_rows(plan, device, dtype=torch.float32) -> tuple:
+    """(rows [S, R] of ``dtype``, draws int64 [S]) of a plan on a device, cached (plans are immutable)."""
+    key = (plan, str(device), dtype)
     with _ROWS_LOCK:
         hit = _ROWS_CACHE.get(key)
         if hit is None:
             if len(_ROWS_CACHE) > 64:
                 _ROWS_CACHE.clear()
-            hit = (torch.tensor(plan.rows(), dtype=torch.float32, device=device),
+            hit = (torch.tensor(plan.rows(), dtype=dtype, device=device),
                    torch.tensor(plan.draw, dtype=torch.int64, device=device))
             _ROWS_CACHE[key] = hit
     return hit
@@ -132,69 +326,72 @@ def _progress(total, enabled):
     return tqdm(total=total, desc="sampling", unit="step", leave=False)
 
 
-def _loop(model, plan, x, seeds_t, kernel, w, kwargs, callback=None, check_finite="off", bar=None, noise_fn=None,
+def _check_stage(x, out, plan, k, w):
+    """After stage k (check_finite="step"): raise FloatingPointError naming what made NaN / Inf."""
+    if torch.isfinite(x).all():
+        return
+    where = f"non-finite values after stage {k} (t={plan.stage_times[k]:g}) of {plan.solver!r}"
+    if out is not None and not torch.isfinite(out).all():
+        raise FloatingPointError(f"{where}: the model output has NaN or Inf (check the model and its inputs)")
+    if out is not None and w is not None:
+        guided = ops.guided_output(out.to(ops.compute_dtype(out.dtype)), w)
+        if not torch.isfinite(guided).all():
+            raise FloatingPointError(f"{where}: both halves of the model output are finite, but the guided "
+                                     f"combination out_u + w (out_c - out_u) with w = {float(w[0]):g} overflows; "
+                                     "lower guidance_scale or bound the model output")
+    raise FloatingPointError(f"{where}: the model output is finite, so the step overflowed: check the plan's "
+                             "prediction type and the scale of the model output for this schedule")
+
+
+def _loop(model, plan, x, seeds_t, backend, w, kwargs, callback=None, check_finite="off", bar=None, noise_fn=None,
           threshold=None):
-    """Run every stage. ``x``: the start state; ``w``: guidance tensor [1] or None; ``threshold``: (ratio,
-    max_value) of dynamic thresholding or None; returns the sample.
+    """Run every stage with ``fastdiff.ops.step``. ``x``: the start state; ``w``: guidance tensor [1] or None;
+    ``threshold``: (ratio, max_value) of dynamic thresholding or None; returns the sample.
 
     With ``check_finite="off"`` and no callback this does no host sync, so it can be captured in a CUDA graph
     (dynamic thresholding included: its reduction pass is device-side torch ops).
     """
     guided = w is not None
-    slots_list = [None] * plan.num_slots
-    slots = None
-    if kernel != "torch":
-        rows, draws = device_rows(plan, x.device)
-        slots = torch.zeros((plan.num_slots,) + tuple(x.shape), dtype=x.dtype, device=x.device)
-        w_t = w if guided else torch.zeros(1, dtype=torch.float32, device=x.device)
-        x = x.contiguous()
+    cdt = ops.compute_dtype(x.dtype)
+    rows, draws = device_rows(plan, x.device, cdt)
+    slots = torch.zeros((plan.num_slots,) + tuple(x.shape), dtype=x.dtype, device=x.device)
+    w_t = w if guided else torch.zeros(1, dtype=cdt, device=x.device)
+    x = x.contiguous()
+    first_call = True
     for k in range(plan.num_stages):
         reads, writes, use_out, noise, langevin = plan.stage_flags[k]
-        out = _call_model(model, plan, k, x, guided, kwargs) if use_out else None
-        x_prev = x
-        thr = None
-        if kernel == "torch":
-            o = combine_guidance(out, w) if guided and use_out else out
-            if threshold is not None and use_out:  # Imagen: per-sample quantile of |D|, then D = clamp(D) / s
-                cx, co = plan.conv[k]
-                thr = ops.threshold_of(cx * x + co * o, *threshold)
-            z = None
-            if (noise or langevin) and noise_fn is not None:
-                z = noise_fn(k).to(x.dtype)  # external noise (k-diffusion's noise_sampler)
-            elif noise or langevin:
-                z = rng.normals_per_sample(seeds_t, torch.full_like(seeds_t, int(plan.draw[k])), x[0].numel())
-                z = z.reshape(x.shape).to(x.dtype)
-            x = run_stage(plan, k, x, o, slots_list, z, thr)
-        else:
-            out_c = out.contiguous() if use_out else x
-            if threshold is not None and use_out:  # the reduction pass; the kernel clamps and scales D
-                thr = ops.dynamic_threshold(x, out_c, rows[k : k + 1], w_t, guided, *threshold)
-            x = ops.step(x, out_c, slots, rows[k : k + 1], seeds_t, draws[k : k + 1], w_t, slot_reads=reads,
-                         slot_writes=writes, use_out=use_out, cfg=guided and use_out, noise=noise, langevin=langevin,
-                         kernel=kernel, thresholds=thr)
+        row, cfg = rows[k : k + 1], guided and use_out
+        out = None
+        if use_out:
+            out = _call_model(model, plan, k, x, guided, kwargs, first_call)
+            first_call = False
+        thr = dynamic_threshold(x, out, row, w_t, cfg, *threshold) if threshold is not None and use_out else None
+        z = _unit_noise(noise_fn, k, x) if noise_fn is not None and (noise or langevin) else None
+        x_new = ops.step(x, x if out is None else out, slots, row, seeds_t, draws[k : k + 1], w_t, slot_reads=reads,
+                         slot_writes=writes, use_out=use_out, cfg=cfg, noise=noise, langevin=langevin,
+                         backend=backend, thresholds=thr, z=z)
         if callback is not None and use_out:
-            o = combine_guidance(out, w) if guided else out
-            cx, co = plan.conv[k]
-            D = cx * x_prev + co * o
-            callback(k, x, D if thr is None else ops.apply_threshold(D, thr.to(D.dtype)))
-        if check_finite == "step" and not torch.isfinite(x).all():
-            raise FloatingPointError(f"non-finite values after stage {k} (t={plan.stage_times[k]:g}) of "
-                                     f"{plan.solver!r}: check the model output and the prediction type")
+            D = ops.data_estimate(x, out, row, w_t, cfg)
+            callback(k, x_new, (D if thr is None else apply_threshold(D, thr)).to(x.dtype))
+        if check_finite == "step":
+            _check_stage(x_new, out, plan, k, w if cfg else None)
         if bar is not None:
             bar.update(1)
+        x = x_new
     return x
 
 
-def _prior(plan, x_T, shape, dtype, device, seeds_t, kernel):
+def _prior(plan, x_T, shape, dtype, device, seeds_t, backend):
     if x_T is not None:
         return x_T
-    return plan.init_scale * ops.randn(shape, seeds_t, 0, dtype=dtype, device=device, kernel=kernel)
+    return plan.init_scale * ops.randn(shape, seeds_t, 0, dtype=dtype, device=device, backend=backend)
 
 
 def _check_end(x, plan, check_finite):
     if check_finite != "off" and not torch.isfinite(x).all():
         raise FloatingPointError(f"the sample has NaN or Inf ({plan.solver!r}, {plan.nfe} model calls): rerun with "
-                                 "check_finite='step' to find the stage, and check the model and prediction type")
+                                 "check_finite='step' to find the stage and whether the model output, the guidance "
+                                 "combination or the step made them")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -208,7 +405,8 @@ class Sampler:
     Parameters
     ----------
     model : callable
-        ``model(x [B, ...], t [B], **cond) -> out [B, ...]`` in ``plan.prediction``.
+        ``model(x [B, ...], t [B], **cond) -> out [B, ...]`` in ``plan.prediction`` (or an object with a
+        ``.sample`` tensor, or a tuple whose first element is ``out``: diffusers models work as they are).
     plan : Plan
     backend : str
         "auto" (fastest for the data's device and dtype) or one of ``fastdiff.backends.BACKENDS``.
@@ -217,7 +415,8 @@ class Sampler:
     cuda_graph : bool
         Capture the whole loop in one CUDA graph on CUDA kernel backends (default True).
     guidance_scale : float, optional
-        Classifier-free guidance weight; the model then runs once per stage on [uncond; cond].
+        Classifier-free guidance weight; the model then runs once per stage on [uncond; cond] (``sample`` needs
+        ``uncond=``).
     progress : bool, optional
         tqdm bar over stages; default: on for long eager runs when stderr is a terminal, never inside graphs.
     max_graphs : int
@@ -233,18 +432,12 @@ class Sampler:
     def __init__(self, model, plan: Plan, backend: str = "auto", compile=None, cuda_graph: bool = True,
                  guidance_scale=None, progress=None, max_graphs: int = 8, dynamic_threshold=None,
                  sample_max_value: float = 1.0):
-        if not isinstance(plan, Plan):
-            raise ValueError(f"plan must be a fastdiff Plan (from fastdiff.plan(...)), got {type(plan).__name__}")
-        if backend != "auto" and backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {', '.join(BACKENDS)}")
-        if guidance_scale is not None and not math.isfinite(float(guidance_scale)):
-            raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
+        w, self._threshold = _check_options(plan, backend, guidance_scale, max_graphs, dynamic_threshold,
+                                            sample_max_value)
         self.model, self.plan, self.backend = model, plan, backend
-        self.compile, self.cuda_graph, self.guidance_scale = compile, cuda_graph, guidance_scale
+        self.compile, self.cuda_graph, self.guidance_scale = compile, cuda_graph, w
         self.progress, self.max_graphs = progress, max_graphs
         self.dynamic_threshold, self.sample_max_value = dynamic_threshold, sample_max_value
-        self._threshold = None if dynamic_threshold is None else ops.threshold_options(dynamic_threshold,
-                                                                                         sample_max_value)
         self._compiled = None
         self._graphs: collections.OrderedDict = collections.OrderedDict()
         self._lock = threading.Lock()
@@ -267,45 +460,22 @@ class Sampler:
         ``noise_fn(stage) -> Tensor`` supplies each noisy stage's unit noise from outside (k-diffusion's
         ``noise_sampler``); it runs on the torch backend, since the kernels draw their noise themselves.
         """
-        if isinstance(shape_or_x, torch.Tensor):
-            x_T = shape_or_x
-        elif shape_or_x is not None:
-            shape = shape_or_x
-        if check_finite not in ("end", "step", "off"):
-            raise ValueError(f"check_finite must be 'end', 'step' or 'off', got {check_finite!r}")
+        req = _request(self, shape_or_x, x_T, shape, noise, seeds, cond, uncond, guidance_scale, dtype, device,
+                       callback, check_finite, noise_fn)
         plan = self.plan
-        x0, shape, dtype, device = _start(plan, x_T, shape, noise, seeds, dtype, device)
-        batch = shape[0]
-        _check_seeds(seeds, batch)
-        if seeds is None and plan.num_draws > 1:
-            raise ValueError(f"solver {plan.solver!r} draws noise: pass seeds= (one integer per sample)")
-        w_val = self.guidance_scale if guidance_scale is None else guidance_scale
-        guided = w_val is not None
-        if guided and not math.isfinite(float(w_val)):
-            raise ValueError(f"guidance_scale must be finite, got {w_val}")
-        kwargs = _batched_cond(cond, uncond, guided, batch, device)
-        # float64 runs on the torch backend only (the kernels compute in fp32)
-        torch_only = dtype == torch.float64 or noise_fn is not None
-        kind = "torch" if self.backend == "auto" and torch_only else resolve(self.backend, device.type)
-        if noise_fn is not None and kind != "torch":
-            raise ValueError(f"noise_fn needs backend='torch' (the {kind!r} kernel draws its own noise)")
-        seeds_t = (rng.seeds_tensor(seeds, device=device) if seeds is not None
-                   else torch.zeros(batch, dtype=torch.int64, device=device))
-        w = torch.full((1,), float(w_val), dtype=torch.float32 if dtype != torch.float64 else dtype,
-                       device=device) if guided else None
-        model = self._model_for(device)
-        graphable = (self.cuda_graph and device.type == "cuda" and kind in ("cuda", "triton") and callback is None
-                     and check_finite != "step")
+        model = self._model_for(req.device)
+        graphable = (self.cuda_graph and req.device.type == "cuda" and req.backend in ("cuda", "triton")
+                     and callback is None and check_finite != "step")
         if graphable:
-            x = self._replay(model, kind, x0, shape, dtype, device, seeds_t, w, kwargs)
+            x = self._replay(model, req)
         else:
             show = self.progress if self.progress is not None else (
-                device.type == "cpu" and plan.num_stages * batch >= 200 and sys.stderr.isatty())
+                req.device.type == "cpu" and plan.num_stages * req.shape[0] >= 200 and sys.stderr.isatty())
             bar = _progress(plan.num_stages, show)
             try:
-                x = _prior(plan, x0, shape, dtype, device, seeds_t, kind)
-                x = _loop(model, plan, x, seeds_t, kind, w, kwargs, callback, check_finite, bar, noise_fn,
-                          self._threshold)
+                x = _prior(plan, req.x_T, req.shape, req.dtype, req.device, req.seeds, req.backend)
+                x = _loop(model, plan, x, req.seeds, req.backend, req.guidance, req.cond, callback, check_finite, bar,
+                          req.noise_fn, self._threshold)
             finally:
                 if bar is not None:
                     bar.close()
@@ -325,19 +495,18 @@ class Sampler:
         Parameters
         ----------
         init : Tensor [B, ...]
-        strength : float or sequence of B floats in [0, 1]
+        strength : number (Python, numpy or a 0-d tensor) or B numbers, each in [0, 1]
         seeds : sequence of B ints
         """
         from . import plan as make_plan
 
-        x0 = _check_tensor(init, "init")
+        x0 = _check_state(init, "init")
         B, p = x0.shape[0], self.plan
-        strengths = [float(strength)] * B if isinstance(strength, (int, float)) else [float(v) for v in strength]
-        if len(strengths) != B or not all(0.0 <= v <= 1.0 for v in strengths):
-            raise ValueError(f"strength must be one number or {B} numbers in [0, 1], got {strength!r}")
-        _check_seeds(seeds, B)
+        strengths = _check_strengths(strength, B)
         if seeds is None:
             raise ValueError("img2img needs seeds= (one integer per sample) for the noise it adds")
+        seeds = _check_seeds(seeds, B)
+        cond, uncond = _check_mapping("cond", cond), None if uncond is None else _check_mapping("uncond", uncond)
         out = x0.clone()
         starts = [p.steps - int(p.steps * v) for v in strengths]
         opts = dict(p.options)
@@ -348,47 +517,46 @@ class Sampler:
             sub = make_plan(p.solver, p.schedule, prediction=p.prediction, final=p.final,
                             timesteps=list(p.times[start:-1]), **opts)
             seeds_b = [seeds[b] for b in idx]
-            st = rng.seeds_tensor(seeds_b, device=x0.device)
-            a, s = float(sub.alphas[0]), float(sub.sigmas[0])
-            x_start = ops.add_noise(x0[idx].contiguous(), torch.tensor([a], device=x0.device),
-                                    torch.tensor([s], device=x0.device), st)
-            pick = {k: v[idx] for k, v in (cond or {}).items()}, {k: v[idx] for k, v in (uncond or {}).items()}
+            x_start = ops.add_noise(x0[idx], float(sub.alphas[0]), float(sub.sigmas[0]),
+                                    rng.seeds_tensor(seeds_b, device=x0.device))
+            pick = {k: v[idx] for k, v in cond.items()}
+            pick_u = None if uncond is None else {k: v[idx] for k, v in uncond.items()}
             runner = Sampler(self.model, sub, backend=self.backend, compile=self.compile, cuda_graph=self.cuda_graph,
                              guidance_scale=self.guidance_scale, progress=self.progress,
                              dynamic_threshold=self.dynamic_threshold, sample_max_value=self.sample_max_value)
-            out[idx] = runner.sample(x_T=x_start, seeds=seeds_b, cond=pick[0] or None, uncond=pick[1] or None,
+            out[idx] = runner.sample(x_T=x_start, seeds=seeds_b, cond=pick or None, uncond=pick_u,
                                      guidance_scale=guidance_scale, check_finite=check_finite)
         return out
 
     # -- CUDA graph path ----------------------------------------------------------------------------------------
-    def _replay(self, model, kind, x0, shape, dtype, device, seeds_t, w, kwargs):
-        key = (kind, shape, dtype, str(device), x0 is None, w is not None,
-               tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(kwargs.items())))
+    def _replay(self, model, req: _Request):
+        key = (req.backend, req.shape, req.dtype, str(req.device), req.x_T is None, req.guidance is not None,
+               tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(req.cond.items())))
         with self._lock:
             entry = self._graphs.get(key)
             if entry is None:
-                entry = _GraphEntry(model, self.plan, kind, x0, shape, dtype, device, seeds_t, w, kwargs,
-                                    self._threshold)
+                entry = _GraphEntry(model, self.plan, req, self._threshold)
                 self._graphs[key] = entry
                 while len(self._graphs) > self.max_graphs:
                     self._graphs.popitem(last=False)
             else:
                 self._graphs.move_to_end(key)
-        return entry.replay(x0, seeds_t, w, kwargs)
+        return entry.replay(req)
 
 
 class _GraphEntry:
     """One captured loop with its static input buffers; replays are serialized by a lock."""
 
-    def __init__(self, model, plan, kind, x0, shape, dtype, device, seeds_t, w, kwargs, threshold=None):
-        self.plan, self.kind, self.model, self.threshold = plan, kind, model, threshold
-        self.x = None if x0 is None else torch.empty_like(x0)
-        self.shape, self.dtype, self.device = shape, dtype, device
-        self.seeds = torch.empty_like(seeds_t)
-        self.w = None if w is None else torch.empty_like(w)
-        self.cond = {k: torch.empty_like(v) for k, v in kwargs.items()}
+    def __init__(self, model, plan, req: _Request, threshold=None):
+        self.plan, self.backend, self.model, self.threshold = plan, req.backend, model, threshold
+        self.x = None if req.x_T is None else torch.empty_like(req.x_T)
+        self.shape, self.dtype, self.device = req.shape, req.dtype, req.device
+        self.seeds = torch.empty_like(req.seeds)
+        self.w = None if req.guidance is None else torch.empty_like(req.guidance)
+        self.cond = {k: torch.empty_like(v) for k, v in req.cond.items()}
         self.lock = threading.Lock()
-        self._fill(x0, seeds_t, w, kwargs)
+        self._fill(req)
+        device = req.device
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):  # warm-up: compile, autotune, allocate outside the capture
@@ -399,22 +567,22 @@ class _GraphEntry:
         with torch.cuda.graph(self.graph):
             self.out = self._run()
 
-    def _fill(self, x0, seeds_t, w, kwargs):
+    def _fill(self, req: _Request):
         if self.x is not None:
-            self.x.copy_(x0)
-        self.seeds.copy_(seeds_t)
+            self.x.copy_(req.x_T)
+        self.seeds.copy_(req.seeds)
         if self.w is not None:
-            self.w.copy_(w)
-        for k, v in kwargs.items():
+            self.w.copy_(req.guidance)
+        for k, v in req.cond.items():
             self.cond[k].copy_(v)
 
     def _run(self):
-        x = _prior(self.plan, self.x, self.shape, self.dtype, self.device, self.seeds, self.kind)
-        return _loop(self.model, self.plan, x, self.seeds, self.kind, self.w, self.cond, threshold=self.threshold)
+        x = _prior(self.plan, self.x, self.shape, self.dtype, self.device, self.seeds, self.backend)
+        return _loop(self.model, self.plan, x, self.seeds, self.backend, self.w, self.cond, threshold=self.threshold)
 
-    def replay(self, x0, seeds_t, w, kwargs):
+    def replay(self, req: _Request):
         with self.lock:
-            self._fill(x0, seeds_t, w, kwargs)
+            self._fill(req)
             self.graph.replay()
             return self.out.clone()
 
@@ -428,7 +596,8 @@ def sample(model, plan: Plan, x_T=None, shape=None, noise=None, seeds=None, back
     Parameters
     ----------
     model : callable
-        ``model(x [B, ...], t [B], **cond) -> out [B, ...]``.
+        ``model(x [B, ...], t [B], **cond) -> out [B, ...]`` (or an object with a ``.sample`` tensor, or a tuple
+        whose first element is ``out``: a diffusers ``UNet2DModel`` is passed as it is).
     plan : Plan
         From ``fastdiff.plan``.
     x_T : Tensor [B, ...], optional
@@ -439,19 +608,20 @@ def sample(model, plan: Plan, x_T=None, shape=None, noise=None, seeds=None, back
     noise : Tensor [B, ...], optional
         Unit prior noise instead of the Philox draw: ``x_T = plan.init_scale * noise``.
     seeds : sequence of int, optional
-        One 64-bit seed per sample; drives every noise draw through Philox (batch-invariant).
-        Required for stochastic plans and when x_T is drawn.
+        One 64-bit seed per sample (integers in [0, 2**64)); drives every noise draw through Philox
+        (batch-invariant).  Required for stochastic plans and when x_T is drawn.
     backend : str
         "auto" or a name from ``fastdiff.backends.available()``.
     guidance_scale : float, optional
         Classifier-free guidance weight w: the model runs once per stage on [uncond; cond] and
-        ``out = out_u + w (out_c - out_u)`` inside the step.
+        ``out = out_u + w (out_c - out_u)`` inside the step.  Needs ``uncond``.
     cond, uncond : dict of Tensor, optional
-        Keyword arguments for the model (each tensor batch-first).
+        Keyword arguments for the model (each tensor batch-first); ``uncond`` only with ``guidance_scale``.
     callback : callable, optional
         ``callback(stage, x, D)`` after every stage that called the model.
     check_finite : {"end", "step", "off"}
-        Raise FloatingPointError on NaN / Inf at the end (default) or after every stage.
+        Raise FloatingPointError on NaN / Inf at the end (default) or after every stage (naming the model output,
+        the guidance combination or the step as the cause).
     compile, cuda_graph, progress
         As for ``Sampler`` (off by default in this one-call form, which keeps no cache between calls).
     dynamic_threshold : float, optional;  sample_max_value : float
@@ -461,8 +631,6 @@ def sample(model, plan: Plan, x_T=None, shape=None, noise=None, seeds=None, back
     -------
     Tensor [B, ...]: the sample.
     """
-    if not isinstance(plan, Plan):
-        raise ValueError(f"plan must be a fastdiff Plan (from fastdiff.plan(...)), got {type(plan).__name__}")
     s = Sampler(model, plan, backend=backend, compile=compile, cuda_graph=cuda_graph, guidance_scale=guidance_scale,
                 progress=progress, dynamic_threshold=dynamic_threshold, sample_max_value=sample_max_value)
     return s.sample(x_T=x_T, shape=shape, noise=noise, seeds=seeds, cond=cond, uncond=uncond, dtype=dtype,

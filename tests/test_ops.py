@@ -8,7 +8,6 @@ import torch
 import fastdiff as fd
 from fastdiff import ops, rng
 from fastdiff import schedules as S
-from fastdiff.backends.torch_eager import run_stage
 
 SHAPE = (3, 2, 5, 7)  # odd sizes on purpose
 PLANS = [
@@ -30,9 +29,31 @@ def stage_call(plan, k, x, out, slots, seeds, kernel="torch", **kw):
                     langevin=bool(plan.langevin[k, 0] != 0), kernel=kernel, **kw)
 
 
+def readable_stage(plan, k, x, out, slots, z):
+    """Stage k of ``plan`` written from its structured arrays (not the flat rows): D = cx x + co out, x' = M[0] .
+    [x, D, S] + g z, S_i' = M[1+i] . [x, D, S] for written i, Song et al.'s Langevin step.  Updates ``slots``."""
+    cx, co = plan.conv[k]
+    M = plan.update[k]
+    D = cx * x + co * out if plan.calls_model[k] else torch.zeros_like(x)
+    regs = [x, D] + [s if s is not None else torch.zeros_like(x) for s in slots]
+    x_new = sum(float(c) * r for c, r in zip(M[0], regs))
+    if plan.noise_gain[k] != 0.0:
+        x_new = x_new + float(plan.noise_gain[k]) * z
+    snr, r, lsx, lsD = (float(v) for v in plan.langevin[k])
+    if snr != 0.0:  # Song et al. 2021, Algorithm 4, per sample: eps = 2 r (snr ||z|| / ||s||)^2
+        s = lsx * x + lsD * D
+        norm = lambda t: t.reshape(t.shape[0], -1).norm(dim=1).reshape((-1,) + (1,) * (t.dim() - 1))  # noqa: E731
+        eps = 2.0 * r * (snr * norm(z) / norm(s)) ** 2
+        x_new = x_new + eps * s + torch.sqrt(2.0 * eps) * z
+    new = {i: sum(float(c) * rg for c, rg in zip(M[1 + i], regs)) for i in range(plan.num_slots) if plan.writes[k, i]}
+    for i, v in new.items():
+        slots[i] = v
+    return x_new
+
+
 @pytest.mark.parametrize("plan", PLANS, ids=lambda p: p.solver)
 def test_flat_rows_equal_plan_stages(plan):
-    """Run every stage twice: through the readable run_stage and through the op on flat rows (float64)."""
+    """Run every stage twice: written from the Plan's structured arrays and through the op on flat rows (float64)."""
     g = torch.Generator().manual_seed(0)
     seeds_list = [3, 1 << 40, 2**64 - 5]
     seeds = rng.seeds_tensor(seeds_list)
@@ -43,7 +64,7 @@ def test_flat_rows_equal_plan_stages(plan):
     for k in range(plan.num_stages):
         out = torch.tanh(x_a) + 0.1 * k  # any deterministic "model"
         z = rng.randn(SHAPE, seeds_list, draw=int(plan.draw[k]), dtype=torch.float64) if plan.draw[k] >= 0 else None
-        x_a = run_stage(plan, k, x_a, out, slots_a, z)
+        x_a = readable_stage(plan, k, x_a, out, slots_a, z)
         x_b = stage_call(plan, k, x_b, out, slots_b, seeds)
         torch.testing.assert_close(x_b, x_a, rtol=1e-12, atol=1e-12)
         for i, s in enumerate(slots_a):
@@ -129,10 +150,11 @@ def test_add_noise_and_randn():
     (dict(out=torch.zeros(2, 3, 5, dtype=torch.float64)), "cast the model output"),
     (dict(seeds=torch.tensor([1])), "seeds must be an int64 tensor with one entry per sample"),
     (dict(rows=torch.zeros(1, 5)), "rows must be"),
-    (dict(draws=torch.tensor([1.0])), "draws must be int64"),
+    (dict(draws=torch.tensor([1.0])), "draws must be an int64"),
     (dict(slots=torch.zeros(1, 2, 3, 4)), "slots must be"),
     (dict(x=torch.zeros(2, 5, 3).transpose(1, 2), out=torch.zeros(2, 3, 5)), "contiguous"),
-    (dict(kernel="tpu"), "unknown kernel"),
+    (dict(kernel="tpu"), "unknown backend 'tpu'"),
+    (dict(kernel="trition"), "did you mean 'triton'"),
 ])
 def test_step_rejects_bad_input(change, match):
     plan, x, out, slots, seeds = _sample_args()
@@ -154,7 +176,7 @@ def test_checks_still_run_after_a_layout_passed():
     for change, match in [(dict(x=torch.zeros(2, 5, 3).transpose(1, 2)), "contiguous"),
                           (dict(out=torch.zeros(2, 3, 5, dtype=torch.float64)), "cast the model output"),
                           (dict(seeds=torch.tensor([1, 2], dtype=torch.int32)), "seeds must be an int64"),
-                          (dict(draws=torch.tensor([1, 2, 3])), "draws must be int64"),
+                          (dict(draws=torch.tensor([1, 2, 3])), "draws must be an int64"),
                           (dict(rows=torch.zeros(1, 5)), "rows must be")]:
         with pytest.raises(ValueError, match=match):
             ops.step(**dict(args, **change))
@@ -162,3 +184,20 @@ def test_checks_still_run_after_a_layout_passed():
         ops.step(**args, thresholds=torch.ones(3))
     with pytest.raises(ValueError, match="x must be a floating-point tensor"):
         ops.step(**dict(args, x=[[0.0] * 5] * 3))
+
+
+def test_explicit_unit_noise_replaces_the_philox_draw():
+    """z= (k-diffusion's noise_sampler through the sampler) enters exactly where the Philox draw does: x' + g z."""
+    plan, k = fd.plan("euler_ancestral", S.EDM(), 4), 1
+    seeds_list = [3, 9, 2**63 + 1]
+    seeds = rng.seeds_tensor(seeds_list)
+    x, out = torch.randn(SHAPE, dtype=torch.float64), torch.randn(SHAPE, dtype=torch.float64)
+    slots = torch.zeros((0,) + SHAPE, dtype=torch.float64)
+    philox = rng.randn(SHAPE, seeds_list, draw=int(plan.draw[k]), dtype=torch.float64)
+    drawn = stage_call(plan, k, x, out, slots, seeds)
+    torch.testing.assert_close(stage_call(plan, k, x, out, slots, seeds, z=philox), drawn, rtol=1e-12, atol=1e-12)
+    other = torch.randn(SHAPE, dtype=torch.float64)
+    g = float(plan.noise_gain[k])
+    assert g != 0.0
+    torch.testing.assert_close(stage_call(plan, k, x, out, slots, seeds, z=other), drawn + g * (other - philox),
+                               rtol=1e-12, atol=1e-12)

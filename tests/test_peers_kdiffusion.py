@@ -1,4 +1,4 @@
-"""Peer equivalence with k-diffusion's samplers (DESIGN §6.3).
+"""Peer equivalence with k-diffusion's samplers.
 
 k-diffusion (Crowson) is the reference implementation of the Karras-sigma samplers: Euler / Heun (EDM
 Algorithms 1-2, with churn), DPM-2, LMS, Euler-ancestral, DPM-Solver++(2S) ancestral, 2M, 2M-SDE and 3M-SDE.

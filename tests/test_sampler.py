@@ -16,7 +16,7 @@ BACKENDS = [b for b in ("torch", "cpu") if fd.backends.status(b)[0]]
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("solver", ["euler_ancestral", "dpmpp_2m_sde", "ddpm", "pc"])
 def test_batch_invariance(solver, backend):
-    """A seed gives a bitwise identical sample whatever the batch size and position (DESIGN §3)."""
+    """A seed gives a bitwise identical sample whatever the batch size and position."""
     sch = S.EDM() if solver != "ddpm" else S.DiscreteVP()
     if solver == "pc":
         sch = S.VE()
@@ -110,3 +110,58 @@ def test_sampler_is_thread_safe():
         parallel = list(pool.map(lambda s: sampler.sample((2, 33), seeds=s), jobs))
     for a, b in zip(serial, parallel):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("solver,schedule,prediction", [
+    ("dpmpp_2m", S.DiscreteVP.scaled_linear(), "epsilon"),
+    ("dpmpp_2m_sde", S.EDM(), "epsilon"),
+    ("pc", S.VE(sigma_max=1000.0), "score"),  # Langevin step sizes beyond fp16 range: NaN when computed in fp16
+])
+def test_half_precision_sample_is_finite_and_close_to_float32(backend, dtype, solver, schedule, prediction):
+    """fp16 / bf16 data: every backend computes a stage in float32 and rounds only what it stores, so the sample
+    is finite and within the storage precision's rounding of the float32 sample."""
+    plan = fd.plan(solver, schedule, 8, prediction=prediction)
+    model = MIX.model(schedule, prediction)
+    kw = dict(shape=(3, 4, 16, 17), seeds=[1, 2, 3], backend=backend)
+    want = fd.sample(model, plan, **kw)
+    got = fd.sample(model, plan, dtype=dtype, check_finite="off", **kw)
+    assert got.dtype == dtype
+    assert torch.isfinite(got).all(), f"{(~torch.isfinite(got)).sum().item()} non-finite values"
+    err = (got.float() - want).abs()
+    unit = 2.0 ** -10 if dtype == torch.float16 else 2.0 ** -7  # the storage format's relative precision
+    scale = want.abs().mean().item()
+    assert err.mean().item() < 16 * unit * scale, (err.mean().item(), scale)
+
+
+class _TupleModel(torch.nn.Module):
+    """A module returning (output, extra), as many research models do."""
+
+    def forward(self, x, t):
+        return torch.tanh(x) * (t[:, None, None] / 1000.0), {"extra": 1}
+
+
+def test_model_returning_a_tuple_is_accepted():
+    plan = fd.plan("dpmpp_2m", S.DiscreteVP(), 5)
+    net = _TupleModel()
+    got = fd.sample(net, plan, shape=(2, 3, 5), seeds=[4, 5])
+    want = fd.sample(lambda x, t: net(x, t)[0], plan, shape=(2, 3, 5), seeds=[4, 5])
+    assert torch.equal(got, want)
+
+
+def test_diffusers_unet_is_passed_as_it_is():
+    """A diffusers model returns UNet2DOutput (the tensor in ``.sample``): fd.sample takes the model without a
+    lambda.  Tiny random weights, no download."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=2, out_channels=2, layers_per_block=1,
+                                 block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4).eval()
+    plan = fd.plan("ddim", S.DiscreteVP(), 3)
+    with torch.no_grad():
+        got = fd.sample(unet, plan, shape=(2, 2, 8, 8), seeds=[1, 2])
+        want = fd.sample(lambda x, t: unet(x, t).sample, plan, shape=(2, 2, 8, 8), seeds=[1, 2])
+        as_tuple = fd.sample(lambda x, t: unet(x, t, return_dict=False), plan, shape=(2, 2, 8, 8), seeds=[1, 2])
+    assert torch.isfinite(got).all()
+    assert torch.equal(got, want) and torch.equal(as_tuple, want)

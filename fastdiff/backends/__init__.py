@@ -1,6 +1,6 @@
 """Backend registry: which implementations of the step can run here, and the choice behind ``backend="auto"``.
 
-- ``torch``: plain torch ops (any device, float64 too); the readable oracle.
+- ``torch``: ``fastdiff.ops.step_reference``, plain torch ops (any device, float64 too); the readable oracle.
 - ``cpu``: C++/OpenMP kernel from csrc/cpu, built with ninja on first use.
 - ``triton``: Triton kernel from kernels/ (CUDA devices; CPU only under TRITON_INTERPRET=1, for tests).
 - ``cuda``: CUDA C++ from csrc/cuda compiled at runtime through CuPy's NVRTC.
@@ -10,32 +10,37 @@ from __future__ import annotations
 
 import importlib
 
+from .._names import unknown_name
+
 BACKENDS = ("torch", "cpu", "triton", "cuda")
 _PREFERENCE = {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")}
 
 
-def load(kernel: str):
-    """Import a kernel backend module (``fastdiff.backends.<kernel>``), building it on first use.
+def load(backend: str):
+    """Import a kernel backend module (``fastdiff.backends.<backend>``), building it on first use.
 
     The module provides ``OPS = {"step": fn, "add_noise": fn, "randn": fn}`` with the signatures of
     ``fastdiff.ops.step_reference`` etc. and ``available() -> (bool, reason)``.
     """
-    if kernel not in BACKENDS or kernel == "torch":
-        raise ValueError(f"no kernel module for {kernel!r}; kernel backends: cpu, triton, cuda")
+    if backend == "torch":
+        raise ValueError("the torch backend has no kernel module (it is fastdiff.ops.step_reference); kernel "
+                         "backends: cpu, triton, cuda")
+    if backend not in BACKENDS:
+        raise unknown_name("backend", backend, BACKENDS)
     try:
-        return importlib.import_module(f"fastdiff.backends.{kernel}")
+        return importlib.import_module(f"fastdiff.backends.{backend}")
     except ModuleNotFoundError as e:
-        if e.name == f"fastdiff.backends.{kernel}":
-            raise RuntimeError(f"the {kernel!r} kernel backend is not part of this build of fastdiff") from None
+        if e.name == f"fastdiff.backends.{backend}":
+            raise RuntimeError(f"the {backend!r} kernel backend is not part of this build of fastdiff") from None
         raise
 
 
-def status(kernel: str) -> tuple[bool, str]:
+def status(backend: str) -> tuple[bool, str]:
     """(usable here, reason) for one backend; never raises."""
-    if kernel == "torch":
+    if backend == "torch":
         return True, "plain torch ops"
     try:
-        return load(kernel).available()
+        return load(backend).available()
     except Exception as e:  # a backend that cannot even be imported is simply unavailable
         return False, f"{type(e).__name__}: {e}"
 
@@ -53,7 +58,7 @@ def resolve(backend: str, device_type: str = "cpu") -> str:
                 return k
         return "torch"
     if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {', '.join(BACKENDS)}")
+        raise unknown_name("backend", backend, ("auto",) + BACKENDS)
     if backend == "cpu" and device_type != "cpu":
         raise ValueError(f"backend 'cpu' runs on CPU tensors, but the data is on {device_type}: use 'auto'")
     if backend == "cuda" and device_type != "cuda":
