@@ -37,6 +37,7 @@ typedef long long int64_t;
 typedef unsigned long long uint64_t;
 #endif
 #include "philox.h"
+#include "half_bits.cuh"
 
 namespace fastdiff {
 namespace cuda {
@@ -76,18 +77,6 @@ struct Half16 {  // shared by F16 and BF16: 4 elements = 8 bytes = one uint2
   typedef unsigned short T;
 };
 
-#ifndef FASTDIFF_HOST_EMULATION  // (the CPU test harness in tests/test_kernel_cuda.py brings its own conversions)
-__device__ __forceinline__ float fd_half_bits_to_float(unsigned short v) {
-  float f;
-  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
-  return f;
-}
-__device__ __forceinline__ unsigned short fd_float_to_half_bits(float f) {
-  unsigned short v;
-  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(v) : "f"(f));  // round to nearest even
-  return v;
-}
-#endif
 
 struct F16 : Half16 {
   static __device__ __forceinline__ float load(T v) { return fd_half_bits_to_float(v); }
