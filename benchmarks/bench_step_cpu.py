@@ -314,7 +314,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer repeats, 4M elements only")
     ap.add_argument("--sizes", default="4194304,33554432", help="element counts for the bandwidth part")
     ap.add_argument("--reps", type=int, default=None)
-    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<machine>/step_cpu.json, step_cpu_quick.json with --quick)")
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<machine>/step_cpu.json; "
+                    "step_cpu_quick.json with --quick)")
     args = ap.parse_args()
     ok, why = cpu.available()
     if not ok:

@@ -331,7 +331,8 @@ def main(argv=None) -> int:
     p_bench.add_argument("--quick", action="store_true",
                          help="small sizes, under 2 minutes on 2 cores; results go to a temporary directory")
     p_bench.add_argument("--json", action="store_true", help="print the results as JSON at the end")
-    p_bench.add_argument("--only", nargs="*", help="subjects: step_cpu step_gpu step_solvers e2e quality serving dropin")
+    p_bench.add_argument("--only", nargs="*",
+                         help="subjects: step_cpu step_gpu step_solvers e2e quality serving dropin")
     p_bench.add_argument("--out-dir", help="write the JSON here instead of benchmarks/results/<machine>/")
     p_bench.add_argument("--no-compile", action="store_true", help="skip the torch.compile providers")
     sub.add_parser("info", help="versions, devices and available backends")

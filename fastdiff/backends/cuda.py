@@ -77,7 +77,8 @@ def source() -> str:
         header = re.sub(r"^\s*#\s*include\s*<[^>]+>\s*$", "", header, flags=re.MULTILINE)
         inc = re.compile(r'^\s*#\s*include\s*"' + re.escape(name) + r'"\s*$', flags=re.MULTILINE)
         if not inc.search(text):
-            raise RuntimeError(f"csrc/cuda/step.cu no longer includes \"{name}\"; update fastdiff.backends.cuda.source()")
+            raise RuntimeError(f"csrc/cuda/step.cu no longer includes \"{name}\": update "
+                               "fastdiff.backends.cuda.source()")
         text = inc.sub(lambda _: f"// ---- csrc/{folder}/{name} (inlined) ----\n{header}\n// ---- end {name} ----",
                        text, count=1)
     return text
@@ -88,7 +89,7 @@ _lock = threading.Lock()
 
 def _kernel_names(sfx: str) -> tuple[str, ...]:
     return (f"fastdiff_step_{sfx}", f"fastdiff_step_{sfx}_vec_k4", f"fastdiff_step_reduce_{sfx}",
-            f"fastdiff_add_noise_{sfx}", f"fastdiff_randn_{sfx}", "fastdiff_philox_raw")
+            f"fastdiff_add_noise_{sfx}", f"fastdiff_randn_{sfx}")
 
 
 def cache_dir() -> pathlib.Path:
@@ -397,27 +398,6 @@ def randn(seeds, draws, shape, dtype):
         _launch(idx, _SUFFIX[store], f"fastdiff_randn_{_SUFFIX[store]}", _stream_grid(idx, -(-numel // 4), B), (
             _ptr(z), _ptr(seeds), _ptr(draws), _i64(d_stride), _i64(B), _i64(numel), _i32(flags)))
     return z if store == dtype else z.to(dtype)  # e.g. float64: drawn in float32, cast once (as the reference)
-
-
-def philox_raw(counters, keys, device="cuda") -> np.ndarray:
-    """Raw Philox4x32-10 words on the GPU, for known-answer tests: uint32 [n, 4] counters, [n, 2] keys -> [n, 4].
-
-    Copies to and from the device (synchronizes); not for the sampling loop.
-    """
-    c = np.ascontiguousarray(counters, dtype=np.uint32).reshape(-1, 4)
-    k = np.ascontiguousarray(keys, dtype=np.uint32).reshape(-1, 2)
-    if c.shape[0] != k.shape[0]:
-        raise ValueError(f"{c.shape[0]} counters but {k.shape[0]} keys")
-    dev = torch.device(device)
-    ct = torch.from_numpy(c.view(np.int32)).to(dev)
-    kt = torch.from_numpy(k.view(np.int32)).to(dev)
-    ot = torch.empty_like(ct)
-    n = c.shape[0]
-    if n:
-        idx = _device_index(ct)
-        _launch(idx, "f32", "fastdiff_philox_raw", (max(1, min(_grid_x(n), 1024)),),
-                (_ptr(ct), _ptr(kt), _ptr(ot), _i64(n)))
-    return ot.cpu().numpy().view(np.uint32)
 
 
 OPS = {"step": step, "add_noise": add_noise, "randn": randn}

@@ -35,7 +35,8 @@ def _kernels():
 
 
 def _check_device(k, name, t):
-    """CUDA tensors, or CPU tensors under the interpreter (fastdiff.ops has checked that all inputs share x's device)."""
+    """CUDA tensors, or CPU tensors under the interpreter (fastdiff.ops has checked that the inputs share x's
+    device)."""
     if t.device.type == "cuda":
         if k.interpreting():
             raise ValueError("the triton kernels were built for the interpreter (TRITON_INTERPRET=1 when triton was "
