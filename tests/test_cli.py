@@ -50,6 +50,22 @@ def test_auto_falls_back_to_torch_with_one_warning(monkeypatch, recwarn):
     assert len(warned) == 1 and "C++ compiler" in str(warned[0].message)
 
 
+def test_auto_falls_back_to_torch_when_the_build_fails(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(cpu, "_ext", None)
+    monkeypatch.setattr(cpu, "_error", None)
+    monkeypatch.setattr(cpu, "_missing_tools", lambda: [])
+
+    def failed_build(*args, **kwargs):
+        raise RuntimeError("fastdiff's cpu backend failed to build: no OpenMP")
+
+    monkeypatch.setattr(cpu, "build", failed_build)
+    monkeypatch.setattr(backends, "_WARNED", set())
+    with pytest.warns(RuntimeWarning, match="no OpenMP"):
+        assert backends.resolve("auto", "cpu") == "torch"
+    assert cpu.status()[0] == "unavailable"
+
+
 class _Runs:
     """Stands in for subprocess.run: records the benchmark scripts that would have run."""
 

@@ -52,6 +52,11 @@ def resolve(backend: str, device_type: str = "cpu") -> str:
     if backend == "auto":
         for k in _PREFERENCE.get(device_type, ("torch",)):
             ok, why = status(k)
+            if ok and k == "cpu":  # buildable is not built: build now (its first use), so a failed build falls back
+                try:
+                    load("cpu").ext()
+                except RuntimeError as e:
+                    ok, why = False, str(e)
             if ok:
                 return k
             if k == "cpu" and "cpu" not in _WARNED:  # say once why CPU sampling runs on the slower torch ops
