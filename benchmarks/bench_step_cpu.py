@@ -1,4 +1,4 @@
-"""Benchmark of the cpu step kernel (csrc/cpu/step.cpp) against diffusers, torch.compile and eager torch.
+"""Benchmark of the cpu step kernel (csrc/cpu) against diffusers, torch.compile and eager torch.
 
 (a) Per-step cost on a Stable Diffusion latent (1x4x64x64 fp32), 20 steps of dpmpp_2m with precomputed model outputs:
     fastdiff's cpu kernel (through the backend's OPS and through the ``fastdiff::step`` custom op) vs diffusers'
@@ -314,7 +314,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer repeats, 4M elements only")
     ap.add_argument("--sizes", default="4194304,33554432", help="element counts for the bandwidth part")
     ap.add_argument("--reps", type=int, default=None)
-    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/cpu-<machine>/step_cpu.json)")
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<machine>/step_cpu.json; "
+                    "step_cpu_quick.json with --quick)")
     args = ap.parse_args()
     ok, why = cpu.available()
     if not ok:
@@ -335,7 +336,8 @@ def main():
     for r in records:
         r["loadavg_1min"] = [load0, load1]
 
-    path = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / meta["machine"] / "step_cpu.json"
+    name = "step_cpu_quick.json" if args.quick else "step_cpu.json"  # a quick run never replaces the full results
+    path = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / meta["machine"] / name
     path.parent.mkdir(parents=True, exist_ok=True)
     body = ",\n  ".join(json.dumps(r) for r in records)  # long format: one record per line
     head = json.dumps({**meta, "loadavg_1min": [load0, load1]})

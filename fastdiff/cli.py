@@ -1,4 +1,4 @@
-"""Command line: ``fastdiff demo | info``."""
+"""Command line: ``fastdiff demo | bench | info``."""
 
 from __future__ import annotations
 
@@ -102,6 +102,7 @@ def demo_digits(out_dir: str = "fastdiff-demo", per_class: int = 20, quick: bool
             (2, 1, 8, 8), seeds=[0, 1], cond={"label": labels[:2]}, uncond={"label": null["label"][:2]})
         for solver, steps, gw in runs:
             plan = fd.plan(solver, sch, steps, prediction=digits.PREDICTION)
+            print(f"  running {solver}: {steps} steps, {plan.nfe} model calls on {n} images...", flush=True)
             sampler = fd.Sampler(unet, plan, guidance_scale=gw, progress=False)
             t0 = time.perf_counter()
             x = sampler.sample((n, 1, 8, 8), seeds=seeds, cond={"label": labels}, uncond=null if gw else None)
@@ -109,6 +110,7 @@ def demo_digits(out_dir: str = "fastdiff-demo", per_class: int = 20, quick: bool
             write_png(os.path.join(out_dir, f"digits_{solver}_{steps}.png"), _digit_grid(x, per_class))
         try:
             x_T = fd.rng.randn((n, 1, 8, 8), seeds)
+            print(f"  running diffusers' DPMSolverMultistepScheduler: 10 steps on {n} images...", flush=True)
             t0 = time.perf_counter()
             x = _diffusers_loop(unet, sch, 10, labels, x_T, w)
             report("diffusers dpm++2m", 10, 10, True, time.perf_counter() - t0, x)
@@ -120,7 +122,7 @@ def demo_digits(out_dir: str = "fastdiff-demo", per_class: int = 20, quick: bool
     return rows
 
 
-def demo(out_dir: str = "fastdiff-demo", n: int = 4000, quick: bool = False) -> list[dict]:
+def ring_demo(out_dir: str = "fastdiff-demo", n: int = 4000, quick: bool = False) -> list[dict]:
     """Sample a 2-D ring of 8 Gaussians with its exact denoiser using several solvers; print quality and time.
 
     Quality: the mean distance of each sample to the nearest mode centre relative to the true value, and for
@@ -184,11 +186,27 @@ def _bench_dir():
     return here
 
 
+# The peers a benchmark subject compares against (modules it cannot run without).
+PEERS = {"step_cpu": ("diffusers",), "step_solvers": ("diffusers",), "e2e": ("diffusers",), "dropin": ("diffusers",)}
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
 def bench(quick: bool = False, as_json: bool = False, only=None, out_dir=None, no_compile: bool = False) -> int:
-    """Run the benchmark scripts (each writes benchmarks/results/<machine>/<subject>.json) and print key ratios."""
+    """Run the benchmark scripts and print key ratios.
+
+    Full runs write benchmarks/results/<machine>/<subject>.json (the committed results); ``quick`` runs write to a
+    fresh temporary directory (printed) unless ``out_dir`` is given, so they never overwrite full results.
+    Subjects whose peers (diffusers) are not installed are skipped with a one-line hint.
+    """
     import json
     import pathlib
     import subprocess
+    import tempfile
 
     import torch
 
@@ -207,21 +225,28 @@ def bench(quick: bool = False, as_json: bool = False, only=None, out_dir=None, n
                     for name, args in subjects]
     if only:
         subjects = [s for s in subjects if s[0] in only]
+    if quick and not out_dir:
+        out_dir = tempfile.mkdtemp(prefix="fastdiff-bench-quick-")
+        print(f"(--quick: results go to {out_dir}, not to benchmarks/results/)", flush=True)
     rc = 0
     written = {}
     for name, args in subjects:
+        missing = [m for m in PEERS.get(name, ()) if not _installed(m)]
+        if missing:
+            print(f"== {name} == skipped: it compares against {', '.join(missing)}, which is not installed "
+                  f"(pip install 'fastdiff[peers]')", flush=True)
+            continue
         print(f"== {name} ==", flush=True)
         t0 = time.perf_counter()
-        if out_dir:  # tests and dry runs write elsewhere than the committed results
+        if out_dir:  # tests, quick and dry runs write elsewhere than the committed results
             args = [*args, "--out", os.path.join(out_dir, name if name == "step_gpu" else f"{name}.json")]
         r = subprocess.run([sys.executable, str(root / f"bench_{name}.py"), *args], cwd=root)
         print(f"({name}: {time.perf_counter() - t0:.0f} s, exit {r.returncode})", flush=True)
         rc = rc or r.returncode
         if out_dir:
             written[name] = pathlib.Path(out_dir) / f"{name}.json"
-        else:  # results/<machine>/<name>[_quick].json, the newest one
-            found = sorted((root / "results").glob(f"*/{name}{'_quick' if quick else ''}.json"),
-                           key=lambda p: p.stat().st_mtime)
+        else:  # results/<machine>/<name>.json, the newest one
+            found = sorted((root / "results").glob(f"*/{name}.json"), key=lambda p: p.stat().st_mtime)
             written[name] = found[-1] if found else None
     for line in _key_ratios({k: v for k, v in written.items() if v is not None and v.exists()}):
         print(line)
@@ -263,6 +288,21 @@ def _key_ratios(paths: dict) -> list:
     return (["== key ratios =="] + lines) if lines else []
 
 
+def _backend_state(name: str) -> str:
+    """One line on a kernel backend without building it: built / not built yet / unavailable, and why."""
+    from . import backends
+
+    try:
+        module = backends.load(name)
+    except Exception as e:  # e.g. triton not installed
+        return f"unavailable ({type(e).__name__}: {e})"
+    if hasattr(module, "status"):
+        state, detail = module.status()
+        return f"{state} ({detail})"
+    ok, why = module.available()
+    return ("available" if ok else "unavailable") + (f" ({why})" if why else "")
+
+
 def info() -> None:
     import numpy as np
     import torch
@@ -274,6 +314,8 @@ def info() -> None:
     print(f"machine: {platform.machine()} {platform.processor() or ''} cpus={os.cpu_count()}")
     print(f"cuda: {'available: ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'not available'}")
     print(f"backends available: {', '.join(fd.backends.available())}")
+    for name in ("cpu", "triton", "cuda"):  # never builds or compiles anything
+        print(f"  {name}: {_backend_state(name)}")
     print(f"solvers: {', '.join(fd.SOLVERS)}")
 
 
@@ -286,16 +328,18 @@ def main(argv=None) -> int:
     p_demo.add_argument("--ring", action="store_true",
                         help="instead: a 2-D Gaussian ring with its exact denoiser and exact-ODE errors")
     p_bench = sub.add_parser("bench", help="run the benchmarks (results under benchmarks/results/<machine>/)")
-    p_bench.add_argument("--quick", action="store_true", help="small sizes, under 2 minutes on 2 cores")
+    p_bench.add_argument("--quick", action="store_true",
+                         help="small sizes, under 2 minutes on 2 cores; results go to a temporary directory")
     p_bench.add_argument("--json", action="store_true", help="print the results as JSON at the end")
-    p_bench.add_argument("--only", nargs="*", help="subjects: step_cpu step_gpu step_solvers e2e quality serving dropin")
+    p_bench.add_argument("--only", nargs="*",
+                         help="subjects: step_cpu step_gpu step_solvers e2e quality serving dropin")
     p_bench.add_argument("--out-dir", help="write the JSON here instead of benchmarks/results/<machine>/")
     p_bench.add_argument("--no-compile", action="store_true", help="skip the torch.compile providers")
     sub.add_parser("info", help="versions, devices and available backends")
     args = parser.parse_args(argv)
     if args.cmd == "demo":
         if args.ring:
-            demo(args.out, quick=args.quick)
+            ring_demo(args.out, quick=args.quick)
         else:
             demo_digits(args.out, quick=args.quick)
     elif args.cmd == "bench":

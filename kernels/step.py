@@ -12,8 +12,8 @@ four lanes of its row without any shuffle.  Offsets are int64 (tensors over 2^31
 Math is fp32 whatever the storage (fp32 / fp16 / bf16), in the reference's operation order; launchers compile
 with ``enable_fp_fusion=False`` (no FMA contraction), square roots and divisions are IEEE (``sqrt_rn``,
 ``div_rn``), and ``tl.log`` / ``tl.cos`` / ``tl.sin`` lower to libdevice's accurate ``__nv_logf`` etc. on NVIDIA
-(not the ``.approx`` instructions; checked in the sm_90 PTX of triton 3.9), so results match the torch reference to the last bit except where libm's
-log/sin/cos differ by an ulp.
+(not the ``.approx`` instructions; checked in the sm_90 PTX of triton 3.9), so results match the torch reference
+to the last bit except where libm's log/sin/cos differ by an ulp.
 
 Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (which must be set before triton is imported:
 ``tl.philox`` is decorated at import time).
@@ -285,24 +285,6 @@ def _randn_kernel(seeds_ptr, draws_ptr, y_ptr, N, draw_stride, BLOCK_SIZE: tl.co
     tl.store(y_ptr + b.to(tl.int64) * N + e, _to_storage(z, y_ptr), mask=mask)
 
 
-@triton.jit
-def _philox_kernel(ctr_ptr, key_ptr, out_ptr, n, BLOCK_SIZE: tl.constexpr):
-    """Raw Philox4x32-10 through tl.philox: counters int64 [n, 4], keys int64 [n, 2] (uint32 values) -> [n, 4]."""
-    i = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    m = i < n
-    c0 = tl.load(ctr_ptr + 4 * i, mask=m, other=0).to(tl.uint32)
-    c1 = tl.load(ctr_ptr + 4 * i + 1, mask=m, other=0).to(tl.uint32)
-    c2 = tl.load(ctr_ptr + 4 * i + 2, mask=m, other=0).to(tl.uint32)
-    c3 = tl.load(ctr_ptr + 4 * i + 3, mask=m, other=0).to(tl.uint32)
-    k0 = tl.load(key_ptr + 2 * i, mask=m, other=0).to(tl.uint64)
-    k1 = tl.load(key_ptr + 2 * i + 1, mask=m, other=0).to(tl.uint64)
-    w0, w1, w2, w3 = tl.philox((k1 << 32) | k0, c0, c1, c2, c3)
-    tl.store(out_ptr + 4 * i, w0.to(tl.int64), mask=m)
-    tl.store(out_ptr + 4 * i + 1, w1.to(tl.int64), mask=m)
-    tl.store(out_ptr + 4 * i + 2, w2.to(tl.int64), mask=m)
-    tl.store(out_ptr + 4 * i + 3, w3.to(tl.int64), mask=m)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Launch configuration: a small autotuner keyed on the per-sample numel (and the stage's structure)
 # ---------------------------------------------------------------------------------------------------------------
@@ -471,14 +453,3 @@ def randn_forward(seeds, draws, shape, dtype, *, block_size=None, num_warps=None
         block, warps = block_size, (num_warps or 4)
     run(block, warps)
     return y
-
-
-def philox_forward(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    """Raw tl.philox words for known-answer tests: counter int64 [n, 4], key int64 [n, 2] -> int64 [n, 4]."""
-    counter, key = counter.contiguous(), key.contiguous()
-    n = counter.shape[0]
-    out = torch.empty((n, 4), dtype=torch.int64, device=counter.device)
-    if n:
-        block = 64
-        _philox_kernel[(triton.cdiv(n, block),)](counter, key, out, n, BLOCK_SIZE=block)
-    return out

@@ -1,4 +1,4 @@
-"""The cpu kernel (csrc/cpu/step.cpp, C++/OpenMP) against the torch reference of fastdiff.ops.
+"""The cpu kernels (csrc/cpu, C++/OpenMP) against the torch reference of fastdiff.ops.
 
 Raw Philox known answers and the numpy oracle; normals against fastdiff.rng and philox.h's libm path; batch
 invariance; every solver's stages (all of them, on a fitting schedule) in fp32 / fp16 / bf16 with odd shapes,
@@ -6,6 +6,8 @@ against a float64 reference with a tolerance relative to torch's own error in th
 per-sample guidance, per-sample rows of two plans, Langevin, draws < 0, thread-count invariance; clear errors.
 The module skips (with the reason) where the backend cannot be built.
 """
+
+import pathlib
 
 import numpy as np
 import pytest
@@ -22,6 +24,10 @@ if not _ok:
     pytest.skip(f"cpu backend unavailable: {_why}", allow_module_level=True)
 
 EXT = cpu.ext()
+# Test-only probes of the random numbers (raw Philox words, normals per compiled ISA), built from
+# tests/cpu_rng_probe.cpp with the kernels' flags and headers.
+PROBE = cpu.build("fastdiff_cpu_rng_probe", [pathlib.Path(__file__).with_name("cpu_rng_probe.cpp")],
+                  cpu.include_dirs(), "cpu kernels' test probe")
 STEP = cpu.OPS["step"]
 
 SEEDS = [3, 2**64 - 5, (1 << 40) + 7, 12345]  # small, >= 2^63 (negative int64 pattern), >= 2^32
@@ -83,7 +89,7 @@ def model(x, k):
 
 @pytest.mark.parametrize("ctr,key,expected", KAT)
 def test_philox_known_answers(ctr, key, expected):
-    assert tuple(EXT.philox_raw(list(ctr), list(key))) == expected
+    assert tuple(PROBE.philox_raw(list(ctr), list(key))) == expected
 
 
 def test_philox_matches_numpy_oracle():
@@ -91,12 +97,12 @@ def test_philox_matches_numpy_oracle():
     ctr = g.integers(0, 2**32, size=(64, 4), dtype=np.uint64)
     key = g.integers(0, 2**32, size=(64, 2), dtype=np.uint64)
     want = rng.philox4x32_10(ctr.astype(np.uint32), key.astype(np.uint32))
-    got = np.array([EXT.philox_raw([int(v) for v in c], [int(v) for v in k]) for c, k in zip(ctr, key, strict=True)],
+    got = np.array([PROBE.philox_raw([int(v) for v in c], [int(v) for v in k]) for c, k in zip(ctr, key, strict=True)],
                    dtype=np.uint32)
     np.testing.assert_array_equal(got, want)
 
 
-ISAS = EXT.philox_isas()  # the kernels' path first ("avx512", "avx2" or "scalar"), then the others compiled in
+ISAS = PROBE.philox_isas()  # the kernels' path first ("avx512", "avx2" or "scalar"), then the others compiled in
 
 
 def _oracle_blocks(ctr, key, nb):
@@ -132,31 +138,31 @@ def _simd_cases():
 def test_philox_simd_matches_philox_h_and_rng(isa):
     """philox_simd.h's vectorized stream (every compiled ISA) equals fastdiff.rng and philox.h bit for bit."""
     for ctr, key, nb in _simd_cases():
-        got = np.array(EXT.philox_blocks_raw(ctr, key, nb, isa), dtype=np.uint32).reshape(nb, 4)
+        got = np.array(PROBE.philox_blocks_raw(ctr, key, nb, isa), dtype=np.uint32).reshape(nb, 4)
         np.testing.assert_array_equal(got, _oracle_blocks(ctr, key, nb), err_msg=f"{isa} {ctr} {key} {nb}")
         for j in {0, nb // 2, nb - 1} if nb else ():  # philox.h's scalar philox4x32_10 on the same counters
             b = (ctr[0] | (ctr[1] << 32)) + j
-            want = EXT.philox_raw([b & M32, (b >> 32) & M32, ctr[2], ctr[3]], key)
+            want = PROBE.philox_raw([b & M32, (b >> 32) & M32, ctr[2], ctr[3]], key)
             assert tuple(int(v) for v in got[j]) == tuple(want), (isa, ctr, key, j)
 
 
 def test_philox_simd_isas_and_errors():
     assert ISAS[0] in ("avx512", "avx2", "scalar") and "scalar" in ISAS
     # the kernels' path ("") is the first listed
-    got = EXT.philox_blocks_raw([5, 1, 2, 3], [4, 5], 40)
-    assert got == EXT.philox_blocks_raw([5, 1, 2, 3], [4, 5], 40, ISAS[0])
+    got = PROBE.philox_blocks_raw([5, 1, 2, 3], [4, 5], 40)
+    assert got == PROBE.philox_blocks_raw([5, 1, 2, 3], [4, 5], 40, ISAS[0])
     with pytest.raises(ValueError, match="not compiled in"):
-        EXT.philox_blocks_raw([0, 0, 0, 0], [0, 0], 4, "neon")
+        PROBE.philox_blocks_raw([0, 0, 0, 0], [0, 0], 4, "neon")
     with pytest.raises(ValueError, match=r"\[0, 2\*\*32\)"):
-        EXT.philox_blocks_raw([2**32, 0, 0, 0], [0, 0], 4)
+        PROBE.philox_blocks_raw([2**32, 0, 0, 0], [0, 0], 4)
 
 
 def test_normals_fast_bits_from_simd_words():
     """The kernels' normals are a function of the SIMD words: same floats as Box-Muller on the oracle's words
     within the vectorized-libm tolerance, and identical for every chunk split (blocks past 2**32 included)."""
     seed, draw, blk0, nb = SEEDS[2], 11, 2**32 - 70, 300
-    a = EXT.normals_fast(seed, draw, blk0, nb)
-    b = torch.cat([EXT.normals_fast(seed, draw, blk0 + j, min(37, nb - j)) for j in range(0, nb, 37)])
+    a = PROBE.normals_fast(seed, draw, blk0, nb)
+    b = torch.cat([PROBE.normals_fast(seed, draw, blk0 + j, min(37, nb - j)) for j in range(0, nb, 37)])
     assert torch.equal(a, b)
     words = _oracle_blocks([blk0 & M32, blk0 >> 32, draw, 0], [seed & M32, seed >> 32], nb)
     u = rng.uint_to_uniform_float(words)
@@ -166,7 +172,7 @@ def test_normals_fast_bits_from_simd_words():
     np.testing.assert_allclose(a.numpy(), want, rtol=0, atol=NORMAL_TOL * max(1.0, float(np.abs(want).max())))
 
 
-NORMAL_ISAS = EXT.normals_isas()  # the kernels' path first ("avx512" or "portable"), then the others compiled in
+NORMAL_ISAS = PROBE.normals_isas()  # the kernels' path first ("avx512" or "portable"), then the others compiled in
 
 
 @pytest.mark.parametrize("isa", NORMAL_ISAS)
@@ -176,12 +182,12 @@ def test_normals_isas_agree_bit_for_bit(isa):
     assert NORMAL_ISAS[0] in ("avx512", "portable") and "portable" in NORMAL_ISAS
     for seed, draw, blk0, nb in [(77, 3, 0, 1 << 18), (SEEDS[1] - 2**64, 9, 2**32 - 70, 301), (SEEDS[2], 0, 5, 1),
                                  (SEEDS[3], 2**32 - 1, 2**40 + 3, 67), (0, 1, 0, 0)]:
-        got = EXT.normals_fast(seed, draw, blk0, nb, isa)
-        want = EXT.normals_fast(seed, draw, blk0, nb, "portable")
+        got = PROBE.normals_fast(seed, draw, blk0, nb, isa)
+        want = PROBE.normals_fast(seed, draw, blk0, nb, "portable")
         assert got.shape == (4 * nb,) and torch.equal(got, want), (isa, seed, draw, blk0, nb)
-    assert torch.equal(EXT.normals_fast(5, 6, 7, 100), EXT.normals_fast(5, 6, 7, 100, NORMAL_ISAS[0]))
+    assert torch.equal(PROBE.normals_fast(5, 6, 7, 100), PROBE.normals_fast(5, 6, 7, 100, NORMAL_ISAS[0]))
     with pytest.raises(ValueError, match="not compiled in"):
-        EXT.normals_fast(0, 0, 0, 4, "neon")
+        PROBE.normals_fast(0, 0, 0, 4, "neon")
 
 
 @pytest.mark.parametrize("shape", [(4, 4097), (3, 2, 5, 7), (1, 1), (2, 3)])
@@ -199,7 +205,7 @@ def test_randn_many_normals_and_libm():
     z = cpu.OPS["randn"](rng.seeds_tensor([77]), torch.tensor([3]), (1, n), torch.float32)[0]
     want = rng.randn((1, n), [77], draw=3)[0]
     assert_verbose_close(z, want, NORMAL_TOL * want.abs().clamp(min=1.0), "randn vs rng")
-    libm = EXT.normals_libm(77, 3, 0, n // 4)
+    libm = PROBE.normals_libm(77, 3, 0, n // 4)
     assert_verbose_close(z, libm, NORMAL_TOL * libm.abs().clamp(min=1.0), "randn vs philox.h libm normals")
     assert abs(float(z.mean())) < 0.01 and abs(float(z.std()) - 1.0) < 0.01
 
@@ -207,7 +213,7 @@ def test_randn_many_normals_and_libm():
 def test_normals_counter_high_word():
     """Blocks past 2^32 carry into the counter's second word (numpy oracle + Box-Muller)."""
     blk0, nb = 2**32 - 5, 10
-    got = EXT.normals_fast(SEEDS[1] - 2**64, 4, blk0, nb).numpy()
+    got = PROBE.normals_fast(SEEDS[1] - 2**64, 4, blk0, nb).numpy()
     blk = np.arange(blk0, blk0 + nb, dtype=np.uint64)
     ctr = np.stack([blk & np.uint64(M32), blk >> np.uint64(32), np.full(nb, 4, np.uint64), np.zeros(nb, np.uint64)],
                    axis=1).astype(np.uint32)
@@ -534,32 +540,42 @@ def test_good_arguments_run():
 
 @pytest.mark.parametrize("change,match", [
     (dict(x=torch.zeros(2, 5, 3).transpose(1, 2)), r"contiguous\(\)"),
-    (dict(out=torch.zeros(2, 3, 4)), "out has shape"),
-    (dict(out=torch.zeros(2, 3, 5), cfg=True), "out has shape .*cfg"),
-    (dict(out=torch.zeros(2, 3, 5, dtype=torch.float64)), "cast the model output"),
     (dict(out=torch.zeros(2, 5, 3).transpose(1, 2)), "out must be contiguous"),
-    (dict(slots=torch.zeros(1, 2, 3, 5, dtype=torch.float16)), "keep the history in x's dtype"),
-    (dict(slots=torch.zeros(1, 2, 3, 4)), "slots must be"),
     (dict(slots=torch.zeros(9, 2, 3, 5), rows=torch.zeros(1, 7 + 10 * 11)), "at most 8"),
-    (dict(slot_reads=2), "bitmasks"),
-    (dict(rows=torch.zeros(1, 5)), "rows must be"),
-    (dict(rows=torch.zeros(3, 13)), "rows must be"),
-    (dict(rows=torch.zeros(1, 13, dtype=torch.int32)), "rows must be float32"),
-    (dict(seeds=rng.seeds_tensor([1])), "seeds must be an int64 tensor with one entry per sample"),
-    (dict(seeds=torch.tensor([1.0, 2.0])), "seeds must be an int64"),
-    (dict(draws=torch.tensor([1.0])), "draws must be an int64"),
-    (dict(draws=torch.tensor([1, 2, 3])), "draws must be an int64"),
-    (dict(guidance=torch.zeros(3)), "guidance must be"),
     (dict(x=torch.zeros(2, 3, 5, dtype=torch.int32)), "x must be float32"),
     (dict(x=torch.zeros(2, 3, 5, device="meta")), "CPU tensor"),
     (dict(out=torch.zeros(2, 3, 5, device="meta")), "out is on meta"),
     (dict(x_out=torch.zeros(2, 3, 4)), "x_out must be"),
 ])
-def test_step_rejects_bad_input(change, match):
+def test_step_rejects_what_the_kernel_cannot_run(change, match):
+    """The kernel's own limits (CPU tensors, storage dtypes, contiguity, 8 slots, x_out), checked by the extension."""
     kw = _good()
     kw.update(change)
     with pytest.raises(ValueError, match=match):
         _run(kw)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(out=torch.zeros(2, 3, 4)), "out has shape"),
+    (dict(out=torch.zeros(2, 3, 5), cfg=True), r"out has shape .*\[uncond; cond\]"),
+    (dict(out=torch.zeros(2, 3, 5, dtype=torch.float64)), "cast the model output"),
+    (dict(slots=torch.zeros(1, 2, 3, 5, dtype=torch.float16)), "slots must be .* in x's dtype"),
+    (dict(slots=torch.zeros(1, 2, 3, 4)), "slots must be"),
+    (dict(rows=torch.zeros(1, 5)), "rows must be"),
+    (dict(rows=torch.zeros(3, 13)), "rows must be"),
+    (dict(seeds=rng.seeds_tensor([1])), "seeds must be an int64 tensor with one entry per sample"),
+    (dict(seeds=torch.tensor([1.0, 2.0])), "seeds must be an int64"),
+    (dict(draws=torch.tensor([1.0])), "draws must be int64"),
+    (dict(draws=torch.tensor([1, 2, 3])), "draws must be int64"),
+    (dict(guidance=torch.zeros(3)), "guidance must be"),
+])
+def test_ops_step_validates_before_the_kernel(change, match):
+    """Shapes, dtypes and lengths are checked once, by fastdiff.ops, before the cpu kernel is called."""
+    kw = _good()
+    kw.update(change)
+    with pytest.raises(ValueError, match=match):
+        ops.step(kw.pop("x"), kw.pop("out"), kw.pop("slots"), kw.pop("rows"), kw.pop("seeds"), kw.pop("draws"),
+                 kw.pop("guidance"), kernel="cpu", **kw)
 
 
 def test_x_out_must_not_overlap_out():
@@ -570,13 +586,12 @@ def test_x_out_must_not_overlap_out():
 
 
 def test_randn_and_add_noise_errors():
-    with pytest.raises(ValueError, match="one entry per sample"):
-        cpu.OPS["randn"](rng.seeds_tensor([1, 2]), torch.tensor([0]), (3, 4), torch.float32)
+    with pytest.raises(ValueError, match="2 entries but the batch has 3"):
+        ops.randn((3, 4), rng.seeds_tensor([1, 2]), kernel="cpu")
     with pytest.raises(ValueError, match="dtype must be"):
         cpu.OPS["randn"](rng.seeds_tensor([1]), torch.tensor([0]), (1, 4), torch.int64)
     with pytest.raises(ValueError, match="alpha must be"):
-        cpu.OPS["add_noise"](torch.zeros(2, 3), torch.zeros(3), torch.zeros(2), rng.seeds_tensor([1, 2]),
-                             torch.tensor([0]))
+        ops.add_noise(torch.zeros(2, 3), torch.zeros(3), torch.zeros(2), rng.seeds_tensor([1, 2]), kernel="cpu")
 
 
 def test_empty_batch():

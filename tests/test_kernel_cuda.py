@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import pathlib
 import shutil
 import subprocess
@@ -198,6 +199,32 @@ def test_philox_header_known_answers_on_host(tmp_path):
 # Tier 2: host emulation of step.cu (no GPU needed)
 # ---------------------------------------------------------------------------------------------------------------
 
+# Test-only kernel: raw Philox4x32-10 words of philox.h on the device (known-answer tests), compiled after step.cu
+# (whose NVRTC source has philox.h inlined): out[i] = philox(ctr[i], key[i]); ctr [n, 4], key [n, 2], out [n, 4].
+PHILOX_RAW_CU = r"""
+extern "C" __global__ void fastdiff_philox_raw(const unsigned int* ctr, const unsigned int* key, unsigned int* out,
+                                               long long n) {
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+    fastdiff::uint4x32 c = {ctr[4 * i], ctr[4 * i + 1], ctr[4 * i + 2], ctr[4 * i + 3]};
+    const fastdiff::uint4x32 r = fastdiff::philox4x32_10(c, key[2 * i], key[2 * i + 1]);
+    out[4 * i] = r.x;
+    out[4 * i + 1] = r.y;
+    out[4 * i + 2] = r.z;
+    out[4 * i + 3] = r.w;
+  }
+}
+"""
+
+
+@functools.cache
+def _gpu_philox_raw():
+    import cupy
+
+    code = cb.source() + PHILOX_RAW_CU
+    return cupy.RawModule(code=code, options=cb.NVRTC_OPTIONS + ("-DFASTDIFF_CUDA_ONLY_F32",)).get_function(
+        "fastdiff_philox_raw")
+
+
 EMU_SHIM = r"""
 // Host emulation shim for csrc/cuda/step.cu: one CUDA thread per block, blocks run one after another.  With one
 // thread per block, shared memory is a static array, __syncthreads is a no-op and a warp shuffle has no partner.
@@ -220,11 +247,8 @@ static inline float __uint_as_float(unsigned int u) { float f; memcpy(&f, &u, 4)
 static inline unsigned int __float_as_uint(float f) { unsigned int u; memcpy(&u, &f, 4); return u; }
 static inline float __shfl_xor_sync(unsigned int, float, int) { return 0.0f; }
 static inline void __syncthreads() {}
-static inline float fd_half_bits_to_float(unsigned short v) { _Float16 h; memcpy(&h, &v, 2); return (float)h; }
-static inline unsigned short fd_float_to_half_bits(float f) {
-  _Float16 h = (_Float16)f; unsigned short v; memcpy(&v, &h, 2); return v;
-}
-#include "STEP_CU"
+#include "step.cu"  // a copy beside this file, so that its #include "half_bits.cuh" finds EMU_HALF_BITS below
+PHILOX_RAW_CU
 
 // cuLaunchKernel-style entry: args[i] points at the value of parameter i.
 template <class... P, size_t... I>
@@ -250,6 +274,15 @@ FD_EMU_DTYPE(f32)
 FD_EMU_DTYPE(f16)
 FD_EMU_DTYPE(bf16)
 FD_EMU(fastdiff_philox_raw)
+"""
+
+# Host stand-in for csrc/cuda/half_bits.cuh (whose PTX only a CUDA compiler takes): the compiler's _Float16.
+EMU_HALF_BITS = r"""
+#pragma once
+static inline float fd_half_bits_to_float(unsigned short v) { _Float16 h; memcpy(&h, &v, 2); return (float)h; }
+static inline unsigned short fd_float_to_half_bits(float f) {
+  _Float16 h = (_Float16)f; unsigned short v; memcpy(&v, &h, 2); return v;
+}
 """
 
 _CTYPE = {np.uint64: ctypes.c_uint64, np.int64: ctypes.c_int64, np.int32: ctypes.c_int32}
@@ -312,9 +345,26 @@ class Target:
         with self._active():
             return cb.randn(*args)
 
-    def philox_raw(self, c, k):
-        with self._active():
-            return cb.philox_raw(c, k, device=self.device)
+    def philox_raw(self, counters, keys):
+        """Raw Philox words through the test-only kernel: uint32 [n, 4] counters, [n, 2] keys -> [n, 4]."""
+        c = np.ascontiguousarray(counters, dtype=np.uint32).reshape(-1, 4)
+        k = np.ascontiguousarray(keys, dtype=np.uint32).reshape(-1, 2)
+        n = c.shape[0]
+        grid = (max(1, min(-(-n // cb.THREADS), 1024)),)
+        if self.lib is None:
+            import cupy
+
+            cc, kc = cupy.asarray(c), cupy.asarray(k)
+            oc = cupy.empty_like(cc)
+            if n:
+                _gpu_philox_raw()(grid, (cb.THREADS,), (cc, kc, oc, np.int64(n)))
+            return cupy.asnumpy(oc)
+        ct, kt = torch.from_numpy(c.view(np.int32).copy()), torch.from_numpy(k.view(np.int32).copy())
+        ot = torch.empty_like(ct)
+        if n:
+            self._emu_launch(0, "f32", "fastdiff_philox_raw", grid, (np.uint64(ct.data_ptr()), np.uint64(kt.data_ptr()),
+                                                                    np.uint64(ot.data_ptr()), np.int64(n)))
+        return ot.numpy().view(np.uint32)
 
 
 @pytest.fixture(scope="module")
@@ -324,9 +374,11 @@ def emu_lib(tmp_path_factory):
         pytest.skip("no C++ compiler on PATH")
     d = tmp_path_factory.mktemp("emu")
     src, lib = d / "emu.cpp", d / "libfdemu.so"
-    src.write_text(EMU_SHIM.replace("STEP_CU", str(STEP_CU)))
+    src.write_text(EMU_SHIM.replace("PHILOX_RAW_CU", PHILOX_RAW_CU))
+    shutil.copy(STEP_CU, d / "step.cu")
+    (d / "half_bits.cuh").write_text(EMU_HALF_BITS)
     cmd = [cxx, "-std=c++17", "-O1", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC",
-           "-DFASTDIFF_HOST_EMULATION", "-I", str(CSRC / "common"), str(src), "-o", str(lib), "-lm"]
+           "-I", str(CSRC / "common"), str(src), "-o", str(lib), "-lm"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0 and "_Float16" in proc.stderr:
         pytest.skip(f"this C++ compiler has no _Float16: {proc.stderr[:300]}")
@@ -693,8 +745,8 @@ def test_rejects_bad_thresholds(target):
     args = (x, x, torch.zeros(0, 2, 3, 5, device=dev), torch.zeros(1, ops.row_length(0), device=dev),
             rng.seeds_tensor([1, 2], device=dev), torch.zeros(1, dtype=torch.int64, device=dev),
             torch.zeros(1, device=dev), 0, 0, True, False, False, False)
-    for bad in (torch.ones(3, device=dev), torch.ones(2, dtype=torch.float64, device=dev),
-                torch.ones(4, device=dev)[::2]):
+    # the kernel's own limits; a wrong length is fastdiff.ops's to reject (tests/test_threshold.py)
+    for bad in (torch.ones(2, dtype=torch.float64, device=dev), torch.ones(4, device=dev)[::2]):
         with pytest.raises(ValueError, match="thresholds must be a contiguous float32 tensor"):
             target.step(*args, thresholds=bad)
     with pytest.raises(ValueError, match="thresholds is on meta|on meta"):

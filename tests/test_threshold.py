@@ -277,16 +277,6 @@ def test_step_rejects_bad_thresholds(kernel, bad, match):
                  kernel=kernel, noise=False)
 
 
-@pytest.mark.skipif(not CPU_OK, reason="cpu backend unavailable")
-def test_cpu_kernel_rejects_bad_thresholds():
-    inp, f = stage_inputs("ddim", (3, 5), torch.float32, "cpu")
-    args = (inp["x"], inp["out"], inp["slots"], inp["rows"], inp["seeds"], inp["draws"], inp["guidance"], 0, 0, True,
-            False, False, False)
-    for bad in (torch.ones(2), torch.ones(3, dtype=torch.float64), torch.ones(3, dtype=torch.float16)):
-        with pytest.raises(ValueError, match="thresholds must be a Float tensor with one entry per sample"):
-            cpu.OPS["step"](*args, thresholds=bad)
-
-
 @pytest.mark.parametrize("kwargs,match", [
     (dict(dynamic_threshold=True), "quantile ratio"),
     (dict(dynamic_threshold="0.9"), "quantile ratio"),

@@ -14,9 +14,8 @@
 //     Philox words (w0, w2) and (w1, w3) are merged into one zmm each, so one Box-Muller pass gives all 32
 //     normals; the counters are laid out [0, 4, 1, 5, 2, 6, 3, 7] so that two unpacks interleave them into memory
 //     order.
-// normals_blocks() picks the AVX-512 path where compiled.  On an AVX-512 Xeon (one core, normals alone): about
-// 0.91 ns per normal (Philox 0.4 of it) against 0.96 ns for the portable loops and 1.15 ns with separate multiplies
-// and adds; inside the euler_ancestral step the fused path gained more (0.82 vs 0.75 of copy bandwidth at 4M).
+// normals_blocks() picks the AVX-512 path where compiled: it is the faster of the two, and fused multiply-adds are
+// faster than separate multiplies and adds (benchmarks/README.md has the numbers).
 #pragma once
 #include <stdint.h>
 #include <string.h>

@@ -5,8 +5,7 @@
 // CuPy find it by its plain name: fastdiff_step_{f32,f16,bf16} (any K <= 8, vector or scalar accesses),
 // fastdiff_step_*_vec_k4 (the common case specialised: K <= 4, vector accesses, <= 64 registers),
 // fastdiff_step_reduce_* (Langevin pass 1: per-block partial sums of z^2 and s^2, added up in a fixed order by the
-// step kernel, so the result is deterministic: no atomics), fastdiff_add_noise_*, fastdiff_randn_*,
-// fastdiff_philox_raw.
+// step kernel, so the result is deterministic: no atomics), fastdiff_add_noise_*, fastdiff_randn_*.
 //
 // Semantics are exactly fastdiff.ops.step_reference (the oracle), per sample b and element e:
 //     o  = cfg ? out_u + w (out_c - out_u) : out                  (out_u = out[b], out_c = out[B + b])
@@ -37,6 +36,7 @@ typedef long long int64_t;
 typedef unsigned long long uint64_t;
 #endif
 #include "philox.h"
+#include "half_bits.cuh"
 
 namespace fastdiff {
 namespace cuda {
@@ -76,18 +76,6 @@ struct Half16 {  // shared by F16 and BF16: 4 elements = 8 bytes = one uint2
   typedef unsigned short T;
 };
 
-#ifndef FASTDIFF_HOST_EMULATION  // (the CPU test harness in tests/test_kernel_cuda.py brings its own conversions)
-__device__ __forceinline__ float fd_half_bits_to_float(unsigned short v) {
-  float f;
-  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
-  return f;
-}
-__device__ __forceinline__ unsigned short fd_float_to_half_bits(float f) {
-  unsigned short v;
-  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(v) : "f"(f));  // round to nearest even
-  return v;
-}
-#endif
 
 struct F16 : Half16 {
   static __device__ __forceinline__ float load(T v) { return fd_half_bits_to_float(v); }
@@ -519,16 +507,3 @@ FD_STEP_KERNEL(bf16, fastdiff::cuda::BF16)
 #endif
 
 #undef FD_STEP_KERNEL
-
-// Raw Philox4x32-10 for known-answer tests: out[i] = philox(ctr[i], key[i]); ctr [n, 4], key [n, 2], out [n, 4].
-extern "C" __global__ void __launch_bounds__(fastdiff::cuda::kThreads)
-    fastdiff_philox_raw(const unsigned int* ctr, const unsigned int* key, unsigned int* out, long long n) {
-  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
-    fastdiff::uint4x32 c = {ctr[4 * i], ctr[4 * i + 1], ctr[4 * i + 2], ctr[4 * i + 3]};
-    const fastdiff::uint4x32 r = fastdiff::philox4x32_10(c, key[2 * i], key[2 * i + 1]);
-    out[4 * i] = r.x;
-    out[4 * i + 1] = r.y;
-    out[4 * i + 2] = r.z;
-    out[4 * i + 3] = r.w;
-  }
-}

@@ -1,7 +1,7 @@
 """Backend registry: which implementations of the step can run here, and the choice behind ``backend="auto"``.
 
 - ``torch``: ``fastdiff.ops.step_reference``, plain torch ops (any device, float64 too); the readable oracle.
-- ``cpu``: C++/OpenMP kernel from csrc/cpu, built with ninja on first use.
+- ``cpu``: C++/OpenMP kernel from csrc/cpu, built with ninja on first use (``status`` says whether it is built).
 - ``triton``: Triton kernel from kernels/ (CUDA devices; CPU only under TRITON_INTERPRET=1, for tests).
 - ``cuda``: CUDA C++ from csrc/cuda compiled at runtime through CuPy's NVRTC.
 """
@@ -9,11 +9,13 @@
 from __future__ import annotations
 
 import importlib
+import warnings
 
 from .._names import unknown_name
 
 BACKENDS = ("torch", "cpu", "triton", "cuda")
 _PREFERENCE = {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")}
+_WARNED: set = set()  # backends whose absence backend="auto" has warned about
 
 
 def load(backend: str):
@@ -54,8 +56,18 @@ def resolve(backend: str, device_type: str = "cpu") -> str:
     """Map ``backend=`` to a concrete backend for tensors on ``device_type`` ("cpu" or "cuda")."""
     if backend == "auto":
         for k in _PREFERENCE.get(device_type, ("torch",)):
-            if status(k)[0]:
+            ok, why = status(k)
+            if ok and k == "cpu":  # buildable is not built: build now (its first use), so a failed build falls back
+                try:
+                    load("cpu").ext()
+                except RuntimeError as e:
+                    ok, why = False, str(e)
+            if ok:
                 return k
+            if k == "cpu" and "cpu" not in _WARNED:  # say once why CPU sampling runs on the slower torch ops
+                _WARNED.add("cpu")
+                warnings.warn(f"fastdiff: backend='auto' uses plain torch ops on CPU because the cpu kernels cannot "
+                              f"run here: {why}", RuntimeWarning, stacklevel=2)
         return "torch"
     if backend not in BACKENDS:
         raise unknown_name("backend", backend, ("auto",) + BACKENDS)

@@ -1,10 +1,14 @@
-"""The cpu backend: C++/OpenMP kernels from ``csrc/cpu/step.cpp``, built with ninja on first use.
+"""The cpu backend: C++/OpenMP kernels from ``csrc/cpu`` (``bindings.cpp`` over ``step_kernels.h``), built with
+ninja on first use.
 
 The build goes to the torch extensions cache (``TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``) in a
-directory named after the host CPU's instruction sets (the code is compiled with ``-march=native``), so every later
-process reuses it; a file lock keeps concurrent first builds from racing.  ``OPS`` has the signatures of
+directory keyed on everything the binary depends on: the source files' contents, the torch version, the Python ABI,
+the compiler and its flags, and the host CPU's instruction sets (the code is compiled with ``-march=native``).  So
+every later process with the same sources reuses it, while two checkouts or environments never overwrite each
+other's build; a file lock keeps concurrent first builds from racing.  ``OPS`` has the signatures of
 ``fastdiff.ops.step_reference`` / ``add_noise_reference`` / ``_randn_reference``; ``step`` also takes ``x_out``
-(e.g. ``x_out=x`` for an in-place update).
+(e.g. ``x_out=x`` for an in-place update).  Arguments are validated by ``fastdiff.ops``; the extension checks only
+its own limits (CPU tensors, storage dtypes, contiguity, at most 8 slots).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import os
 import platform
 import shutil
 import sys
+import sysconfig
 import threading
 
 from ._sources import csrc_dir
@@ -30,8 +35,17 @@ _ext = None
 _error: str | None = None
 
 
+def sources() -> list:
+    """The C++ sources handed to the compiler (the headers they include are in ``include_dirs()``)."""
+    return [csrc_dir() / "cpu" / "bindings.cpp"]
+
+
+def include_dirs() -> list:
+    return [csrc_dir() / "cpu", csrc_dir() / "common"]
+
+
 def _host_tag() -> str:
-    """A short tag of the host's instruction sets: -march=native binaries must not move between CPU models."""
+    """The host's instruction sets: -march=native binaries must not move between CPU models."""
     flags = platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -40,14 +54,36 @@ def _host_tag() -> str:
                     flags += line
     except OSError:
         pass
-    return hashlib.sha1(flags.encode()).hexdigest()[:10]
+    return flags
 
 
-def build_directory() -> str:
+def build_key(srcs=None, includes=None) -> str:
+    """Hash of what the built binary depends on: sources and headers (contents), torch, Python ABI, compiler, flags,
+    CPU."""
+    import torch
+
+    h = hashlib.sha256()
+    files = set(srcs if srcs is not None else sources())
+    for d in includes if includes is not None else include_dirs():
+        files.update(p for p in d.iterdir() if p.suffix in (".h", ".hpp", ".cpp", ".cc"))
+    for p in sorted(files, key=str):
+        h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+    abi = sysconfig.get_config_var("SOABI") or sys.implementation.cache_tag
+    for part in (torch.__version__, abi, os.environ.get("CXX", ""), " ".join(CFLAGS), " ".join(LDFLAGS),
+                 _host_tag()):
+        h.update(str(part).encode() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def build_directory(name: str = NAME, srcs=None, includes=None) -> str:
     from torch.utils.cpp_extension import get_default_build_root
 
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
-    return os.path.join(root, f"{NAME}_{_host_tag()}")
+    return os.path.join(root, f"{name}_{build_key(srcs, includes)}")
+
+
+def _built(bdir: str, name: str) -> bool:
+    return os.path.isfile(os.path.join(bdir, name + ".so"))
 
 
 def _missing_tools() -> list[str]:
@@ -67,6 +103,12 @@ def _missing_tools() -> list[str]:
     return missing
 
 
+def _missing_message(missing: list[str]) -> str:
+    hints = (["apt-get install g++ (or set CXX to a C++17 compiler)"] if "ninja" not in missing[0] else []) + \
+        (["pip install ninja"] if "ninja" in missing else [])
+    return f"fastdiff's cpu backend needs {' and '.join(missing)}: {'; '.join(hints)}"
+
+
 def _pip_ninja_dir() -> str | None:
     try:
         import ninja
@@ -80,19 +122,18 @@ def _tail(text: str, lines: int = 15) -> str:
     return "\n".join(str(text).strip().splitlines()[-lines:])
 
 
-def _build():
-    """Compile (or reuse) the extension; returns the module or raises RuntimeError saying what is missing."""
+def build(name: str, srcs: list, includes: list, what: str):
+    """Compile (or load the cached build of) a torch extension from ``srcs`` with the kernels' flags; returns the
+    module or raises RuntimeError saying what is missing.  Prints one line to stderr when a build starts."""
     missing = _missing_tools()
     if missing:
-        hints = (["apt-get install g++ (or set CXX to a C++17 compiler)"] if "ninja" not in missing[0] else []) + \
-            (["pip install ninja"] if "ninja" in missing else [])
-        raise RuntimeError(f"fastdiff's cpu backend needs {' and '.join(missing)}: {'; '.join(hints)}")
+        raise RuntimeError(_missing_message(missing))
     from torch.utils.cpp_extension import load
 
-    src = csrc_dir() / "cpu" / "step.cpp"
-    if not src.is_file():
-        raise RuntimeError(f"fastdiff's cpu backend source is missing: {src}")
-    bdir = build_directory()
+    for src in srcs:
+        if not src.is_file():
+            raise RuntimeError(f"fastdiff's cpu backend source is missing: {src}")
+    bdir = build_directory(name, srcs, includes)
     os.makedirs(bdir, exist_ok=True)
     # torch's own lock (a 'lock' file) is left behind by a killed build and then blocks forever; flock is released
     # by the kernel when its holder dies, so take it around the whole load (POSIX; elsewhere torch's lock only).
@@ -108,8 +149,10 @@ def _build():
             stale = os.path.join(bdir, "lock")
             if fcntl is not None and os.path.exists(stale):  # we hold the flock: nobody else is building
                 os.remove(stale)
-            return load(name=NAME, sources=[str(src)], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
-                        extra_include_paths=[str(csrc_dir() / "common")], build_directory=bdir, verbose=False)
+            if not _built(bdir, name):
+                print(f"fastdiff: building the {what} (first use, ~1 minute)...", file=sys.stderr, flush=True)
+            return load(name=name, sources=[str(s) for s in srcs], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
+                        extra_include_paths=[str(d) for d in includes], build_directory=bdir, verbose=False)
         except Exception as e:  # the compiler's message is in the exception text
             raise RuntimeError("fastdiff's cpu backend failed to build (it needs a C++17 compiler (g++/clang++) "
                                f"with OpenMP and ninja; build directory {bdir}):\n{_tail(e)}") from None
@@ -128,20 +171,32 @@ def ext():
             if _error is not None:
                 raise RuntimeError(_error)
             try:
-                _ext = _build()
+                _ext = build(NAME, sources(), include_dirs(), "cpu kernels")
             except RuntimeError as e:
                 _error = str(e)
                 raise
     return _ext
 
 
+def status() -> tuple[str, str]:
+    """Where the kernels stand, without building anything: ("built" | "not built yet" | "unavailable", detail)."""
+    if _ext is not None:
+        return "built", "loaded"
+    if _error is not None:
+        return "unavailable", _error
+    missing = _missing_tools()
+    if missing:
+        return "unavailable", _missing_message(missing)
+    bdir = build_directory()
+    if _built(bdir, NAME):
+        return "built", bdir
+    return "not built yet", f"builds on first use into {bdir}"
+
+
 def available() -> tuple[bool, str]:
-    """(True, "") if the kernels build and import here, else (False, the reason). Cached."""
-    try:
-        ext()
-        return True, ""
-    except RuntimeError as e:
-        return False, str(e)
+    """(True, state) when the kernels are built or can be built here, else (False, the reason).  Never builds."""
+    state, detail = status()
+    return state != "unavailable", (detail if state == "unavailable" else f"{state} ({detail})")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -154,8 +209,6 @@ def step(x, out, slots, rows, seeds, draws, guidance, slot_reads, slot_writes, u
     """fastdiff::step on CPU tensors; returns x' (``x_out`` when given, which may be ``x``) and updates ``slots``.
 
     ``thresholds``: optional [B] dynamic thresholds in the math dtype (float32; float64 for float64 x)."""
-    if not x.is_contiguous():
-        raise ValueError("x must be contiguous (call .contiguous() first): the cpu kernel streams it linearly")
     return ext().step(x, out, slots, rows, seeds, draws, guidance, int(slot_reads), int(slot_writes), bool(use_out),
                       bool(cfg), bool(noise), bool(langevin), x_out, thresholds)
 
@@ -172,4 +225,4 @@ def randn(seeds, draws, shape, dtype):
 
 OPS = {"step": step, "add_noise": add_noise, "randn": randn}
 
-__all__ = ["OPS", "add_noise", "available", "build_directory", "ext", "randn", "step"]
+__all__ = ["OPS", "add_noise", "available", "build", "build_directory", "ext", "randn", "status", "step"]

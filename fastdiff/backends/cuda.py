@@ -1,8 +1,9 @@
 """The ``cuda`` backend: csrc/cuda/step.cu compiled at run time with NVRTC (through CuPy), launched on torch's stream.
 
 Three thin layers, as everywhere in fastdiff: the framework-free kernels in ``csrc/cuda/step.cu``; this glue, which
-checks devices / dtypes / layouts, picks the launch shape and launches on torch's *current* stream (so the launch is
-captured by ``torch.cuda.graph``); and the public ops in ``fastdiff.ops`` (``kernel="cuda"``).
+checks the kernels' own limits (CUDA tensors, dtypes, layouts), picks the launch shape and launches on torch's
+*current* stream (so the launch is captured by ``torch.cuda.graph``); and the public ops in ``fastdiff.ops``
+(``backend="cuda"``), which validate the arguments (shapes, devices, seeds, rows length) before calling here.
 
 No toolkit is needed on the user's machine: NVRTC (through CuPy) compiles the source for the device at hand on first
 use of a dtype (once per process and device; the binary is kept on disk, see ``cache_dir()``, so later processes
@@ -63,21 +64,24 @@ def available() -> tuple[bool, str]:
 
 
 def source() -> str:
-    """The NVRTC source: step.cu with csrc/common/philox.h inlined.
+    """The NVRTC source: step.cu with its local headers (csrc/common/philox.h, csrc/cuda/half_bits.cuh) inlined.
 
     NVRTC has no C library headers, so philox.h's ``#include <stdint.h>`` / ``<math.h>`` lines are dropped (step.cu
     declares the integer types under ``__CUDACC_RTC__``; the math functions are NVRTC built-ins).  Inlining keeps
     the source one string, so the disk cache is keyed on the exact text that was compiled.
     """
     root = csrc_dir()
-    philox = (root / "common" / "philox.h").read_text()
-    philox = re.sub(r"^\s*#\s*include\s*<[^>]+>\s*$", "", philox, flags=re.MULTILINE)
-    step = (root / "cuda" / "step.cu").read_text()
-    inc = re.compile(r'^\s*#\s*include\s*"philox\.h"\s*$', flags=re.MULTILINE)
-    if not inc.search(step):
-        raise RuntimeError("csrc/cuda/step.cu no longer includes \"philox.h\"; update fastdiff.backends.cuda.source()")
-    return inc.sub(lambda _: "// ---- csrc/common/philox.h (inlined) ----\n" + philox + "\n// ---- end philox.h ----",
-                   step, count=1)
+    text = (root / "cuda" / "step.cu").read_text()
+    for folder, name in (("common", "philox.h"), ("cuda", "half_bits.cuh")):
+        header = (root / folder / name).read_text()
+        header = re.sub(r"^\s*#\s*include\s*<[^>]+>\s*$", "", header, flags=re.MULTILINE)
+        inc = re.compile(r'^\s*#\s*include\s*"' + re.escape(name) + r'"\s*$', flags=re.MULTILINE)
+        if not inc.search(text):
+            raise RuntimeError(f"csrc/cuda/step.cu no longer includes \"{name}\": update "
+                               "fastdiff.backends.cuda.source()")
+        text = inc.sub(lambda _: f"// ---- csrc/{folder}/{name} (inlined) ----\n{header}\n// ---- end {name} ----",
+                       text, count=1)
+    return text
 
 
 _lock = threading.Lock()
@@ -85,7 +89,7 @@ _lock = threading.Lock()
 
 def _kernel_names(sfx: str) -> tuple[str, ...]:
     return (f"fastdiff_step_{sfx}", f"fastdiff_step_{sfx}_vec_k4", f"fastdiff_step_reduce_{sfx}",
-            f"fastdiff_add_noise_{sfx}", f"fastdiff_randn_{sfx}", "fastdiff_philox_raw")
+            f"fastdiff_add_noise_{sfx}", f"fastdiff_randn_{sfx}")
 
 
 def cache_dir() -> pathlib.Path:
@@ -211,29 +215,24 @@ def _device_index(t: torch.Tensor) -> int:
 
 
 def _check_cuda(name: str, t: torch.Tensor, device: torch.device) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    """The kernels read CUDA memory (fastdiff.ops has checked that every input is on x's device)."""
     if t.device.type != "cuda":
         raise ValueError(f"the cuda kernel needs CUDA tensors, but {name} is on {t.device}")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device} but x is on {device}: put every input on one device")
 
 
 def _check_storage(name: str, t: torch.Tensor) -> None:
     if t.dtype not in _SUFFIX:
         raise ValueError(f"the cuda kernel stores fp32 / fp16 / bf16, but {name} is {t.dtype} "
-                         "(use kernel='torch' for float64)")
+                         "(use backend='torch' for float64)")
     if not t.is_contiguous():
         raise ValueError(f"{name} must be contiguous (call .contiguous() first): the kernel streams it linearly")
 
 
-def _per_sample(name: str, t: torch.Tensor, batch: int, dtype: torch.dtype, device) -> int:
-    """Check a [B or 1] per-sample tensor; returns its stride in elements (0 for one shared value)."""
+def _per_sample(name: str, t: torch.Tensor, dtype: torch.dtype, device) -> int:
+    """A [B or 1] per-sample tensor read by pointer: its dtype; returns its stride in elements (0 for one value)."""
     _check_cuda(name, t, device)
     if t.dtype != dtype:
         raise ValueError(f"{name} must be {dtype} for the cuda kernel, got {t.dtype}")
-    if t.dim() != 1 or t.shape[0] not in (1, batch):
-        raise ValueError(f"{name} must be [B or 1] = [{batch} or 1], got {tuple(t.shape)}")
     return 0 if t.shape[0] == 1 else int(t.stride(0))
 
 
@@ -273,47 +272,33 @@ def step(x, out, slots, rows, seeds, draws, guidance, slot_reads, slot_writes, u
     dev = x.device
     _check_cuda("x", x, dev)
     _check_storage("x", x)
-    if x.dim() < 1:
-        raise ValueError("x must be [B, ...]")
     B = x.shape[0]
     numel = x[0].numel() if B else 0
-    K = slots.shape[0] if slots.dim() else 0
+    K = slots.shape[0]
     if K > MAX_SLOTS:
         raise ValueError(f"the cuda kernel supports at most {MAX_SLOTS} history slots, got K={K}")
-    _check_cuda("slots", slots, dev)
     if K:
-        if slots.dtype != x.dtype or tuple(slots.shape[1:]) != tuple(x.shape):
-            raise ValueError(f"slots must be [K, *x.shape] in x's dtype, got {tuple(slots.shape)} {slots.dtype}")
         _check_storage("slots", slots)
     if use_out:
-        _check_cuda("out", out, dev)
         _check_storage("out", out)
-        want = (2 * B if cfg else B,) + tuple(x.shape[1:])
-        if out.dtype != x.dtype or tuple(out.shape) != want:
-            raise ValueError(f"out must be {want} in x's dtype, got {tuple(out.shape)} {out.dtype}")
-    _check_cuda("rows", rows, dev)
     R = ROW_HEAD + (1 + K) * (2 + K)
-    if rows.dtype != torch.float32 or rows.dim() != 2 or rows.shape[0] not in (1, B) or rows.shape[1] != R:
-        raise ValueError(f"rows must be float32 [B or 1, {R}] for K={K}, got {tuple(rows.shape)} {rows.dtype}")
-    if not rows.is_contiguous():
-        raise ValueError("rows must be contiguous")
+    if rows.dtype != torch.float32 or not rows.is_contiguous():  # read on device, as float32 rows of R values
+        raise ValueError(f"rows must be float32 and contiguous for the cuda kernel, got {rows.dtype}")
     row_stride = 0 if rows.shape[0] == 1 else R
-    _check_cuda("seeds", seeds, dev)
-    if seeds.dtype != torch.int64 or tuple(seeds.shape) != (B,) or (B and seeds.stride(0) != 1):
-        raise ValueError(f"seeds must be a contiguous int64 tensor [B] = [{B}], got {tuple(seeds.shape)} {seeds.dtype}")
-    draw_stride = _per_sample("draws", draws, B, torch.int64, dev)
+    if B and seeds.stride(0) != 1:
+        raise ValueError("seeds must be contiguous (call .contiguous() first)")
+    draw_stride = _per_sample("draws", draws, torch.int64, dev)
     guidance_stride = 0
     cfg = bool(cfg and use_out)  # guidance only combines model outputs
     if cfg:
-        if isinstance(guidance, torch.Tensor) and guidance.is_floating_point() and guidance.dtype != torch.float32:
+        if guidance.is_floating_point() and guidance.dtype != torch.float32:
             guidance = guidance.to(torch.float32)  # a device-side cast (one more launch), no sync
-        guidance_stride = _per_sample("guidance", guidance, B, torch.float32, dev)
+        guidance_stride = _per_sample("guidance", guidance, torch.float32, dev)
     threshold = thresholds is not None and bool(use_out)  # no D to threshold without a model output
     if thresholds is not None:
         _check_cuda("thresholds", thresholds, dev)
-        if thresholds.dtype != torch.float32 or tuple(thresholds.shape) != (B,) or (B and thresholds.stride(0) != 1):
-            raise ValueError(f"thresholds must be a contiguous float32 tensor [B] = [{B}], got "
-                             f"{tuple(thresholds.shape)} {thresholds.dtype}")
+    if thresholds is not None and (thresholds.dtype != torch.float32 or (B and thresholds.stride(0) != 1)):
+        raise ValueError(f"thresholds must be a contiguous float32 tensor for the cuda kernel, got {thresholds.dtype}")
     if x_out is None:
         x_out = torch.empty_like(x)
     else:
@@ -379,12 +364,11 @@ def add_noise(x0, alpha, sigma, seeds, draws):
     # alpha / sigma in any float dtype, as the reference; cast on device (no sync) when not float32
     alpha = alpha.to(torch.float32) if alpha.is_floating_point() else alpha
     sigma = sigma.to(torch.float32) if sigma.is_floating_point() else sigma
-    a_stride = _per_sample("alpha", alpha, B, torch.float32, dev)
-    s_stride = _per_sample("sigma", sigma, B, torch.float32, dev)
-    _check_cuda("seeds", seeds, dev)
-    if seeds.dtype != torch.int64 or tuple(seeds.shape) != (B,) or (B and seeds.stride(0) != 1):
-        raise ValueError(f"seeds must be a contiguous int64 tensor [B] = [{B}]")
-    d_stride = _per_sample("draws", draws, B, torch.int64, dev)
+    a_stride = _per_sample("alpha", alpha, torch.float32, dev)
+    s_stride = _per_sample("sigma", sigma, torch.float32, dev)
+    if B and seeds.stride(0) != 1:
+        raise ValueError("seeds must be contiguous (call .contiguous() first)")
+    d_stride = _per_sample("draws", draws, torch.int64, dev)
     xt = torch.empty_like(x0)
     if B == 0 or numel == 0:
         return xt
@@ -402,9 +386,9 @@ def randn(seeds, draws, shape, dtype):
     _check_cuda("seeds", seeds, dev)
     shape = [int(s) for s in shape]
     B = shape[0]
-    if seeds.dtype != torch.int64 or tuple(seeds.shape) != (B,) or (B and seeds.stride(0) != 1):
-        raise ValueError(f"seeds must be a contiguous int64 tensor [B] = [{B}]")
-    d_stride = _per_sample("draws", draws, B, torch.int64, dev)
+    if B and seeds.stride(0) != 1:
+        raise ValueError("seeds must be contiguous (call .contiguous() first)")
+    d_stride = _per_sample("draws", draws, torch.int64, dev)
     store = dtype if dtype in _SUFFIX else torch.float32
     z = torch.empty(shape, dtype=store, device=dev)
     numel = z[0].numel() if B else 0
@@ -414,27 +398,6 @@ def randn(seeds, draws, shape, dtype):
         _launch(idx, _SUFFIX[store], f"fastdiff_randn_{_SUFFIX[store]}", _stream_grid(idx, -(-numel // 4), B), (
             _ptr(z), _ptr(seeds), _ptr(draws), _i64(d_stride), _i64(B), _i64(numel), _i32(flags)))
     return z if store == dtype else z.to(dtype)  # e.g. float64: drawn in float32, cast once (as the reference)
-
-
-def philox_raw(counters, keys, device="cuda") -> np.ndarray:
-    """Raw Philox4x32-10 words on the GPU, for known-answer tests: uint32 [n, 4] counters, [n, 2] keys -> [n, 4].
-
-    Copies to and from the device (synchronizes); not for the sampling loop.
-    """
-    c = np.ascontiguousarray(counters, dtype=np.uint32).reshape(-1, 4)
-    k = np.ascontiguousarray(keys, dtype=np.uint32).reshape(-1, 2)
-    if c.shape[0] != k.shape[0]:
-        raise ValueError(f"{c.shape[0]} counters but {k.shape[0]} keys")
-    dev = torch.device(device)
-    ct = torch.from_numpy(c.view(np.int32)).to(dev)
-    kt = torch.from_numpy(k.view(np.int32)).to(dev)
-    ot = torch.empty_like(ct)
-    n = c.shape[0]
-    if n:
-        idx = _device_index(ct)
-        _launch(idx, "f32", "fastdiff_philox_raw", (max(1, min(_grid_x(n), 1024)),),
-                (_ptr(ct), _ptr(kt), _ptr(ot), _i64(n)))
-    return ot.cpu().numpy().view(np.uint32)
 
 
 OPS = {"step": step, "add_noise": add_noise, "randn": randn}

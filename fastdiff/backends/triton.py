@@ -1,6 +1,7 @@
 """The triton kernel backend: glue between ``fastdiff.ops`` and the Triton kernels in ``kernels/step.py``.
 
 Checks what the kernels assume (device, dtype, contiguity) and launches them; the math lives in the kernels.
+Argument validation (shapes, devices, seeds, rows length) is ``fastdiff.ops``'s, done before a call gets here.
 Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (Triton's interpreter: slow, for tests).
 Triton is imported when this module is (``fastdiff.backends.load("triton")``), never by ``import fastdiff``.
 """
@@ -33,29 +34,25 @@ def _kernels():
     return k
 
 
-def _check_device(k, **tensors):
-    dev = None
-    for name, t in tensors.items():
-        if dev is None:
-            dev = t.device
-        elif t.device != dev:
-            raise ValueError(f"{name} is on {t.device} but the other inputs are on {dev}")
-    if dev.type == "cuda":
+def _check_device(k, name, t):
+    """CUDA tensors, or CPU tensors under the interpreter (fastdiff.ops has checked that the inputs share x's
+    device)."""
+    if t.device.type == "cuda":
         if k.interpreting():
             raise ValueError("the triton kernels were built for the interpreter (TRITON_INTERPRET=1 when triton was "
                              "imported): they take CPU tensors; unset TRITON_INTERPRET to run them on CUDA")
-    elif dev.type == "cpu":
+    elif t.device.type == "cpu":
         if not k.interpreting():
             raise ValueError("the triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is "
-                             "imported, to run it on CPU through the interpreter); use kernel='cpu' or 'torch'")
+                             "imported, to run it on CPU through the interpreter); use backend='cpu' or 'torch'")
     else:
-        raise ValueError(f"the triton kernel does not run on {dev.type} tensors")
+        raise ValueError(f"the triton kernel does not run on {t.device.type} tensors ({name} is on {t.device})")
 
 
 def _check_storage(name, t):
     if t.dtype not in STORAGE_DTYPES:
         raise ValueError(f"{name} is {t.dtype}; the triton kernel stores float32, float16 or bfloat16 "
-                         "(use kernel='torch' for float64)")
+                         "(use backend='torch' for float64)")
 
 
 def _check_contiguous(**tensors):
@@ -75,23 +72,13 @@ def step(x, out, slots, rows, seeds, draws, guidance, slot_reads, slot_writes, u
     """``fastdiff.ops.step_reference`` on the triton kernel; ``x_out`` (may be ``x``) receives x'; ``thresholds``:
     optional float32 [B] dynamic thresholds."""
     k = _kernels()
-    _check_device(k, x=x, out=out, slots=slots, rows=rows, seeds=seeds, draws=draws, guidance=guidance,
-                  **({} if x_out is None else {"x_out": x_out}),
-                  **({} if thresholds is None else {"thresholds": thresholds}))
-    if thresholds is not None and (thresholds.dtype != torch.float32 or tuple(thresholds.shape) != (x.shape[0],)):
-        raise ValueError(f"thresholds must be a float32 tensor [B] = [{x.shape[0]}], got {tuple(thresholds.shape)} "
-                         f"{thresholds.dtype}")
+    _check_device(k, "x", x)
     _check_storage("x", x)
-    if use_out and out.dtype != x.dtype:
-        raise ValueError(f"out is {out.dtype} but x is {x.dtype}: cast the model output to x's dtype")
-    if slots.shape[0] and slots.dtype != x.dtype:
-        raise ValueError(f"slots are {slots.dtype} but x is {x.dtype}: keep the history slots in x's dtype")
     if not (rows.is_floating_point() and guidance.is_floating_point()):
         raise ValueError("rows and guidance must be floating-point tensors")
-    if seeds.dtype != torch.int64 or draws.dtype != torch.int64:
-        raise ValueError("seeds and draws must be int64 tensors")
     _check_contiguous(x=x, slots=slots, **({"out": out} if use_out else {}))
     if x_out is not None:
+        _check_device(k, "x_out", x_out)
         _check_contiguous(x_out=x_out)
         if x_out.shape != x.shape or x_out.dtype != x.dtype:
             raise ValueError(f"x_out must match x ({tuple(x.shape)} {x.dtype}), got {tuple(x_out.shape)} "
@@ -104,7 +91,7 @@ def step(x, out, slots, rows, seeds, draws, guidance, slot_reads, slot_writes, u
 def add_noise(x0, alpha, sigma, seeds, draws):
     """``fastdiff.ops.add_noise_reference`` on the triton kernel."""
     k = _kernels()
-    _check_device(k, x0=x0, alpha=alpha, sigma=sigma, seeds=seeds, draws=draws)
+    _check_device(k, "x0", x0)
     _check_storage("x0", x0)
     _check_contiguous(x0=x0)
     if seeds.dtype != torch.int64 or draws.dtype != torch.int64:
@@ -115,7 +102,7 @@ def add_noise(x0, alpha, sigma, seeds, draws):
 def randn(seeds, draws, shape, dtype):
     """``fastdiff.ops._randn_reference`` on the triton kernel."""
     k = _kernels()
-    _check_device(k, seeds=seeds, draws=draws)
+    _check_device(k, "seeds", seeds)
     if dtype not in STORAGE_DTYPES:
         raise ValueError(f"the triton kernel draws float32, float16 or bfloat16 noise, not {dtype}")
     if seeds.dtype != torch.int64 or draws.dtype != torch.int64:
