@@ -133,7 +133,7 @@ def test_cancel_during_sampling_frees_its_rows():
         for s in (1, 2):
             torch.testing.assert_close(futs[s].result(timeout=WAIT), alone(plan, s), rtol=1e-6, atol=1e-6)
     assert gate.sizes[:2] == [3, 3] and set(gate.sizes[2:]) == {2}  # its row left at the next tick
-    assert b.unfinished() == 0
+    assert b.unfinished() == 0 and b.stats["cancelled"] == 1
 
 
 @pytest.mark.parametrize("fault, error", [(1, RuntimeError), (2, FloatingPointError)])

@@ -362,6 +362,8 @@ class ContinuousBatcher:
             for r in finished:
                 if r.x is not None and not r.future.done():
                     _end(r, r.x.clone(), self.errors, self.stats)
+                elif r.future.cancelled():
+                    self.stats["cancelled"] += 1
                 r.x = r.slots = None
 
     def _sweep(self):
