@@ -21,15 +21,15 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 
 from .schedules import Schedule
+from .solvers import SOLVERS, build
+from .solvers.builder import PREDICTIONS, Builder, Lin, conversion  # noqa: F401  (the solver language; old home)
+from .solvers.registry import alpha_zero_error
 from .timesteps import custom_times, timesteps
-
-PREDICTIONS = ("epsilon", "x0", "v", "score", "flow")
 ROW_HEADER = ("cx", "co", "g", "snr", "r", "lsx", "lsD")
 
 
@@ -112,147 +112,6 @@ def x0_input_rows(rows) -> np.ndarray:
     out = np.array(rows, dtype=np.float64, copy=True)
     out[..., 0], out[..., 1] = 0.0, 1.0
     return out
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# A tiny linear-expression type, so solver code reads like the paper: x_next = a * X + b * D + c * S(0)
-# ---------------------------------------------------------------------------------------------------------------
-
-
-class Lin:
-    """A linear combination of registers: keys "x", "D" or a slot index (int)."""
-
-    __slots__ = ("c",)
-
-    def __init__(self, c=None):
-        self.c = dict(c or {})
-
-    def __add__(self, other):
-        if not isinstance(other, Lin):
-            return NotImplemented
-        out = dict(self.c)
-        for k, v in other.c.items():
-            out[k] = out.get(k, 0.0) + v
-        return Lin(out)
-
-    def __sub__(self, other):
-        return self + (-1.0) * other
-
-    def __mul__(self, a):
-        a = float(a)
-        return Lin({k: a * v for k, v in self.c.items()})
-
-    __rmul__ = __mul__
-
-    def __truediv__(self, a):
-        return self * (1.0 / float(a))
-
-    def __neg__(self):
-        return self * -1.0
-
-    def __repr__(self):
-        return " + ".join(f"{v:.6g}*{k}" for k, v in self.c.items()) or "0"
-
-
-ZERO = Lin()
-
-
-@dataclass
-class _Stage:
-    t: float  # schedule time of the model call (nan: no model call)
-    step: int = 0  # the solver step (grid interval) the stage belongs to
-    cx: float = 0.0
-    co: float = 0.0
-    x: Lin = None
-    slots: dict = None
-    g: float = 0.0
-    langevin: tuple = (0.0, 0.0, 0.0, 0.0)  # snr, r, lsx, lsD
-
-
-class Builder:
-    """Collects stages; each solver module drives one through ``call`` / ``update``."""
-
-    def __init__(self, schedule: Schedule, prediction: str, num_slots: int):
-        self.schedule = schedule
-        self.prediction = prediction
-        self.num_slots = num_slots
-        self.stages: list[_Stage] = []
-        self._open: _Stage | None = None
-        self.step = 0
-
-    def steps(self, n: int, start: int = 0):
-        """Iterate the solver's steps, recording which step each stage belongs to (``Plan.stage_step``)."""
-        for i in range(start, start + n):
-            self.step = i - start
-            yield i
-
-    X = Lin({"x": 1.0})
-    D = Lin({"D": 1.0})
-
-    @staticmethod
-    def S(i: int) -> Lin:
-        return Lin({int(i): 1.0})
-
-    def call(self, t: float, alpha=None, sigma=None):
-        """Open a stage that calls the model at schedule time ``t``; returns the registers (X, D).
-
-        ``alpha``, ``sigma`` override the schedule's values where the noise level differs from the time the
-        model is conditioned on (a churned level beyond the schedule's range, see ``Grid.point_at_s``).
-        """
-        assert self._open is None, "previous stage not closed"
-        t = float(t)
-        cx, co = conversion(self.schedule, self.prediction, t, alpha, sigma)
-        self._open = _Stage(t=t, cx=cx, co=co, step=self.step)
-        return self.X, self.D
-
-    def update(self, x: Lin, slots: dict | None = None, noise: float = 0.0, langevin=None):
-        """Close the open stage with x' = ``x`` + noise * z and the slot writes ``slots`` {index: Lin}."""
-        st = self._open
-        assert st is not None, "update() without call()"
-        st.x, st.slots, st.g = x, dict(slots or {}), float(noise)
-        if langevin is not None:
-            st.langevin = tuple(float(v) for v in langevin)
-        self.stages.append(st)
-        self._open = None
-
-    def add_noise(self, scale: float, gain: float):
-        """x <- scale * x + gain * z before the next model call (EDM churn), fused into the previous stage."""
-        if gain == 0.0 and scale == 1.0:
-            return
-        prev = self.stages[-1] if self.stages else None
-        if prev is not None and prev.g == 0.0 and prev.langevin[0] == 0.0:
-            prev.x, prev.g = scale * prev.x, gain
-        else:  # nothing to fuse into: a stage without a model call
-            self.stages.append(_Stage(t=math.nan, x=scale * self.X, slots={}, g=gain, step=self.step))
-
-
-def conversion(schedule: Schedule, prediction: str, t: float, alpha=None, sigma=None):
-    """(cx, co) with D = cx * x + co * out for a model output in ``prediction`` parameterization at time t."""
-    a = np.float64(schedule.alpha(t) if alpha is None else alpha)
-    s = np.float64(schedule.sigma(t) if sigma is None else sigma)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        if prediction == "epsilon":  # x = a D + s eps
-            cx, co = 1.0 / a, -s / a
-        elif prediction == "x0":
-            cx, co = 0.0, 1.0
-        elif prediction == "v":  # v = a eps - s x0  (Salimans & Ho 2022)
-            n = a * a + s * s
-            cx, co = a / n, -s / n
-        elif prediction == "score":  # score = (a D - x) / s^2
-            cx, co = 1.0 / a, s * s / a
-        elif prediction == "flow":  # out = dx / d(model time);  dx/dt = da D + ds eps
-            da, ds, rate = schedule.dalpha(t), schedule.dsigma(t), schedule.model_time_rate
-            det = ds * a - s * da
-            cx, co = ds / det, -s * rate / det
-        else:
-            raise ValueError(f"unknown prediction {prediction!r}; choose one of {', '.join(PREDICTIONS)}")
-    if not (math.isfinite(cx) and math.isfinite(co)):
-        raise ValueError(
-            f"a model predicting {prediction!r} cannot be converted to a data estimate at t={t:g} on {schedule!r} "
-            f"(alpha={a:g}, sigma={s:g}); this solver calls the model there. Use an 'x0', 'v' or 'flow' model, "
-            "or a spacing / t_max that avoids alpha = 0"
-        )
-    return float(cx), float(co)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -422,12 +281,8 @@ class Plan:
             arr = getattr(self, name)
             if not np.all(np.isfinite(arr)):
                 k = int(np.argwhere(~np.isfinite(arr.reshape(len(arr), -1)))[0, 0])
-                raise ValueError(
-                    f"solver {self.solver!r} on {self.schedule!r} gives a non-finite coefficient at stage {k} "
-                    f"(t={self.stage_times[k]:g}): the solver divides by alpha or sigma there. Schedules that reach "
-                    "alpha = 0 at t_max (flows, zero terminal SNR) work with flow_euler, flow_heun, ddim, euler, "
-                    "ddpm, dpmpp_2m/3m and unipc; for the others lower t_max or pass timesteps="
-                )
+                raise alpha_zero_error(self.solver, self.schedule, self.times,
+                                       f"non-finite coefficient at stage {k}, t={self.stage_times[k]:g}")
         object.__setattr__(self, "_frozen", True)
 
 
@@ -486,8 +341,6 @@ def plan(solver: str, schedule: Schedule, steps: int | None = None, prediction: 
     **options
         Solver options (``eta``, ``s_churn``, ``order``, ...); ``fastdiff.solver_options(name)`` lists them.
     """
-    from .solvers import SOLVERS, build
-
     if not isinstance(solver, str) or solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(sorted(SOLVERS))}")
     if not isinstance(schedule, Schedule):
@@ -504,8 +357,6 @@ def plan(solver: str, schedule: Schedule, steps: int | None = None, prediction: 
 
 @functools.lru_cache(maxsize=256)
 def _cached_plan(key) -> Plan:
-    from .solvers import build
-
     solver, schedule, steps, prediction, spacing, final, ts, sg, bd, options = key
     spacing_opts = {}
     opts = dict(options)
