@@ -78,15 +78,6 @@ class _Request:
     stage: int = 0
 
 
-def _union_flags(flags):
-    """(slot_writes, use_out, noise, langevin) of a tick: OR of the write masks, any() of the booleans."""
-    # positional fields of Plan.stage_flags: (slot_reads, slot_writes, use_out, noise, langevin)
-    writes = 0
-    for f in flags:
-        writes |= f[1]
-    return writes, any(f[2] for f in flags), any(f[3] for f in flags), any(f[4] for f in flags)
-
-
 class ContinuousBatcher:
     """A supervised background loop that serves sampling requests with continuous batching.
 
@@ -464,10 +455,10 @@ class ContinuousBatcher:
             if r.plan.num_slots:
                 slots[: r.plan.num_slots, b] = r.slots
         rows = np.stack([r.plan.shared_rows(K)[r.stage] for r in batch])
-        writes, use_out, noise, langevin = _union_flags([r.plan.stage_flags[r.stage] for r in batch])
+        flags = batch[0].plan.stage_flags[batch[0].stage].union(*(r.plan.stage_flags[r.stage] for r in batch[1:]))
         guided = batch[0].guidance is not None
         out = x
-        if use_out:
+        if flags.use_out:
             # stages without a model call (EDM churn prologue) ride along: their rows ignore D (cx = co = 0)
             stage_t = [r.plan.stage_times[r.stage] for r in batch]
             stage_t = [st if not np.isnan(st) else r.plan.times[0] for st, r in zip(stage_t, batch)]
@@ -494,8 +485,8 @@ class ContinuousBatcher:
             rng.seeds_tensor([r.seed for r in batch], device=dev),
             torch.tensor([int(r.plan.draw[r.stage]) for r in batch], dtype=torch.int64, device=dev),
             torch.tensor([r.guidance if guided else 0.0 for r in batch], dtype=torch.float32, device=dev),
-            slot_reads=(1 << K) - 1, slot_writes=writes, use_out=use_out, cfg=guided and use_out,
-            noise=noise, langevin=langevin, kernel=self.kernel)
+            slot_reads=(1 << K) - 1, slot_writes=flags.slot_writes, use_out=flags.use_out,
+            cfg=guided and flags.use_out, noise=flags.noise, langevin=flags.langevin, kernel=self.kernel)
         finite = torch.isfinite(x_new.reshape(B, -1)).all(1)
         if K:
             finite &= torch.isfinite(slots.transpose(0, 1).reshape(B, -1)).all(1)
