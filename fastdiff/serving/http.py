@@ -455,5 +455,7 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # run the imported module's main, so --model callables see its ModelSpec class
+    from fastdiff.serving.http import main as _main
+
+    raise SystemExit(_main())

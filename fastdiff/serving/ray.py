@@ -122,4 +122,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from fastdiff.serving.ray import main as _main
+
+    raise SystemExit(_main())
