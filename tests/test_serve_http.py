@@ -138,7 +138,8 @@ def test_limits_health_metrics_and_unknown_routes():
     assert wrong_method.status_code == 405 and "error" in wrong_method.json()
     assert ok.status_code == 200
     text = app.state.service.metrics.render(app.state.service.batcher)
-    for name in ("fastdiff_queue_depth 0", "fastdiff_batch_occupancy", 'fastdiff_http_errors_total{kind="body_too_large"} 1',
+    for name in ("fastdiff_queue_depth 0", "fastdiff_batch_occupancy",
+                 'fastdiff_http_errors_total{kind="body_too_large"} 1',
                  'fastdiff_request_latency_seconds_bucket{le="+Inf"} 1', "fastdiff_request_latency_seconds_count 1"):
         assert name in text, text
 

@@ -148,7 +148,8 @@ class Metrics:
 
         if batcher is not None:
             st = batcher.stats
-            metric("fastdiff_queue_depth", "gauge", "Requests accepted and waiting to start.", [("", batcher.queue_depth())])
+            metric("fastdiff_queue_depth", "gauge", "Requests accepted and waiting to start.",
+                   [("", batcher.queue_depth())])
             metric("fastdiff_active_requests", "gauge", "Requests sampling now.", [("", batcher.active())])
             metric("fastdiff_unfinished_requests", "gauge", "Accepted requests not finished (bounded by max_queue).",
                    [("", batcher.unfinished())])
