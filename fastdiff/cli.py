@@ -320,8 +320,15 @@ def info() -> None:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:  # the HTTP service parses its own options
+        from .serving.http import main as serve_main
+
+        return serve_main(argv[1:])
     parser = argparse.ArgumentParser(prog="fastdiff", description="fast, exact, reproducible diffusion sampling")
     sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("serve", add_help=False, help="HTTP sampling service, see `fastdiff serve --help` (needs the "
+                   "extra fastdiff[serve])")
     p_demo = sub.add_parser("demo", help="sample the digits model with several solvers; print time and quality")
     p_demo.add_argument("--out", default="fastdiff-demo", help="directory for the PNGs (default: fastdiff-demo)")
     p_demo.add_argument("--quick", action="store_true", help="fewer samples and steps")

@@ -16,6 +16,26 @@ def _shard(n: int, rank: int, world: int) -> tuple[int, int]:
     return rank * n // world, (rank + 1) * n // world
 
 
+def _ensure_process_group(device=None):
+    """Initialise the default process group from torchrun's environment when nobody did yet: NCCL for CUDA
+    devices, gloo otherwise. It stays initialised for later calls (``destroy_process_group`` is the caller's)."""
+    import os
+
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        raise ValueError("fastdiff.distributed.sample needs torch.distributed, which this torch build lacks")
+    if dist.is_initialized():
+        return
+    if not all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
+        raise ValueError("fastdiff.distributed.sample needs a process group: start the script with torchrun (it "
+                         "then initialises one itself) or call torch.distributed.init_process_group first")
+    cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if cuda else "gloo")
+
+
 def sample(model, plan, seeds, sample_shape, **sample_kwargs):
     """Sample ``len(seeds)`` images split over the ranks of the default process group.
 
@@ -34,12 +54,13 @@ def sample(model, plan, seeds, sample_shape, **sample_kwargs):
     Returns
     -------
     Tensor [len(seeds), *sample_shape] on rank 0, None on the other ranks.
+
+    Under torchrun the default process group is initialised here when it is not yet (NCCL for a CUDA device, gloo
+    otherwise).
     """
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()):
-        raise ValueError("fastdiff.distributed.sample needs an initialized process group: start the script with "
-                         "torchrun and call torch.distributed.init_process_group('gloo' or 'nccl') first")
+    _ensure_process_group(sample_kwargs.get("device"))
     rank, world = dist.get_rank(), dist.get_world_size()
     seeds = list(seeds)
     n = len(seeds)

@@ -21,156 +21,100 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+import threading
+from collections import OrderedDict
+from typing import NamedTuple
 
 import numpy as np
 
+from ._names import unknown_name
 from .schedules import Schedule
+from .solvers import MAX_STAGES, SOLVERS, build
+from .solvers.builder import PREDICTIONS, Builder, Lin, conversion  # noqa: F401  (the solver language; old home)
+from .solvers.registry import alpha_zero_error
 from .timesteps import custom_times, timesteps
-
-PREDICTIONS = ("epsilon", "x0", "v", "score", "flow")
 ROW_HEADER = ("cx", "co", "g", "snr", "r", "lsx", "lsD")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# A tiny linear-expression type, so solver code reads like the paper: x_next = a * X + b * D + c * S(0)
-# ---------------------------------------------------------------------------------------------------------------
+class StageFlags(NamedTuple):
+    """Structural flags of a stage, host constants for the kernels (they decide what is loaded, not values).
+
+    ``slot_reads`` / ``slot_writes``: bitmasks of the history slots read / written (bit i: slot i); ``use_out``: the
+    stage calls the model; ``noise``: it draws noise; ``langevin``: it has a Langevin corrector term.  A stage that
+    only copies x is ``StageFlags(0, 0, False, False, False)``.
+    """
+
+    slot_reads: int
+    slot_writes: int
+    use_out: bool
+    noise: bool
+    langevin: bool
+
+    def union(self, *others: "StageFlags") -> "StageFlags":
+        """Flags of one launch that runs rows of all these stages: OR of the masks, any() of the booleans."""
+        every = (self, *others)
+        return StageFlags(
+            int(functools.reduce(lambda a, f: a | int(f[0]), every, 0)),
+            int(functools.reduce(lambda a, f: a | int(f[1]), every, 0)),
+            any(bool(f[2]) for f in every), any(bool(f[3]) for f in every), any(bool(f[4]) for f in every))
 
 
-class Lin:
-    """A linear combination of registers: keys "x", "D" or a slot index (int)."""
-
-    __slots__ = ("c",)
-
-    def __init__(self, c=None):
-        self.c = dict(c or {})
-
-    def __add__(self, other):
-        if not isinstance(other, Lin):
-            return NotImplemented
-        out = dict(self.c)
-        for k, v in other.c.items():
-            out[k] = out.get(k, 0.0) + v
-        return Lin(out)
-
-    def __sub__(self, other):
-        return self + (-1.0) * other
-
-    def __mul__(self, a):
-        a = float(a)
-        return Lin({k: a * v for k, v in self.c.items()})
-
-    __rmul__ = __mul__
-
-    def __truediv__(self, a):
-        return self * (1.0 / float(a))
-
-    def __neg__(self):
-        return self * -1.0
-
-    def __repr__(self):
-        return " + ".join(f"{v:.6g}*{k}" for k, v in self.c.items()) or "0"
+def row_length(num_slots: int) -> int:
+    """Length of a flat row with ``num_slots`` history slots: 7 + (1 + K)(2 + K)."""
+    return len(ROW_HEADER) + (1 + num_slots) * (2 + num_slots)
 
 
-ZERO = Lin()
+def identity_row(num_slots: int) -> np.ndarray:
+    """The flat row [R] of a stage that changes nothing: x' = x, S_i' = S_i, no model output, no noise."""
+    K = int(num_slots)
+    M = np.zeros((1 + K, 2 + K))
+    M[0, 0] = 1.0
+    for i in range(K):
+        M[1 + i, 2 + i] = 1.0
+    return np.concatenate([np.zeros(len(ROW_HEADER)), M.ravel()])
 
 
-@dataclass
-class _Stage:
-    t: float  # schedule time of the model call (nan: no model call)
-    step: int = 0  # the solver step (grid interval) the stage belongs to
-    cx: float = 0.0
-    co: float = 0.0
-    x: Lin = None
-    slots: dict = None
-    g: float = 0.0
-    langevin: tuple = (0.0, 0.0, 0.0, 0.0)  # snr, r, lsx, lsD
+def _row_matrices(rows: np.ndarray, num_slots: int) -> np.ndarray:
+    rows = np.asarray(rows, dtype=np.float64)
+    K = int(num_slots)
+    if rows.ndim != 2 or rows.shape[1] != row_length(K):
+        raise ValueError(f"rows must be [S, {row_length(K)}] for num_slots={K}, got shape {tuple(rows.shape)}")
+    return rows
 
 
-class Builder:
-    """Collects stages; each solver module drives one through ``call`` / ``update``."""
+def fold_rows(rows, num_slots: int, a_in, a_out) -> np.ndarray:
+    """Flat rows [S, R] re-expressed for a sample space y with x = a_in * y on input and y' = x' / a_out on output.
 
-    def __init__(self, schedule: Schedule, prediction: str, num_slots: int):
-        self.schedule = schedule
-        self.prediction = prediction
-        self.num_slots = num_slots
-        self.stages: list[_Stage] = []
-        self._open: _Stage | None = None
-        self.step = 0
-
-    def steps(self, n: int, start: int = 0):
-        """Iterate the solver's steps, recording which step each stage belongs to (``Plan.stage_step``)."""
-        for i in range(start, start + n):
-            self.step = i - start
-            yield i
-
-    X = Lin({"x": 1.0})
-    D = Lin({"D": 1.0})
-
-    @staticmethod
-    def S(i: int) -> Lin:
-        return Lin({int(i): 1.0})
-
-    def call(self, t: float, alpha=None, sigma=None):
-        """Open a stage that calls the model at schedule time ``t``; returns the registers (X, D).
-
-        ``alpha``, ``sigma`` override the schedule's values where the noise level differs from the time the
-        model is conditioned on (a churned level beyond the schedule's range, see ``Grid.point_at_s``).
-        """
-        assert self._open is None, "previous stage not closed"
-        t = float(t)
-        cx, co = conversion(self.schedule, self.prediction, t, alpha, sigma)
-        self._open = _Stage(t=t, cx=cx, co=co, step=self.step)
-        return self.X, self.D
-
-    def update(self, x: Lin, slots: dict | None = None, noise: float = 0.0, langevin=None):
-        """Close the open stage with x' = ``x`` + noise * z and the slot writes ``slots`` {index: Lin}."""
-        st = self._open
-        assert st is not None, "update() without call()"
-        st.x, st.slots, st.g = x, dict(slots or {}), float(noise)
-        if langevin is not None:
-            st.langevin = tuple(float(v) for v in langevin)
-        self.stages.append(st)
-        self._open = None
-
-    def add_noise(self, scale: float, gain: float):
-        """x <- scale * x + gain * z before the next model call (EDM churn), fused into the previous stage."""
-        if gain == 0.0 and scale == 1.0:
-            return
-        prev = self.stages[-1] if self.stages else None
-        if prev is not None and prev.g == 0.0 and prev.langevin[0] == 0.0:
-            prev.x, prev.g = scale * prev.x, gain
-        else:  # nothing to fuse into: a stage without a model call
-            self.stages.append(_Stage(t=math.nan, x=scale * self.X, slots={}, g=gain, step=self.step))
+    ``a_in``, ``a_out``: [S] (or scalars).  The x columns (and the D conversion's cx, the score's lsx) are scaled by
+    a_in; the x' row and the noise gain are divided by a_out; slot rows keep their units.  Still one pass per stage.
+    Langevin stages only fold with a_out = 1 (their noise is not a row coefficient).
+    """
+    K = int(num_slots)
+    out = _row_matrices(rows, K).copy()
+    S = out.shape[0]
+    a_in = np.broadcast_to(np.asarray(a_in, dtype=np.float64), (S,))
+    a_out = np.broadcast_to(np.asarray(a_out, dtype=np.float64), (S,))
+    if not (np.all(np.isfinite(a_in)) and np.all(np.isfinite(a_out)) and np.all(a_out != 0)):
+        raise ValueError("fold_rows: a_in must be finite and a_out finite and non-zero")
+    if np.any((out[:, 3] != 0) & (a_out != 1.0)):
+        raise ValueError("fold_rows: a Langevin stage (snr != 0) cannot be folded with a_out != 1")
+    H = len(ROW_HEADER)
+    M = out[:, H:].reshape(S, 1 + K, 2 + K)
+    out[:, 0] *= a_in  # D = cx x + co out with x = a_in y
+    out[:, 5] *= a_in  # the Langevin score's x coefficient
+    M[:, :, 0] *= a_in[:, None]
+    M[:, 0, :] /= a_out[:, None]  # y' = x' / a_out
+    out[:, 2] /= a_out
+    out[:, H:] = M.reshape(S, -1)
+    return out
 
 
-def conversion(schedule: Schedule, prediction: str, t: float, alpha=None, sigma=None):
-    """(cx, co) with D = cx * x + co * out for a model output in ``prediction`` parameterization at time t."""
-    a = np.float64(schedule.alpha(t) if alpha is None else alpha)
-    s = np.float64(schedule.sigma(t) if sigma is None else sigma)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        if prediction == "epsilon":  # x = a D + s eps
-            cx, co = 1.0 / a, -s / a
-        elif prediction == "x0":
-            cx, co = 0.0, 1.0
-        elif prediction == "v":  # v = a eps - s x0  (Salimans & Ho 2022)
-            n = a * a + s * s
-            cx, co = a / n, -s / n
-        elif prediction == "score":  # score = (a D - x) / s^2
-            cx, co = 1.0 / a, s * s / a
-        elif prediction == "flow":  # out = dx / d(model time);  dx/dt = da D + ds eps
-            da, ds, rate = schedule.dalpha(t), schedule.dsigma(t), schedule.model_time_rate
-            det = ds * a - s * da
-            cx, co = ds / det, -s * rate / det
-        else:
-            raise ValueError(f"unknown prediction {prediction!r}; choose one of {', '.join(PREDICTIONS)}")
-    if not (math.isfinite(cx) and math.isfinite(co)):
-        raise ValueError(
-            f"a model predicting {prediction!r} cannot be converted to a data estimate at t={t:g} on {schedule!r} "
-            f"(alpha={a:g}, sigma={s:g}); this solver calls the model there. Use an 'x0', 'v' or 'flow' model, "
-            "or a spacing / t_max that avoids alpha = 0"
-        )
-    return float(cx), float(co)
+def x0_input_rows(rows) -> np.ndarray:
+    """A copy of flat rows [S, R] with cx = 0, co = 1: the stage takes an x0 estimate (clipped, thresholded) in place
+    of the model output."""
+    out = np.array(rows, dtype=np.float64, copy=True)
+    out[..., 0], out[..., 1] = 0.0, 1.0
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -188,7 +132,7 @@ class Plan:
     times, alphas, sigmas : ndarray, float64 [steps + 1]
         Step boundaries from start to end; with ``final="zero"`` the last is the clean point (alpha 1, sigma 0).
     init_scale : float
-        Std of the prior noise x_T = init_scale * n.
+        Std of the prior noise x_T = init_scale * n at the plan's first time (``prior_std``).
     nfe : int
         Model evaluations (one batched call each, also with guidance).
     model_times : ndarray [nfe]
@@ -200,13 +144,14 @@ class Plan:
     stage_step : ndarray int64 [S]
         The solver step (grid interval i: times[i] -> times[i+1]) each stage belongs to.
     calls_model : ndarray bool [S]
-    conv : ndarray [S, 2]            (cx, co)
-    update : ndarray [S, 1+K, 2+K]   rows (x', S_0'..), columns (x, D, S_0..)
+    data_coefs : ndarray [S, 2]      (cx, co) of D = cx x + co out  (old name: ``conv``)
+    transitions : ndarray [S, 1+K, 2+K]  rows (x', S_0'..), columns (x, D, S_0..)  (old name: ``update``)
     noise_gain : ndarray [S]
     langevin : ndarray [S, 4]        (snr, r, lsx, lsD); snr = 0 means no corrector term
     writes : ndarray bool [S, K]     slot rows that are written
     draw : ndarray int64 [S]         Philox draw index of the stage's noise (-1: none); draw 0 is the prior
     num_draws : int                  largest draw index + 1
+    stage_flags : tuple of StageFlags  per stage (slot_reads, slot_writes, use_out, noise, langevin)
     """
 
     def __init__(self, *, key, solver, schedule, steps, prediction, spacing, final, options, times, stages,
@@ -220,14 +165,14 @@ class Plan:
         if final == "zero":
             alphas[-1], sigmas[-1] = 1.0, 0.0
         self.alphas, self.sigmas = _ro(alphas), _ro(sigmas)
-        self.init_scale = float(schedule.init_scale)
+        self.init_scale = prior_std(schedule, float(times[0]))
         self.num_slots = K = int(num_slots)
 
         S = len(stages)
         self.stage_times = _ro(np.array([st.t for st in stages], dtype=np.float64))
         self.stage_step = _ro(np.array([st.step for st in stages], dtype=np.int64))
         self.calls_model = _ro(~np.isnan(self.stage_times))
-        self.conv = _ro(np.array([[st.cx, st.co] for st in stages], dtype=np.float64).reshape(S, 2))
+        self.data_coefs = _ro(np.array([[st.cx, st.co] for st in stages], dtype=np.float64).reshape(S, 2))
         upd = np.zeros((S, 1 + K, 2 + K))
         writes = np.zeros((S, K), dtype=bool)
         cols = {"x": 0, "D": 1, **{i: 2 + i for i in range(K)}}
@@ -239,7 +184,7 @@ class Plan:
                 for reg, v in lin.c.items():
                     upd[k, 1 + i, cols[reg]] += v
         _drop_dead_writes(upd, writes)
-        self.update = _ro(upd)
+        self.transitions = _ro(upd)
         self.writes = _ro(writes)
         self.noise_gain = _ro(np.array([st.g for st in stages], dtype=np.float64))
         self.langevin = _ro(np.array([st.langevin for st in stages], dtype=np.float64).reshape(S, 4))
@@ -250,10 +195,8 @@ class Plan:
         self.num_draws = int(draw.max() + 1) if noisy.any() else 1
         self.nfe = int(self.calls_model.sum())
         self.model_times = _ro(np.asarray(schedule.model_time(self.stage_times[self.calls_model]), dtype=np.float64))
-        # Structural flags per stage, host constants for the kernels: (slot_reads, slot_writes, use_out, noise,
-        # langevin).
         self.stage_flags = tuple(
-            (self.slot_reads(k), self.slot_writes(k), bool(self.calls_model[k]), bool(self.draw[k] >= 0),
+            StageFlags(self.slot_reads(k), self.slot_writes(k), bool(self.calls_model[k]), bool(self.draw[k] >= 0),
              bool(self.langevin[k, 0] != 0))
             for k in range(S)
         )
@@ -278,12 +221,22 @@ class Plan:
                 f"nfe={self.nfe}, stages={self.num_stages}, slots={self.num_slots})")
 
     @property
+    def conv(self) -> np.ndarray:
+        """Old name of ``data_coefs``."""
+        return self.data_coefs
+
+    @property
+    def update(self) -> np.ndarray:
+        """Old name of ``transitions``."""
+        return self.transitions
+
+    @property
     def num_stages(self) -> int:
         return len(self.stage_times)
 
     def slot_reads(self, k: int) -> int:
         """Bitmask of the history slots stage k reads (bit i: slot i); lets kernels skip dead loads."""
-        cols = np.any(self.update[k, :, 2:] != 0, axis=0)
+        cols = np.any(self.transitions[k, :, 2:] != 0, axis=0)
         return int(sum(1 << i for i in range(self.num_slots) if cols[i]))
 
     def slot_writes(self, k: int) -> int:
@@ -306,7 +259,7 @@ class Plan:
         if hit is None:
             S = self.num_stages
             M = np.zeros((S, 1 + K, 2 + K))
-            M[:, : 1 + K0, : 2 + K0] = self.update
+            M[:, : 1 + K0, : 2 + K0] = self.transitions
             for k in range(S):
                 for i in range(K):
                     if i >= K0 or not self.writes[k, i]:
@@ -316,23 +269,35 @@ class Plan:
             hit = self._shared[K] = _ro(np.concatenate([head, M.reshape(S, -1)], axis=1))
         return hit
 
+    def folded_rows(self, a_in, a_out, num_slots: int | None = None) -> np.ndarray:
+        """``fold_rows(self.shared_rows(num_slots), ...)``: rows for a sample y with x = a_in y, y' = x' / a_out."""
+        K = self.num_slots if num_slots is None else int(num_slots)
+        return fold_rows(self.shared_rows(K), K, a_in, a_out)
+
     def _flat_rows(self):
         S = self.num_stages
-        return _ro(np.concatenate([self.conv, self.noise_gain[:, None], self.langevin, self.update.reshape(S, -1)],
-                                  axis=1))
+        return _ro(np.concatenate([self.data_coefs, self.noise_gain[:, None], self.langevin,
+                                   self.transitions.reshape(S, -1)], axis=1))
 
     def _check_finite(self):
-        for name in ("conv", "update", "noise_gain", "langevin"):
+        for name in ("data_coefs", "transitions", "noise_gain", "langevin"):
             arr = getattr(self, name)
             if not np.all(np.isfinite(arr)):
                 k = int(np.argwhere(~np.isfinite(arr.reshape(len(arr), -1)))[0, 0])
-                raise ValueError(
-                    f"solver {self.solver!r} on {self.schedule!r} gives a non-finite coefficient at stage {k} "
-                    f"(t={self.stage_times[k]:g}): the solver divides by alpha or sigma there. Schedules that reach "
-                    "alpha = 0 at t_max (flows, zero terminal SNR) work with flow_euler, flow_heun, ddim, euler, "
-                    "ddpm, dpmpp_2m/3m and unipc; for the others lower t_max or pass timesteps="
-                )
+                raise alpha_zero_error(self.solver, self.schedule, self.times,
+                                       f"non-finite coefficient at stage {k}, t={self.stage_times[k]:g}")
         object.__setattr__(self, "_frozen", True)
+
+
+def prior_std(schedule: Schedule, t: float) -> float:
+    """Std of the prior x ~ N(0, std^2) a plan starting at time ``t`` draws from: the schedule's ``init_scale``
+    convention evaluated at t.  VE / EDM: sigma(t) (k-diffusion's sigmas[0]; the data variance is neglected next to
+    sigma^2); VP: 1 (alpha^2 + sigma^2 = 1 for unit-variance data); flows: sqrt(alpha^2 + sigma^2), 1 at t_max."""
+    if schedule.kind == "ve":
+        return float(schedule.sigma(t))
+    if schedule.kind == "flow":
+        return float(math.hypot(schedule.alpha(t), schedule.sigma(t)))
+    return float(schedule.init_scale)
 
 
 def _drop_dead_writes(upd, writes):
@@ -360,10 +325,53 @@ def _ro(a):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _freeze(v):
+MAX_STEPS = MAX_STAGES  # a plan has at least one stage per step
+MAX_CACHED_PLANS = 256
+MAX_CACHE_BYTES = 256 << 20  # the cached plans' arrays together
+FINALS = ("zero", "t_min")
+_SPACING_OPTIONS = ("rho", "steps_offset")  # options of the spacing, not of the solver
+
+
+def _freeze_grid(name, v):
+    """A custom grid as a hashable tuple of floats; ValueError naming ``name`` for anything else."""
+    if v is None:
+        return None
+    if isinstance(v, (str, bytes)):
+        raise ValueError(f"{name}= must be a sequence of numbers, got the string {v!r}")
+    try:
+        arr = np.asarray(v, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}= must be a sequence of numbers, got {v!r}") from None
+    if arr.ndim != 1:
+        raise ValueError(f"{name}= must be a 1-D sequence of numbers, got shape {arr.shape}")
+    if len(arr) > MAX_STEPS + 1:
+        raise ValueError(f"{name}= has {len(arr)} entries; a plan takes at most {MAX_STEPS} steps")
+    return tuple(float(x) for x in arr)
+
+
+def _freeze_option(name, v):
+    """An option value as a hashable key: sequences become tuples (of floats when numeric); ValueError otherwise."""
     if isinstance(v, (list, tuple, np.ndarray)):
-        return tuple(float(x) for x in np.asarray(v, dtype=np.float64).ravel())
+        try:
+            return tuple(float(x) for x in np.asarray(v, dtype=np.float64).ravel())
+        except (TypeError, ValueError):
+            raise ValueError(f"option {name}={v!r}: a sequence option must hold numbers") from None
+    if isinstance(v, np.generic):
+        return v.item()
+    try:
+        hash(v)
+    except TypeError:
+        raise ValueError(f"option {name}={v!r}: solver options must be numbers, strings, booleans or sequences of "
+                         "numbers") from None
     return v
+
+
+def _check_count(name, v, cap):
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer >= 1, got {v!r} ({type(v).__name__})")
+    if not 1 <= v <= cap:
+        raise ValueError(f"{name} must be an integer >= 1 and <= {cap} (the cap on one plan), got {v!r}")
+    return int(v)
 
 
 def plan(solver: str, schedule: Schedule, steps: int | None = None, prediction: str = "epsilon",
@@ -377,7 +385,7 @@ def plan(solver: str, schedule: Schedule, steps: int | None = None, prediction: 
         One of ``fastdiff.SOLVERS``.
     schedule : Schedule
     steps : int
-        Solver steps (>= 1). Implied by ``timesteps`` / ``sigmas`` when those are given.
+        Solver steps (1 .. ``MAX_STEPS``). Implied by ``timesteps`` / ``sigmas`` when those are given.
     prediction : {"epsilon", "x0", "v", "score", "flow"}
         What the model outputs.
     spacing : str, optional
@@ -389,36 +397,82 @@ def plan(solver: str, schedule: Schedule, steps: int | None = None, prediction: 
         themselves, ending on ``schedule.t_zero`` (the clean point) or a time >= t_min.
     **options
         Solver options (``eta``, ``s_churn``, ``order``, ...); ``fastdiff.solver_options(name)`` lists them.
-    """
-    from .solvers import SOLVERS, build
 
+    Every bad argument raises a ValueError that names it.  A plan has at most ``MAX_STAGES`` stages.
+    """
     if not isinstance(solver, str) or solver not in SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(sorted(SOLVERS))}")
+        raise unknown_name("solver", solver, SOLVERS)
     if not isinstance(schedule, Schedule):
         raise ValueError(f"schedule must be a fastdiff.schedules.Schedule, got {type(schedule).__name__}")
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"unknown prediction {prediction!r}; choose one of {', '.join(PREDICTIONS)}")
-    key = (solver, schedule, steps, prediction, spacing, final, _freeze(timesteps), _freeze(sigmas),
-           _freeze(boundaries), tuple(sorted((k, _freeze(v)) for k, v in options.items())))
-    try:
-        return _cached_plan(key)
-    except TypeError as e:  # an unhashable option value
-        raise ValueError(f"solver options must be numbers, strings or sequences: {e}") from None
+    if not isinstance(prediction, str) or prediction not in PREDICTIONS:
+        raise unknown_name("prediction", prediction, PREDICTIONS)
+    if not isinstance(final, str) or final not in FINALS:
+        raise unknown_name("final", final, FINALS)
+    if spacing is not None and not isinstance(spacing, str):
+        raise ValueError(f"spacing must be a string (one of fastdiff.SPACINGS) or None, got {spacing!r}")
+    if steps is not None:
+        steps = _check_count("steps", steps, MAX_STEPS)
+    grids = {n: _freeze_grid(n, v) for n, v in (("timesteps", timesteps), ("sigmas", sigmas),
+                                                ("boundaries", boundaries))}
+    key = (solver, schedule, steps, prediction, spacing, final, grids["timesteps"], grids["sigmas"],
+           grids["boundaries"], tuple(sorted((k, _freeze_option(k, v)) for k, v in options.items())))
+    return _cached_plan(key)
 
 
-@functools.lru_cache(maxsize=256)
+_CACHE: OrderedDict = OrderedDict()  # key -> Plan, least recently used first
+_CACHE_LOCK = threading.Lock()
+
+
+def _plan_bytes(p: Plan) -> int:
+    return sum(v.nbytes for v in vars(p).values() if isinstance(v, np.ndarray))
+
+
 def _cached_plan(key) -> Plan:
-    from .solvers import build
+    """The plan of ``key`` from the LRU cache (at most MAX_CACHED_PLANS plans and MAX_CACHE_BYTES of arrays)."""
+    with _CACHE_LOCK:
+        hit = _CACHE.get(key)
+        if hit is not None:
+            _CACHE.move_to_end(key)
+            return hit
+    p = _build_plan(key)
+    with _CACHE_LOCK:
+        _CACHE[key] = p
+        total = sum(_plan_bytes(q) for q in _CACHE.values())
+        while len(_CACHE) > 1 and (len(_CACHE) > MAX_CACHED_PLANS or total > MAX_CACHE_BYTES):
+            _, old = _CACHE.popitem(last=False)
+            total -= _plan_bytes(old)
+    return p
 
+
+def cache_clear():
+    """Empty the plan cache."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
+
+
+def _check_spacing_options(schedule, opts):
+    rho = opts.get("rho", 7.0)
+    if not (isinstance(rho, (int, float)) and not isinstance(rho, bool) and math.isfinite(rho) and rho > 0):
+        raise ValueError(f"rho (the karras spacing's exponent) must be a finite number > 0, got {rho!r}")
+    off = opts.get("steps_offset", 0)
+    n = getattr(schedule, "num_train_timesteps", None)
+    if isinstance(off, bool) or not isinstance(off, int) or off < 0 or (n is not None and off >= n):
+        raise ValueError(f"steps_offset must be an integer >= 0{f' and < {n}' if n else ''}, got {off!r}")
+
+
+def _build_plan(key) -> Plan:
     solver, schedule, steps, prediction, spacing, final, ts, sg, bd, options = key
     spacing_opts = {}
     opts = dict(options)
-    for name in ("rho", "steps_offset"):
+    for name in _SPACING_OPTIONS:
         if name in opts:
             spacing_opts[name] = opts.pop(name)
     if ts is not None or sg is not None or bd is not None:
         if spacing is not None:
             raise ValueError("give either spacing= or a custom timesteps= / sigmas= / boundaries=, not both")
+        if spacing_opts:
+            raise ValueError(f"{', '.join(spacing_opts)} shape a spacing; a custom timesteps= / sigmas= / "
+                             "boundaries= grid takes none")
         times = custom_times(schedule, timesteps=ts, sigmas=sg, boundaries=bd, final=final)
         if steps is not None and steps != len(times) - 1:
             raise ValueError(f"steps={steps} disagrees with the {len(times) - 1} steps of the custom sequence")
@@ -429,8 +483,13 @@ def _cached_plan(key) -> Plan:
             final = "zero" if bd[-1] == schedule.t_zero else "t_min"
     else:
         if steps is None:
-            raise ValueError("plan() needs steps= (or a custom timesteps= / sigmas=)")
+            raise ValueError("plan() needs steps= (or a custom timesteps= / sigmas= / boundaries=)")
+        _check_spacing_options(schedule, spacing_opts)
         times = timesteps(schedule, steps, spacing, final=final, **spacing_opts)
+        if times[0] > schedule.t_max:
+            raise ValueError(f"the spacing starts at t={times[0]:g}, above the schedule's t_max={schedule.t_max:g}"
+                             + (f" (steps_offset={spacing_opts['steps_offset']})" if "steps_offset" in spacing_opts
+                                else ""))
     stages, num_slots, opts_used = build(solver, schedule, prediction, times, final, opts)
     return Plan(key=key, solver=solver, schedule=schedule, steps=int(steps), prediction=prediction,
                 spacing=spacing or (None if ts is not None or sg is not None or bd is not None

@@ -1,4 +1,6 @@
-"""Run by tests/test_distributed.py under torchrun: sample with fastdiff.distributed and save rank 0's result."""
+"""Run by tests/test_distributed.py under torchrun: sample with fastdiff.distributed and save rank 0's result.
+
+argv: output path, then "script" (this script initialises the process group) or "auto" (fastdiff does)."""
 
 import sys
 
@@ -10,8 +12,11 @@ from fastdiff import distributed
 from fastdiff.models import GaussianMixture
 
 
-def main(out_path):
-    dist.init_process_group("gloo")
+def main(out_path, init):
+    if init == "script":
+        dist.init_process_group("gloo")
+    else:  # fastdiff.distributed.sample initialises the group from torchrun's environment
+        assert not dist.is_initialized()
     sch = fd.schedules.EDM()
     mix = GaussianMixture([-1.0, 2.0], [0.3, 0.5])
     plan = fd.plan("euler_ancestral", sch, 6)
@@ -30,4 +35,4 @@ def main(out_path):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2])

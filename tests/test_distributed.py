@@ -13,12 +13,13 @@ from fastdiff.models import GaussianMixture
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def test_two_processes_equal_one(tmp_path):
+@pytest.mark.parametrize("init", ["script", "auto"])
+def test_two_processes_equal_one(tmp_path, init):
     out = tmp_path / "x.pt"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     # --standalone: a local rendezvous on a free loopback port
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(HERE, "dist_worker.py"), str(out)]
+           os.path.join(HERE, "dist_worker.py"), str(out), init]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     got = torch.load(out)
@@ -33,8 +34,10 @@ def test_two_processes_equal_one(tmp_path):
     assert torch.equal(got, want)
 
 
-def test_needs_a_process_group():
+def test_needs_a_process_group(monkeypatch):
     from fastdiff import distributed
 
+    for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
     with pytest.raises(ValueError, match="torchrun"):
         distributed.sample(lambda x, t: x, fd.plan("euler", fd.schedules.EDM(), 2), [1], (3,))

@@ -1,50 +1,45 @@
-"""The example HTTP service, driven on loopback with a bounded number of concurrent requests."""
+"""The embedding example (examples/embed_batcher.py), driven in process through httpx's ASGI transport."""
 
-import json
+import asyncio
+import importlib.util
 import os
-import sys
-import threading
-import urllib.request
 
+import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def test_http_service_serves_concurrent_requests():
-    from serve_http import make_server
+def load_example():
+    spec = importlib.util.spec_from_file_location("embed_batcher", os.path.join(HERE, "..", "examples",
+                                                                                  "embed_batcher.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
+
+def test_embedded_batcher_serves_concurrent_requests():
     import fastdiff as fd
     from fastdiff.models import digits
 
-    server, batcher = make_server(port=0)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/sample"
-    answers = {}
+    ex = load_example()
 
-    def ask(seed):
-        body = json.dumps({"label": seed % 10, "seed": seed, "steps": 6}).encode()
-        with urllib.request.urlopen(urllib.request.Request(url, data=body), timeout=60) as r:
-            answers[seed] = json.loads(r.read())
+    async def run():
+        async with ex.lifespan(ex.app):
+            transport = httpx.ASGITransport(app=ex.app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:
+                answers = await asyncio.gather(*[client.get(f"/digit/{s % 10}", params={"seed": s}) for s in range(4)])
+                bad = await client.get("/digit/42")
+                bad_seed = await client.get("/digit/3", params={"seed": -1})
+        return answers, bad, bad_seed
 
-    try:
-        threads = [threading.Thread(target=ask, args=(s,)) for s in range(6)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        bad = urllib.request.Request(url, data=json.dumps({"label": 42}).encode())
-        try:
-            urllib.request.urlopen(bad, timeout=30)
-            raise AssertionError("a bad label must be rejected")
-        except urllib.error.HTTPError as e:
-            assert e.code == 400 and "label" in json.loads(e.read())["error"]
-    finally:
-        server.shutdown()
-        batcher.close()
-    assert sorted(answers) == list(range(6))
-    plan = fd.plan("dpmpp_2m", digits.schedule(), 6, prediction=digits.PREDICTION)
-    want = fd.sample(digits.pretrained_unet(), plan, shape=(1, 1, 8, 8), seeds=[3], guidance_scale=2.0,
+    answers, bad, bad_seed = asyncio.run(run())
+    assert [r.status_code for r in answers] == [200] * 4
+    assert bad.status_code == 422 and "label" in bad.json()["detail"]
+    assert bad_seed.status_code == 422 and "seed" in bad_seed.json()["detail"]
+    want = fd.sample(digits.pretrained_unet(), ex.PLAN, shape=(1, 1, 8, 8), seeds=[3], guidance_scale=2.0,
                      cond={"label": torch.tensor([3])}, uncond={"label": torch.tensor([10])})
-    torch.testing.assert_close(torch.tensor(answers[3]["image"]), want[0, 0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.tensor(answers[3].json()["image"]), want[0, 0], rtol=1e-4, atol=1e-4)

@@ -7,7 +7,7 @@ boundary: x' = alpha' (c_skip x + c_out D) + sigma' z.  A step to the clean poin
 
 import math
 
-from . import Option, _positive, solver
+from .registry import Option, _positive, solver
 
 SIGMA_DATA = 0.5
 
@@ -20,7 +20,7 @@ def boundary_scalings(tau: float, timestep_scaling: float):
     return c_skip, c_out
 
 
-@solver("lcm", 0, timestep_scaling=Option(10.0, _positive, "timestep_scaling must be a finite number > 0"))
+@solver("lcm", alpha_zero=True, timestep_scaling=Option(10.0, _positive, "timestep_scaling must be a finite number > 0"))
 def lcm(b, g, timestep_scaling):
     for i in b.steps(g.steps):
         X, D = b.call(g.t[i])

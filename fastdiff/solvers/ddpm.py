@@ -7,11 +7,13 @@ alpha_{t|t'}^2 sigma_t'^2, which for consecutive DDPM timesteps are sqrt(1 - bet
 
 import math
 
-from . import ETA, Option, eps_hat, expm1_neg, solver
+from .builder import eps_hat, exp_neg_h
+from .registry import ETA, Option, _one_of, solver
 
 
-@solver("ddpm", 0, variance=Option("fixed_small", lambda v: v in ("fixed_small", "fixed_large"),
-                                   "variance must be 'fixed_small' (posterior variance) or 'fixed_large' (beta_t)"))
+@solver("ddpm", alpha_zero=True,
+        variance=Option("fixed_small", _one_of("fixed_small", "fixed_large"),
+                        "variance must be 'fixed_small' (posterior variance) or 'fixed_large' (beta_t)"))
 def ddpm(b, g, variance):
     for i in b.steps(g.steps):
         a, s, a2, s2 = g.alpha[i], g.sigma[i], g.alpha[i + 1], g.sigma[i + 1]
@@ -29,13 +31,13 @@ def ddpm(b, g, variance):
         b.update(x=mean, noise=math.sqrt(max(var, 0.0)))
 
 
-@solver("ddim", 0, eta=ETA)
+@solver("ddim", alpha_zero=True, eta=ETA)
 def ddim(b, g, eta):
     for i in b.steps(g.steps):
         a, s, a2, s2 = g.alpha[i], g.sigma[i], g.alpha[i + 1], g.sigma[i + 1]
         X, D = b.call(g.t[i])
         # DDIM eq. 16 written with e^{-h} = alpha s' / (alpha' s): c = eta * s' * sqrt(1 - e^{-2h}).
-        e_h = expm1_neg(a2, s2, a, s)
+        e_h = exp_neg_h(a2, s2, a, s)
         c = eta * s2 * math.sqrt(max(1.0 - e_h * e_h, 0.0))
         x_next = a2 * D + math.sqrt(max(s2 * s2 - c * c, 0.0)) * eps_hat(X, D, a, s)
         b.update(x=x_next, noise=c)

@@ -10,7 +10,8 @@ Multistep solvers warm up at lower order; with ``lower_order_final`` and fewer t
 
 import math
 
-from . import ETA1, LOWER_ORDER_FINAL, S_NOISE, Option, eps_hat, expm1_neg, solver
+from .builder import eps_hat, exp_neg_h
+from .registry import ETA1, LOWER_ORDER_FINAL, S_NOISE, Option, _flag, _int_in, _one_of, solver
 from .ode import ancestral_split, euler_to
 
 
@@ -29,7 +30,7 @@ def neg_expm1(h, e_h):
 # ---- singlestep DPM-Solver, noise prediction ---------------------------------------------------------------
 
 
-def _dpm_solver_step(b, g, i, order):
+def _dpm_solver_step(b, g, i, order, x_s, eps_s_slot):
     a_s, sg_s, lam_s = g.alpha[i], g.sigma[i], g.lam[i]
     a_t, sg_t, lam_t = g.alpha[i + 1], g.sigma[i + 1], g.lam[i + 1]
     X, D = b.call(g.t[i])
@@ -49,36 +50,37 @@ def _dpm_solver_step(b, g, i, order):
         pts.append((t_u, a_u, sg_u, sigma_expm1(a_u, sg_u, lam_u, a_s, sg_s, lam_s)))
     r1 = rs[0]
     t1, a1, sg1, phi1 = pts[0]
-    # u1 = (alpha_s1 / alpha_s) x - sigma_s1 (e^{r1 h} - 1) eps_s; slots: 0 = x_s, 1 = eps_s
-    b.update(x=(a1 / a_s) * X - phi1 * eps_s, slots={0: X, 1: eps_s})
+    # u1 = (alpha_s1 / alpha_s) x - sigma_s1 (e^{r1 h} - 1) eps_s
+    b.update(x=(a1 / a_s) * X - phi1 * eps_s, slots={x_s: X, eps_s_slot: eps_s})
     X, D = b.call(t1)
-    d1 = eps_hat(X, D, a1, sg1) - b.S(1)
+    d1 = eps_hat(X, D, a1, sg1) - eps_s_slot
     if order == 2:
         # Algorithm 1: x_t = ... - sigma_t / (2 r1) (e^h - 1) (eps(u1) - eps_s)
-        b.update(x=(a_t / a_s) * b.S(0) - phi_t * b.S(1) - (phi_t / (2 * r1)) * d1)
+        b.update(x=(a_t / a_s) * x_s - phi_t * eps_s_slot - (phi_t / (2 * r1)) * d1)
         return
     r2 = rs[1]
     t2, a2, sg2, phi2 = pts[1]
     # Algorithm 2: u2 = (alpha_s2/alpha_s) x - sigma_s2 (e^{r2 h} - 1) eps_s - sigma_s2 r2/r1 (phi_1(r2 h) - 1) D1
     c2 = (sg2 * r2 / r1) * (phi2 / (sg2 * r2 * h) - 1.0)
-    b.update(x=(a2 / a_s) * b.S(0) - phi2 * b.S(1) - c2 * d1)
+    b.update(x=(a2 / a_s) * x_s - phi2 * eps_s_slot - c2 * d1)
     X, D = b.call(t2)
-    d2 = eps_hat(X, D, a2, sg2) - b.S(1)
+    d2 = eps_hat(X, D, a2, sg2) - eps_s_slot
     # x_t = (alpha_t/alpha_s) x - sigma_t (e^h - 1) eps_s - sigma_t / r2 ((e^h - 1)/h - 1) D2
-    b.update(x=(a_t / a_s) * b.S(0) - phi_t * b.S(1) - ((phi_t / h - sg_t) / r2) * d2)
+    b.update(x=(a_t / a_s) * x_s - phi_t * eps_s_slot - ((phi_t / h - sg_t) / r2) * d2)
 
 
 def _singlestep(order):
     def fn(b, g):
+        x_s, eps_s = (b.slot("x_s"), b.slot("eps_s")) if order > 1 else (None, None)
         for i in b.steps(g.steps):
-            _dpm_solver_step(b, g, i, order)
+            _dpm_solver_step(b, g, i, order, x_s, eps_s)
 
     fn.__name__ = f"dpm_solver_{order}"
     return fn
 
 
 for _order in (1, 2, 3):
-    solver(f"dpm_solver_{_order}", 0 if _order == 1 else 2)(_singlestep(_order))
+    solver(f"dpm_solver_{_order}")(_singlestep(_order))
 
 
 # ---- multistep DPM-Solver++ (data prediction) -----------------------------------------------------------------
@@ -98,18 +100,18 @@ def step_orders(g, order, lower_order_final, euler_at_final=False):
     return orders
 
 
-SOLVER_TYPE = Option("midpoint", lambda v: v in ("midpoint", "heun"), "solver_type must be 'midpoint' or 'heun'")
+SOLVER_TYPE = Option("midpoint", _one_of("midpoint", "heun"), "solver_type must be 'midpoint' or 'heun'")
 
 
 def _multistep(b, g, order, lower_order_final, solver_type, eta=0.0, s_noise=1.0, euler_at_final=False):
-    """DPM-Solver++(2M/3M), and the SDE variant when eta > 0; slot i % (order - 1) holds D_i."""
-    nring = max(order - 1, 1)
+    """DPM-Solver++(2M/3M), and the SDE variant when eta > 0, over the last order - 1 data estimates."""
+    Ds = b.history("D", order - 1)  # Ds[j]: D of step i - j
     orders = step_orders(g, order, lower_order_final, euler_at_final)
     for i in b.steps(g.steps):
         a_s, sg_s, lam_s = g.alpha[i], g.sigma[i], g.lam[i]
         a_t, sg_t, lam_t = g.alpha[i + 1], g.sigma[i + 1], g.lam[i + 1]
         h = lam_t - lam_s
-        e_h = expm1_neg(a_t, sg_t, a_s, sg_s)  # e^{-h}
+        e_h = exp_neg_h(a_t, sg_t, a_s, sg_s)
         X, D = b.call(g.t[i])
         o = orders[i]
         # Exponential integrator with data prediction; eta > 0 gives the SDE variant (k-diffusion's h_eta).
@@ -118,13 +120,13 @@ def _multistep(b, g, order, lower_order_final, solver_type, eta=0.0, s_noise=1.0
         one_minus = neg_expm1(h_eta, e_h ** (1.0 + eta))  # 1 - e^{-h (1 + eta)}
         x_next = (sg_t / sg_s) * e_eta * X + a_t * one_minus * D
         if o >= 2:
-            D_prev = b.S((i - 1) % nring)
+            D_prev = Ds[1]
             r0 = (lam_s - g.lam[i - 1]) / h
             D1_0 = (D - D_prev) / r0
             if o == 2:
                 D1 = D1_0
             else:
-                D_prev2 = b.S((i - 2) % nring)
+                D_prev2 = Ds[2]
                 r1 = (g.lam[i - 1] - g.lam[i - 2]) / h
                 D1_1 = (D_prev - D_prev2) / r1
                 D1 = D1_0 + (r0 / (r0 + r1)) * (D1_0 - D1_1)
@@ -137,39 +139,41 @@ def _multistep(b, g, order, lower_order_final, solver_type, eta=0.0, s_noise=1.0
                 phi_3 = (one_minus / (-h_eta) + 1.0) / h_eta - 0.5  # = (e^{-h} - 1 + h) / h^2 - 1/2 for eta = 0
                 x_next = x_next - (a_t * phi_3) * D2
         noise = sg_t * math.sqrt(max(-math.expm1(-2.0 * eta * h), 0.0)) * s_noise if eta and sg_t > 0 else 0.0
-        b.update(x=x_next, slots={i % nring: D} if order > 1 else {}, noise=noise)
+        Ds.push(D)
+        b.update(x=x_next, noise=noise)
 
 
-EULER_AT_FINAL = Option(False, lambda v: isinstance(v, bool), "euler_at_final must be True or False")
+EULER_AT_FINAL = Option(False, _flag, "euler_at_final must be True or False")
 
 
-@solver("dpmpp_2m", 1, lower_order_final=LOWER_ORDER_FINAL, solver_type=SOLVER_TYPE, euler_at_final=EULER_AT_FINAL)
+@solver("dpmpp_2m", alpha_zero=True, lower_order_final=LOWER_ORDER_FINAL, solver_type=SOLVER_TYPE, euler_at_final=EULER_AT_FINAL)
 def dpmpp_2m(b, g, lower_order_final, solver_type, euler_at_final):
     _multistep(b, g, 2, lower_order_final, solver_type, euler_at_final=euler_at_final)
 
 
-@solver("dpmpp_3m", 2, lower_order_final=LOWER_ORDER_FINAL, solver_type=SOLVER_TYPE, euler_at_final=EULER_AT_FINAL)
+@solver("dpmpp_3m", alpha_zero=True, lower_order_final=LOWER_ORDER_FINAL, solver_type=SOLVER_TYPE, euler_at_final=EULER_AT_FINAL)
 def dpmpp_3m(b, g, lower_order_final, solver_type, euler_at_final):
     """DPM-Solver++(3M); ``solver_type`` picks the form of its second-order warm-up / cool-down steps (diffusers)."""
     _multistep(b, g, 3, lower_order_final, solver_type, euler_at_final=euler_at_final)
 
 
-@solver("dpmpp_2m_sde", 1, eta=ETA1, s_noise=S_NOISE, lower_order_final=LOWER_ORDER_FINAL, solver_type=SOLVER_TYPE,
+@solver("dpmpp_2m_sde", alpha_zero=True, eta=ETA1, s_noise=S_NOISE, lower_order_final=LOWER_ORDER_FINAL, solver_type=SOLVER_TYPE,
         euler_at_final=EULER_AT_FINAL)
 def dpmpp_2m_sde(b, g, eta, s_noise, lower_order_final, solver_type, euler_at_final):
     _multistep(b, g, 2, lower_order_final, solver_type, eta=eta, s_noise=s_noise, euler_at_final=euler_at_final)
 
 
-@solver("dpmpp_3m_sde", 2, eta=ETA1, s_noise=S_NOISE, lower_order_final=LOWER_ORDER_FINAL,
+@solver("dpmpp_3m_sde", alpha_zero=True, eta=ETA1, s_noise=S_NOISE, lower_order_final=LOWER_ORDER_FINAL,
         solver_type=Option("heun", SOLVER_TYPE.check, SOLVER_TYPE.hint), euler_at_final=EULER_AT_FINAL)
 def dpmpp_3m_sde(b, g, eta, s_noise, lower_order_final, solver_type, euler_at_final):
     """k-diffusion's DPM-Solver++(3M) SDE (``solver_type`` shapes its second-order warm-up, as in diffusers)."""
     _multistep(b, g, 3, lower_order_final, solver_type, eta=eta, s_noise=s_noise, euler_at_final=euler_at_final)
 
 
-@solver("dpmpp_2s_ancestral", 1, eta=ETA1, s_noise=S_NOISE)
+@solver("dpmpp_2s_ancestral", alpha_zero=True, eta=ETA1, s_noise=S_NOISE)
 def dpmpp_2s_ancestral(b, g, eta, s_noise):
-    """k-diffusion's DPM-Solver++(2S) ancestral: a midpoint step to sigma_down, then noise up; slot 0 = y_i."""
+    """k-diffusion's DPM-Solver++(2S) ancestral: a midpoint step to sigma_down, then noise up."""
+    y_i = b.slot("y_i")
     for i in b.steps(g.steps):
         s, a_t = g.s[i], g.alpha[i + 1]
         down, up = ancestral_split(s, g.s[i + 1], eta)
@@ -185,9 +189,9 @@ def dpmpp_2s_ancestral(b, g, eta, s_noise):
         t_mid, a_mid, sg_mid = g.point_at_s(s_mid)
         y = X / g.alpha[i]
         # x_2 = (sigma(s)/sigma(t)) y - expm1(-h/2) D, in x = alpha y
-        b.update(x=a_mid * ((s_mid / s) * y - math.expm1(-0.5 * h) * D), slots={0: y})
+        b.update(x=a_mid * ((s_mid / s) * y - math.expm1(-0.5 * h) * D), slots={y_i: y})
         X, D2 = b.call(t_mid, a_mid, sg_mid)
-        b.update(x=a_t * ((down / s) * b.S(0) - math.expm1(-h) * D2), noise=a_t * up * s_noise)
+        b.update(x=a_t * ((down / s) * y_i - math.expm1(-h) * D2), noise=a_t * up * s_noise)
 
 
 # ---- singlestep DPM-Solver / DPM-Solver++ on a given grid (diffusers' DPMSolverSinglestepScheduler) ------------------
@@ -223,6 +227,9 @@ def singlestep_orders(steps, order, lower_order_final, final_zero):
 def _check_orders(orders, steps):
     if len(orders) != steps:
         raise ValueError(f"dpm_solver_singlestep: orders= has {len(orders)} entries for {steps} steps")
+    if any(o not in (1, 2, 3) for o in orders):
+        raise ValueError(f"dpm_solver_singlestep: orders={list(orders)} must hold step orders 1, 2 or 3")
+    orders = [int(o) for o in orders]
     for k, o in enumerate(orders):
         # order o at step k continues the group that started (order 1) at step k - o + 1
         if o not in (1, 2, 3) or any(k - j < 0 or orders[k - j] != o - j for j in range(1, o)):
@@ -230,11 +237,11 @@ def _check_orders(orders, steps):
                              f"(step {k})")
 
 
-ALGORITHM = Option("dpmsolver++", lambda v: v in ("dpmsolver++", "dpmsolver", "sde-dpmsolver++"),
+ALGORITHM = Option("dpmsolver++", _one_of("dpmsolver++", "dpmsolver", "sde-dpmsolver++"),
                    "algorithm must be 'dpmsolver++' (data prediction), 'dpmsolver' (noise) or 'sde-dpmsolver++'")
 
 
-@solver("dpm_solver_singlestep", 3, order=Option(2, lambda v: v in (1, 2, 3), "order must be 1, 2 or 3"),
+@solver("dpm_solver_singlestep", order=Option(2, _int_in(1, 3), "order must be 1, 2 or 3"),
         algorithm=ALGORITHM, solver_type=SOLVER_TYPE, lower_order_final=LOWER_ORDER_FINAL,
         orders=Option((), lambda v: isinstance(v, tuple), "orders must be a sequence of step orders"))
 def dpm_solver_singlestep(b, g, order, algorithm, solver_type, lower_order_final, orders):
@@ -245,9 +252,15 @@ def dpm_solver_singlestep(b, g, order, algorithm, solver_type, lower_order_final
     (Lu et al. 2022a, Algorithms 1-2 and Lu et al. 2022b, in their multi-point form).  Slots: 0 = x_s, 1-2 = the
     group's earlier model outputs (data or noise prediction, per ``algorithm``).
     """
-    orders = [int(o) for o in orders] if orders else singlestep_orders(g.steps, order, lower_order_final,
-                                                                       bool(g.zero[-1]))
-    _check_orders(orders, g.steps)
+    x_s_slot = b.slot("x_s")
+    group = [b.slot("m1"), b.slot("m2")]  # the group's earlier model outputs
+    if orders:
+        _check_orders(orders, g.steps)
+        orders = [int(o) for o in orders]
+        if g.zero[-1]:
+            orders[-1] = 1  # a step to the clean point is first order (as in the default order list)
+    else:
+        orders = singlestep_orders(g.steps, order, lower_order_final, bool(g.zero[-1]))
     data = algorithm != "dpmsolver"
     sde = algorithm == "sde-dpmsolver++"
     for k in b.steps(g.steps):
@@ -255,8 +268,8 @@ def dpm_solver_singlestep(b, g, order, algorithm, solver_type, lower_order_final
         j0 = k - o + 1  # the group's start
         X, D = b.call(g.t[k])
         m0 = D if data else eps_hat(X, D, g.alpha[k], g.sigma[k])
-        x_s = X if o == 1 else b.S(0)
-        ms = [b.S(1 + j) for j in range(o - 1)] + [m0]  # m_{j0} .. m_k
+        x_s = X if o == 1 else x_s_slot
+        ms = group[: o - 1] + [m0]  # m_{j0} .. m_k
         a_s, sg_s, lam_s = g.alpha[j0], g.sigma[j0], g.lam[j0]
         a_t, sg_t, lam_t = g.alpha[k + 1], g.sigma[k + 1], g.lam[k + 1]
         h = lam_t - lam_s
@@ -291,30 +304,30 @@ def dpm_solver_singlestep(b, g, order, algorithm, solver_type, lower_order_final
                 D1 = (r0 * D1_0 - r1 * D1_1) / (r0 - r1)
                 D2 = (2.0 / (r0 - r1)) * (D1_1 - D1_0)
                 x_t = x_t + c2 * D1 + c3 * D2
-        slots = {1 + (k - j0): m0} if k - j0 < 2 else {}  # the group's last output is never read again
+        slots = {group[k - j0]: m0} if k - j0 < 2 else {}  # the group's last output is never read again
         if o == 1:
-            slots[0] = X
+            slots[x_s_slot] = X
         b.update(x=x_t, slots=slots, noise=noise)
 
 
 # ---- multistep DPM-Solver with noise prediction (Lu et al. 2022a, the multistep form of diffusers) -------------------
 
 
-@solver("dpm_solver_multistep", lambda o: max(o["order"] - 1, 1),
-        order=Option(2, lambda v: v in (1, 2, 3), "order must be 1, 2 or 3"),
-        algorithm=Option("dpmsolver", lambda v: v in ("dpmsolver", "sde-dpmsolver"),
+@solver("dpm_solver_multistep",
+        order=Option(2, _int_in(1, 3), "order must be 1, 2 or 3"),
+        algorithm=Option("dpmsolver", _one_of("dpmsolver", "sde-dpmsolver"),
                          "algorithm must be 'dpmsolver' or 'sde-dpmsolver' (data prediction: dpmpp_2m / dpmpp_3m)"),
         solver_type=SOLVER_TYPE, lower_order_final=LOWER_ORDER_FINAL, euler_at_final=EULER_AT_FINAL)
 def dpm_solver_multistep(b, g, order, algorithm, solver_type, lower_order_final, euler_at_final):
     """Multistep DPM-Solver in the noise estimate eps: x_t = (alpha_t / alpha_s) x - sigma_t (e^h - 1) eps_0 - ...;
     ``sde-dpmsolver`` doubles the eps terms and adds sigma_t sqrt(e^{2h} - 1) z (orders 1-2). It cannot end on the
     clean point with noise; the ODE's first-order step there returns D (sigma_t (e^h - 1) -> alpha_t sigma_s / alpha_s).
-    Slot i % (order - 1) holds eps_i."""
+    The last order - 1 noise estimates are kept."""
     if algorithm == "sde-dpmsolver" and order == 3:
         raise ValueError("dpm_solver_multistep: sde-dpmsolver is defined up to order 2")
     if algorithm == "sde-dpmsolver" and g.zero[-1]:
         raise ValueError("dpm_solver_multistep: sde-dpmsolver cannot end on the clean point; use final='t_min'")
-    nring = max(order - 1, 1)
+    eps = b.history("eps", order - 1)  # eps[j]: eps of step i - j
     orders = step_orders(g, order, lower_order_final, euler_at_final)
     sde = algorithm == "sde-dpmsolver"
     for i in b.steps(g.steps):
@@ -328,7 +341,7 @@ def dpm_solver_multistep(b, g, order, algorithm, solver_type, lower_order_final,
         x_next = (a_t / a_s) * X - (k * sigma_expm1(a_t, sg_t, lam_t, a_s, sg_s, lam_s)) * e0
         o = orders[i]
         if o >= 2:
-            e1 = b.S((i - 1) % nring)
+            e1 = eps[1]
             r0 = (lam_s - g.lam[i - 1]) / h
             D1_0 = (e0 - e1) / r0
         if o == 2:
@@ -337,11 +350,12 @@ def dpm_solver_multistep(b, g, order, algorithm, solver_type, lower_order_final,
             else:
                 x_next = x_next - (k * sg_t * (ep / h - 1.0)) * D1_0
         elif o == 3:
-            e2 = b.S((i - 2) % nring)
+            e2 = eps[2]
             r1 = (g.lam[i - 1] - g.lam[i - 2]) / h
             D1_1 = (e1 - e2) / r1
             D1 = D1_0 + (r0 / (r0 + r1)) * (D1_0 - D1_1)
             D2 = (D1_0 - D1_1) / (r0 + r1)
             x_next = x_next - (sg_t * (ep / h - 1.0)) * D1 - (sg_t * ((ep - h) / h ** 2 - 0.5)) * D2
         noise = sg_t * math.sqrt(max(math.expm1(2.0 * h), 0.0)) if sde else 0.0
-        b.update(x=x_next, slots={i % nring: e0} if order > 1 else {}, noise=noise)
+        eps.push(e0)
+        b.update(x=x_next, noise=noise)

@@ -10,7 +10,8 @@ import math
 
 import numpy as np
 
-from . import ETA1, S_NOISE, Option, _nonneg, eps_hat, solver
+from .builder import eps_hat
+from .registry import ETA1, S_NOISE, Option, _int_in, _nonneg, solver
 
 
 def euler_to(D, d, alpha_next, s_next):
@@ -18,7 +19,7 @@ def euler_to(D, d, alpha_next, s_next):
     return alpha_next * (D + s_next * d)
 
 
-@solver("euler", 0)
+@solver("euler", alpha_zero=True)
 def euler(b, g):
     for i in b.steps(g.steps):
         X, D = b.call(g.t[i])
@@ -31,7 +32,7 @@ def _churn_gamma(s_churn, s_tmin, s_tmax, steps, s):
 
 CHURN = dict(s_churn=Option(0.0, _nonneg, "s_churn must be >= 0"),
              s_tmin=Option(0.0, _nonneg, "s_tmin must be >= 0"),
-             s_tmax=Option(math.inf, lambda v: isinstance(v, (int, float)) and v >= 0, "s_tmax must be >= 0"),
+             s_tmax=Option(math.inf, lambda v: _nonneg(v) or v == math.inf, "s_tmax must be >= 0"),
              s_noise=S_NOISE)
 
 
@@ -62,25 +63,27 @@ def churned_first_stage(b, g, i, churn_opts):
     return X, D, d, s_hat, a_hat
 
 
-@solver("heun", 2, **CHURN)
+@solver("heun", **CHURN)
 def heun(b, g, **churn_opts):
-    """EDM Algorithm 2 (stochastic when s_churn > 0); slots: 0 = y_hat, 1 = d_i."""
+    """EDM Algorithm 2 (stochastic when s_churn > 0)."""
+    y_hat, d_cur = b.slot("y_hat"), b.slot("d")
     for i in b.steps(g.steps):
         s_next, a_next = g.s[i + 1], g.alpha[i + 1]
         first = churned_first_stage(b, g, i, churn_opts)
         if first is None:
             continue
-        X, D, d_cur, s_hat, a_hat = first
+        X, D, d, s_hat, a_hat = first
         # Euler step from s_hat to s_next, then the second-order correction at s_next.
-        b.update(x=euler_to(D, d_cur, a_next, s_next), slots={0: X / a_hat, 1: d_cur})
+        b.update(x=euler_to(D, d, a_next, s_next), slots={y_hat: X / a_hat, d_cur: d})
         X, D = b.call(g.t[i + 1])
         d_prime = eps_hat(X, D, a_next, g.sigma[i + 1])
-        b.update(x=a_next * (b.S(0) + (s_next - s_hat) * 0.5 * (b.S(1) + d_prime)))
+        b.update(x=a_next * (y_hat + (s_next - s_hat) * 0.5 * (d_cur + d_prime)))
 
 
-@solver("rk4", 2)
+@solver("rk4")
 def rk4(b, g):
-    """Classical Runge-Kutta 4 on dy/ds = eps_hat; slots: 0 = y_i, 1 = k1 + 2 k2 + 2 k3."""
+    """Classical Runge-Kutta 4 on dy/ds = eps_hat."""
+    y_i, ks = b.slot("y_i"), b.slot("k1 + 2 k2 + 2 k3")
     for i in b.steps(g.steps):
         X, D = b.call(g.t[i])
         k1 = eps_hat(X, D, g.alpha[i], g.sigma[i])
@@ -91,16 +94,16 @@ def rk4(b, g):
         h = s_next - s
         t_mid, a_mid, sg_mid = g.point_at_s(s + h / 2)
         y = X / a
-        b.update(x=a_mid * (y + (h / 2) * k1), slots={0: y, 1: k1})
+        b.update(x=a_mid * (y + (h / 2) * k1), slots={y_i: y, ks: k1})
         X, D = b.call(t_mid, a_mid, sg_mid)
         k2 = eps_hat(X, D, a_mid, sg_mid)
-        b.update(x=a_mid * (b.S(0) + (h / 2) * k2), slots={1: b.S(1) + 2.0 * k2})
+        b.update(x=a_mid * (y_i + (h / 2) * k2), slots={ks: ks + 2.0 * k2})
         X, D = b.call(t_mid, a_mid, sg_mid)
         k3 = eps_hat(X, D, a_mid, sg_mid)
-        b.update(x=a_next * (b.S(0) + h * k3), slots={1: b.S(1) + 2.0 * k3})
+        b.update(x=a_next * (y_i + h * k3), slots={ks: ks + 2.0 * k3})
         X, D = b.call(g.t[i + 1])
         k4 = eps_hat(X, D, a_next, g.sigma[i + 1])
-        b.update(x=a_next * (b.S(0) + (h / 6) * (b.S(1) + k4)))
+        b.update(x=a_next * (y_i + (h / 6) * (ks + k4)))
 
 
 def ancestral_split(s_from, s_to, eta):
@@ -111,7 +114,7 @@ def ancestral_split(s_from, s_to, eta):
     return math.sqrt(s_to**2 - up**2), up
 
 
-@solver("euler_ancestral", 0, eta=ETA1, s_noise=S_NOISE)
+@solver("euler_ancestral", alpha_zero=True, eta=ETA1, s_noise=S_NOISE)
 def euler_ancestral(b, g, eta, s_noise):
     for i in b.steps(g.steps):
         X, D = b.call(g.t[i])
@@ -121,9 +124,10 @@ def euler_ancestral(b, g, eta, s_noise):
         b.update(x=euler_to(D, d, g.alpha[i + 1], down), noise=g.alpha[i + 1] * up * s_noise)
 
 
-@solver("dpm_2", 1, **CHURN)
+@solver("dpm_2", **CHURN)
 def dpm_2(b, g, **churn_opts):
-    """k-diffusion's sample_dpm_2: a midpoint (in log sigma) second-order step; slot 0 = y_hat."""
+    """k-diffusion's sample_dpm_2: a midpoint (in log sigma) second-order step."""
+    y_hat = b.slot("y_hat")
     for i in b.steps(g.steps):
         s_next, a_next = g.s[i + 1], g.alpha[i + 1]
         first = churned_first_stage(b, g, i, churn_opts)
@@ -132,10 +136,10 @@ def dpm_2(b, g, **churn_opts):
         X, D, d, s_hat, a_hat = first
         s_mid = math.exp(0.5 * (math.log(s_hat) + math.log(s_next)))
         t_mid, a_mid, sg_mid = g.point_at_s(s_mid)
-        y_hat = X / a_hat
-        b.update(x=a_mid * (y_hat + (s_mid - s_hat) * d), slots={0: y_hat})
+        y = X / a_hat
+        b.update(x=a_mid * (y + (s_mid - s_hat) * d), slots={y_hat: y})
         X, D = b.call(t_mid, a_mid, sg_mid)
-        b.update(x=a_next * (b.S(0) + (s_next - s_hat) * eps_hat(X, D, a_mid, sg_mid)))
+        b.update(x=a_next * (y_hat + (s_next - s_hat) * eps_hat(X, D, a_mid, sg_mid)))
 
 
 def lms_coefficients(s, i, order):
@@ -152,11 +156,10 @@ def lms_coefficients(s, i, order):
     return coeffs
 
 
-@solver("lms", lambda o: o["order"] - 1,
-        order=Option(4, lambda v: isinstance(v, int) and 1 <= v <= 6, "order must be an integer in 1..6"))
+@solver("lms", order=Option(4, _int_in(1, 6), "order must be an integer in 1..6"))
 def lms(b, g, order):
-    """k-diffusion's linear multistep (Adams-Bashforth in sigma); slot (i % (order-1)) holds d_i."""
-    nring = max(order - 1, 1)
+    """k-diffusion's linear multistep (Adams-Bashforth in sigma) over the last ``order`` slopes d."""
+    ds = b.history("d", order - 1)
     for i in b.steps(g.steps):
         X, D = b.call(g.t[i])
         d = eps_hat(X, D, g.alpha[i], g.sigma[i])
@@ -164,5 +167,6 @@ def lms(b, g, order):
         c = lms_coefficients(g.s, i, cur)
         y_next = X / g.alpha[i] + c[0] * d
         for j in range(1, cur):
-            y_next = y_next + c[j] * b.S((i - j) % nring)
-        b.update(x=g.alpha[i + 1] * y_next, slots={i % nring: d} if order > 1 else {})
+            y_next = y_next + c[j] * ds[j]
+        ds.push(d)
+        b.update(x=g.alpha[i + 1] * y_next)

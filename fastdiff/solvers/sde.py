@@ -9,7 +9,7 @@ The last step returns the mean (Song's noise removal); a step to the clean point
 
 import math
 
-from . import Option, _count, _positive, solver
+from .registry import MAX_STAGES, Option, _count, _one_of, _positive, solver
 
 
 def drift_diffusion(schedule, t):
@@ -23,7 +23,7 @@ def score(X, D, alpha, sigma):
     return (alpha * D - X) / (sigma * sigma)
 
 
-@solver("euler_maruyama", 0)
+@solver("euler_maruyama")
 def euler_maruyama(b, g):
     for i in b.steps(g.steps):
         X, D = b.call(g.t[i])
@@ -37,24 +37,25 @@ def euler_maruyama(b, g):
         b.update(x=x_mean, noise=0.0 if last else math.sqrt(g2 * dt))
 
 
-def langevin_stage(b, g, t, alpha, sigma, snr, r):
+def langevin_stage(b, t, alpha, sigma, snr, r):
     """One corrector step at t: x += eps s + sqrt(2 eps) z, eps = 2 r (snr ||z|| / ||s||)^2 (Algorithm 4)."""
     X, D = b.call(t)
     b.update(x=X, langevin=(snr, r, -1.0 / (sigma * sigma), alpha / (sigma * sigma)))
 
 
-@solver("pc", 0,
-        predictor=Option("reverse_diffusion", lambda v: v in ("reverse_diffusion", "euler_maruyama"),
+@solver("pc", alpha_zero=True,
+        predictor=Option("reverse_diffusion", _one_of("reverse_diffusion", "euler_maruyama"),
                          "predictor must be 'reverse_diffusion' or 'euler_maruyama'"),
         snr=Option(0.16, _positive, "snr must be > 0"),
-        corrector_steps=Option(1, _count, "corrector_steps must be an integer >= 1"))
+        corrector_steps=Option(1, _count, f"corrector_steps must be an integer in 1..{MAX_STAGES}"))
 def pc(b, g, predictor, snr, corrector_steps):
     """Predictor-corrector: Langevin corrector steps at t_i, then a predictor step t_i -> t_{i+1}."""
+    b.expect(g.steps * (corrector_steps + 1))
     for i in b.steps(g.steps):
         a, s, a2, s2 = g.alpha[i], g.sigma[i], g.alpha[i + 1], g.sigma[i + 1]
         r = (a / a2) ** 2  # Song's alpha_i = 1 - beta_i for VP (= alpha_bar_i / alpha_bar_{i-1}); 1 for VE
         for _ in range(corrector_steps):
-            langevin_stage(b, g, g.t[i], a, s, snr, r)
+            langevin_stage(b, g.t[i], a, s, snr, r)
         X, D = b.call(g.t[i])
         if g.zero[i + 1]:
             b.update(x=D)
@@ -72,14 +73,15 @@ def pc(b, g, predictor, snr, corrector_steps):
             b.update(x=X - dt * (f * X - g2 * score(X, D, a, s)), noise=0.0 if last else math.sqrt(g2 * dt))
 
 
-@solver("annealed_langevin", 0,
+@solver("annealed_langevin", alpha_zero=True,
         step_size=Option(2e-5, _positive, "step_size (epsilon of NCSN) must be > 0"),
-        corrector_steps=Option(100, _count, "corrector_steps (T of NCSN) must be an integer >= 1"))
+        corrector_steps=Option(100, _count, f"corrector_steps (T of NCSN) must be an integer in 1..{MAX_STAGES}"))
 def annealed_langevin(b, g, step_size, corrector_steps):
     """NCSN: T Langevin steps at each level t_1..t_N with alpha_i = eps sigma_i^2 / sigma_L^2.
 
     Step i moves the sample to level t_{i+1}; a final clean point is one denoising call at the last level.
     """
+    b.expect((g.steps - 1) * corrector_steps + 1)
     levels = [i for i in range(1, g.steps + 1) if not g.zero[i]]
     sigma_L = g.sigma[levels[-1]] if levels else 1.0
     for i in b.steps(g.steps, start=1):
