@@ -155,7 +155,7 @@ def _loop(model, plan, x, seeds_t, kernel, w, kwargs, callback=None, check_finit
         thr = None
         if kernel == "torch":
             o = combine_guidance(out, w) if guided and use_out else out
-            if threshold is not None and use_out:  # Imagen: per-sample quantile of |D|, then D = clamp(D) / s
+            if threshold is not None and use_out and not langevin:  # Imagen: quantile of |D|, D = clamp(D) / s
                 cx, co = plan.conv[k]
                 thr = ops.threshold_of(cx * x + co * o, *threshold)
             z = None
@@ -167,14 +167,14 @@ def _loop(model, plan, x, seeds_t, kernel, w, kwargs, callback=None, check_finit
             x = run_stage(plan, k, x, o, slots_list, z, thr)
         else:
             out_c = out.contiguous() if use_out else x
-            if threshold is not None and use_out:  # the reduction pass; the kernel clamps and scales D
+            if threshold is not None and use_out and not langevin:  # the reduction pass; the kernel clamps D
                 thr = ops.dynamic_threshold(x, out_c, rows[k : k + 1], w_t, guided, *threshold)
             x = ops.step(x, out_c, slots, rows[k : k + 1], seeds_t, draws[k : k + 1], w_t, slot_reads=reads,
                          slot_writes=writes, use_out=use_out, cfg=guided and use_out, noise=noise, langevin=langevin,
                          kernel=kernel, thresholds=thr)
         if callback is not None and use_out:
             o = combine_guidance(out, w) if guided else out
-            cx, co = plan.conv[k]
+            cx, co = plan.denoised_coefs[k]  # the data estimate (a Langevin stage's D register is the score)
             D = cx * x_prev + co * o
             callback(k, x, D if thr is None else ops.apply_threshold(D, thr.to(D.dtype)))
         if check_finite == "step" and not torch.isfinite(x).all():
