@@ -1,4 +1,4 @@
-"""Float64 reference samplers written literally from the papers (DESIGN §2, §5, §6).
+"""Float64 reference samplers written literally from the papers.
 
 They are the independent check on the coefficient rows of ``fastdiff.solvers`` / ``fastdiff.plan``, so they never
 import the Plan machinery: each algorithm calls the model, converts its output to what the paper's update needs
@@ -20,6 +20,7 @@ from . import dpm_solver as _dpm
 from . import flow as _flow
 from . import ode as _ode
 from . import sde as _sde
+from ..timesteps import SPACING_OPTIONS as _SPACING_OPTIONS
 from ._common import Grid, Run
 
 __all__ = ["sample", "REFERENCES", "options"]
@@ -52,7 +53,6 @@ REFERENCES = {
     "flow_heun": _flow.flow_heun,
 }
 
-_SPACING_OPTIONS = ("rho", "steps_offset")
 
 
 def options(solver: str) -> dict:
