@@ -35,7 +35,7 @@ from .schedules import Schedule
 from .solvers import MAX_STAGES, SOLVERS, build
 from .solvers.builder import PREDICTIONS, Builder, Lin, conversion  # noqa: F401  (the solver language; old home)
 from .solvers.registry import alpha_zero_error
-from .timesteps import custom_times, timesteps
+from .timesteps import SPACING_OPTIONS, custom_times, timesteps
 ROW_HEADER = ("cx", "co", "g", "snr", "r", "lsx", "lsD")
 
 
@@ -337,7 +337,7 @@ MAX_STEPS = MAX_STAGES  # a plan has at least one stage per step
 MAX_CACHED_PLANS = 256
 MAX_CACHE_BYTES = 256 << 20  # the cached plans' arrays together
 FINALS = ("zero", "t_min")
-_SPACING_OPTIONS = ("rho", "steps_offset")  # options of the spacing, not of the solver
+_SPACING_OPTIONS = SPACING_OPTIONS  # options of the spacing, not of the solver
 
 
 def _freeze_grid(name, v):
@@ -494,10 +494,9 @@ def _build_plan(key) -> Plan:
             raise ValueError("plan() needs steps= (or a custom timesteps= / sigmas= / boundaries=)")
         _check_spacing_options(schedule, spacing_opts)
         times = timesteps(schedule, steps, spacing, final=final, **spacing_opts)
-        if times[0] > schedule.t_max:
-            raise ValueError(f"the spacing starts at t={times[0]:g}, above the schedule's t_max={schedule.t_max:g}"
-                             + (f" (steps_offset={spacing_opts['steps_offset']})" if "steps_offset" in spacing_opts
-                                else ""))
+        if "steps_offset" in spacing_opts and times[0] > schedule.t_max:
+            raise ValueError(f"steps_offset={spacing_opts['steps_offset']} moves the first timestep to "
+                             f"{times[0]:g}, above the schedule's t_max={schedule.t_max:g}")
     stages, num_slots, opts_used = build(solver, schedule, prediction, times, final, opts)
     return Plan(key=key, solver=solver, schedule=schedule, steps=int(steps), prediction=prediction,
                 spacing=spacing or (None if ts is not None or sg is not None or bd is not None
