@@ -13,6 +13,9 @@ needs a per-sample reduction first (Song et al. 2021, Algorithm 4):
 
     s = lsx * x + lsD * D  (the score),  eps = 2 * r * (snr * ||z|| / ||s||)^2,  x' += eps * s + sqrt(2 eps) z
 
+(fastdiff's Langevin stages put the score itself in the D register, lsx = 0, lsD = 1: x and alpha D cancel in the
+score with coefficients ~ 1 / sigma^2, which float32 cannot do at small sigma, so it is done on the coefficients.)
+
 The flat row for a kernel (``Plan.rows``) is ``[cx, co, g, snr, r, lsx, lsD, M (row-major)]``.  All numbers exist
 before the loop starts: no value-dependent branching, no host syncs, nothing a CUDA graph could go stale on.
 """
@@ -32,7 +35,7 @@ from .schedules import Schedule
 from .solvers import MAX_STAGES, SOLVERS, build
 from .solvers.builder import PREDICTIONS, Builder, Lin, conversion  # noqa: F401  (the solver language; old home)
 from .solvers.registry import alpha_zero_error
-from .timesteps import custom_times, timesteps
+from .timesteps import SPACING_OPTIONS, custom_times, timesteps
 ROW_HEADER = ("cx", "co", "g", "snr", "r", "lsx", "lsD")
 
 
@@ -144,7 +147,10 @@ class Plan:
     stage_step : ndarray int64 [S]
         The solver step (grid interval i: times[i] -> times[i+1]) each stage belongs to.
     calls_model : ndarray bool [S]
-    data_coefs : ndarray [S, 2]      (cx, co) of D = cx x + co out  (old name: ``conv``)
+    data_coefs : ndarray [S, 2]      (cx, co) of the D register D = cx x + co out  (old name: ``conv``); on
+                                     Langevin stages the register holds the score, formed in float64 (see below)
+    denoised_coefs : ndarray [S, 2]  (cx, co) of the data estimate at every stage (what callbacks report and
+                                     thresholding clamps; equal to ``data_coefs`` except on Langevin stages)
     transitions : ndarray [S, 1+K, 2+K]  rows (x', S_0'..), columns (x, D, S_0..)  (old name: ``update``)
     noise_gain : ndarray [S]
     langevin : ndarray [S, 4]        (snr, r, lsx, lsD); snr = 0 means no corrector term
@@ -173,6 +179,8 @@ class Plan:
         self.stage_step = _ro(np.array([st.step for st in stages], dtype=np.int64))
         self.calls_model = _ro(~np.isnan(self.stage_times))
         self.data_coefs = _ro(np.array([[st.cx, st.co] for st in stages], dtype=np.float64).reshape(S, 2))
+        self.denoised_coefs = _ro(np.array([st.denoised or (st.cx, st.co) for st in stages],
+                                           dtype=np.float64).reshape(S, 2))
         upd = np.zeros((S, 1 + K, 2 + K))
         writes = np.zeros((S, K), dtype=bool)
         cols = {"x": 0, "D": 1, **{i: 2 + i for i in range(K)}}
@@ -329,7 +337,7 @@ MAX_STEPS = MAX_STAGES  # a plan has at least one stage per step
 MAX_CACHED_PLANS = 256
 MAX_CACHE_BYTES = 256 << 20  # the cached plans' arrays together
 FINALS = ("zero", "t_min")
-_SPACING_OPTIONS = ("rho", "steps_offset")  # options of the spacing, not of the solver
+_SPACING_OPTIONS = SPACING_OPTIONS  # options of the spacing, not of the solver
 
 
 def _freeze_grid(name, v):
@@ -486,10 +494,9 @@ def _build_plan(key) -> Plan:
             raise ValueError("plan() needs steps= (or a custom timesteps= / sigmas= / boundaries=)")
         _check_spacing_options(schedule, spacing_opts)
         times = timesteps(schedule, steps, spacing, final=final, **spacing_opts)
-        if times[0] > schedule.t_max:
-            raise ValueError(f"the spacing starts at t={times[0]:g}, above the schedule's t_max={schedule.t_max:g}"
-                             + (f" (steps_offset={spacing_opts['steps_offset']})" if "steps_offset" in spacing_opts
-                                else ""))
+        if "steps_offset" in spacing_opts and times[0] > schedule.t_max:
+            raise ValueError(f"steps_offset={spacing_opts['steps_offset']} moves the first timestep to "
+                             f"{times[0]:g}, above the schedule's t_max={schedule.t_max:g}")
     stages, num_slots, opts_used = build(solver, schedule, prediction, times, final, opts)
     return Plan(key=key, solver=solver, schedule=schedule, steps=int(steps), prediction=prediction,
                 spacing=spacing or (None if ts is not None or sg is not None or bd is not None

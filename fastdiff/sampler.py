@@ -343,6 +343,16 @@ def _check_stage(x, out, plan, k, w):
                              "prediction type and the scale of the model output for this schedule")
 
 
+def _denoised_row(plan, k, row):
+    """``row`` with its (cx, co) replaced by the stage's data-estimate coefficients where they differ (Langevin
+    stages carry the score in their D register; callbacks report the data estimate)."""
+    if not plan.stage_flags[k].langevin:
+        return row
+    r = row.clone()
+    r[:, :2] = torch.as_tensor(plan.denoised_coefs[k], dtype=row.dtype, device=row.device)
+    return r
+
+
 def _loop(model, plan, x, seeds_t, backend, w, kwargs, callback=None, check_finite="off", bar=None, noise_fn=None,
           threshold=None):
     """Run every stage with ``fastdiff.ops.step``. ``x``: the start state; ``w``: guidance tensor [1] or None;
@@ -365,13 +375,15 @@ def _loop(model, plan, x, seeds_t, backend, w, kwargs, callback=None, check_fini
         if use_out:
             out = _call_model(model, plan, k, x, guided, kwargs, first_call)
             first_call = False
-        thr = dynamic_threshold(x, out, row, w_t, cfg, *threshold) if threshold is not None and use_out else None
+        # thresholding clamps the data estimate; a Langevin stage's D register is the score, not a data estimate
+        thr = (dynamic_threshold(x, out, row, w_t, cfg, *threshold)
+               if threshold is not None and use_out and not langevin else None)
         z = _unit_noise(noise_fn, k, x) if noise_fn is not None and (noise or langevin) else None
         x_new = ops.step(x, x if out is None else out, slots, row, seeds_t, draws[k : k + 1], w_t, slot_reads=reads,
                          slot_writes=writes, use_out=use_out, cfg=cfg, noise=noise, langevin=langevin,
                          backend=backend, thresholds=thr, z=z)
         if callback is not None and use_out:
-            D = ops.data_estimate(x, out, row, w_t, cfg)
+            D = ops.data_estimate(x, out, _denoised_row(plan, k, row), w_t, cfg)
             callback(k, x_new, (D if thr is None else apply_threshold(D, thr)).to(x.dtype))
         if check_finite == "step":
             _check_stage(x_new, out, plan, k, w if cfg else None)

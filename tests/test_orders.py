@@ -1,4 +1,4 @@
-"""Exact oracle (DESIGN §6.1): on Gaussian data the PF-ODE has a closed solution, so each deterministic solver's
+"""Exact oracle: on Gaussian data the PF-ODE has a closed solution, so each deterministic solver's
 global error must fall at its nominal order.  Slope of log error vs log steps, fitted over 16..128 steps on a
 uniform-logSNR grid (where the asymptotic regime starts early), within 0.3 of the order."""
 

@@ -196,3 +196,75 @@ def test_plan_cache_is_bounded_in_bytes(monkeypatch):
     assert fd.plan("dpmpp_3m", S.EDM(), 50) is not one  # evicted: rebuilt, equal
     assert fd.plan("dpmpp_3m", S.EDM(), 50) == one
     plan_module.cache_clear()
+
+
+# ---- pc in float32: the score is formed on the coefficients, not from x and D in the kernel ------------------------
+
+
+def _float64_model(schedule, prediction):
+    """The exact Gaussian denoiser evaluated in float64 whatever the sample dtype (its own float32 path rounds D
+    before forming epsilon, which is not what is tested here)."""
+    from fastdiff.models import GaussianMixture
+
+    m = GaussianMixture([0.0], [1.0]).model(schedule, prediction)
+    return lambda x, t: m(x.double(), t).to(x.dtype)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("predictor", ["reverse_diffusion", "euler_maruyama"])
+def test_pc_float32_follows_float64_at_small_sigma(backend, predictor):
+    """sub-VP ends at sigma ~ 1e-4: score coefficients ~ 8e7 on x and on D cancelled in float32 (error ~0.8)."""
+    sch = S.SubVP()
+    p = fd.plan("pc", sch, 60, prediction="epsilon", predictor=predictor)
+    assert np.abs(p.langevin[:, 2:]).max() <= 1.0  # the kernel's score is the D register: s = 0 x + 1 D
+    model = _float64_model(sch, "epsilon")
+    kw = dict(shape=(3, 65), seeds=[0, 1, 2], check_finite="off")
+    ref = fd.sample(model, p, backend="torch", dtype=torch.float64, **kw)
+    x = fd.sample(model, p, backend=backend, dtype=torch.float32, **kw)
+    assert torch.isfinite(x).all()
+    assert (x.double() - ref).abs().max() < 1e-4
+
+
+def test_pc_langevin_register_is_the_score():
+    """The D register of a Langevin stage is (alpha D - x) / sigma^2 written out independently from the schedule;
+    ``denoised_coefs`` keep the data estimate."""
+    sch = S.ContinuousVP()
+    p = fd.plan("pc", sch, 5, prediction="v")
+    for k in np.flatnonzero(p.langevin[:, 0] != 0):
+        t = p.stage_times[k]
+        a, s = float(sch.alpha(t)), float(sch.sigma(t))
+        n = a * a + s * s  # v = a eps - s x0: x0 = (a x - s v) / n
+        np.testing.assert_allclose(p.denoised_coefs[k], [a / n, -s / n], rtol=1e-12)
+        np.testing.assert_allclose(p.data_coefs[k], [(a * a / n - 1) / s**2, -a * s / n / s**2], rtol=1e-9)
+        assert tuple(p.langevin[k, 2:]) == (0.0, 1.0)
+    other = ~(p.langevin[:, 0] != 0)
+    assert np.array_equal(p.denoised_coefs[other], p.data_coefs[other])
+
+
+# ---- annealed Langevin's default step size follows the plan's smallest level -----------------------------------
+
+
+@pytest.mark.parametrize("sch", [S.EDM(), S.SubVP(), S.RectifiedFlow()], ids=repr)
+def test_annealed_langevin_default_step_is_stable(sch):
+    """Data near the points -1 and 1: the score's Lipschitz constant ~ 1 / sigma^2 at the last level, where NCSN's
+    fixed 2e-5 (chosen for sigma_L = 0.01) overshoots; the default scaled to sigma_L lands the samples near +-1."""
+    from fastdiff.models import GaussianMixture
+
+    m = GaussianMixture([-1.0, 1.0], [5e-4, 5e-4]).model(sch, "v")
+    model = lambda x, t: m(x.double(), t).to(x.dtype)  # noqa: E731
+    kw = dict(shape=(8, 63), seeds=list(range(8)), backend="torch", dtype=torch.float64, check_finite="off")
+    x = fd.sample(model, fd.plan("annealed_langevin", sch, 6, prediction="v", corrector_steps=60), **kw)
+    assert torch.isfinite(x).all() and abs(x.abs().mean().item() - 1.0) < 0.2
+    fixed = fd.sample(model, fd.plan("annealed_langevin", sch, 6, prediction="v", corrector_steps=60,
+                                     step_size=2e-5), **kw)
+    assert not torch.isfinite(fixed).all() or fixed.abs().mean().item() > 100.0
+    assert fd.solver_options("annealed_langevin")["step_size"] is None
+
+
+def test_annealed_langevin_default_is_ncsn_at_its_smallest_level():
+    ve = S.VE(sigma_min=0.01, sigma_max=1.0)
+    default = fd.plan("annealed_langevin", ve, 4, corrector_steps=2, final="t_min")
+    sigma_L = default.sigmas[-1]
+    assert sigma_L == pytest.approx(0.01, rel=1e-3)  # NCSN's smallest level: its epsilon = 2e-5 is the default
+    ncsn = fd.plan("annealed_langevin", ve, 4, corrector_steps=2, final="t_min", step_size=2e-5 * (sigma_L / 0.01) ** 2)
+    np.testing.assert_allclose(default.rows(), ncsn.rows(), rtol=1e-12, atol=0)

@@ -1,4 +1,4 @@
-"""Stochastic samplers reach the exact target (DESIGN §6.2): with the exact denoiser of N(mu, s^2) data, the
+"""Stochastic samplers reach the exact target: with the exact denoiser of N(mu, s^2) data, the
 samples' mean, std and a KS test match N(mu, s^2).  Elements of one sample are iid, so a few samples of many
 elements give a large iid set; seeds are fixed, so each test is deterministic and fails only on a real bias."""
 

@@ -147,7 +147,7 @@ def _stacked(plans_or_none, num_slots=0):
     return rows, flags, draws
 
 
-_PROGRAMS: dict = {}  # programs by (class, config, begin/variant, timesteps, sigmas), oldest first
+_PROGRAMS: dict = {}  # programs by (class, config, begin/eta, timesteps, sigmas), oldest first
 _PROGRAMS_LOCK = threading.Lock()
 _KERNELS: dict = {}
 
@@ -184,7 +184,7 @@ class _FastdiffStep:
 
     # -- what each scheduler provides --------------------------------------------------------------------------
 
-    def _fd_build(self, begin: int, variant) -> _Program:  # pragma: no cover - abstract
+    def _fd_build(self, begin: int, eta) -> _Program:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def _fd_check_config(self):
@@ -207,7 +207,7 @@ class _FastdiffStep:
         # host copies, taken once here, so that no later step copies from the device (a sync)
         self._fd_ts_host = _f64(self.timesteps)
         self._fd_sig_host = _f64(self.sigmas) if hasattr(self, "sigmas") else np.zeros(0)
-        self._fd_programs = {}  # (begin index, variant) -> _Program, built on first use
+        self._fd_programs = {}  # (begin index, eta) -> _Program, built on first use
         self._fd_slots_own = None
         self._fd_begin = 0
 
@@ -219,11 +219,11 @@ class _FastdiffStep:
             self._fd_schedule_cache = DiscreteVP(betas=tuple(np.clip(betas, 1e-300, 1.0)))
         return self._fd_schedule_cache
 
-    def _fd_program(self, begin: int, variant=None) -> _Program:
+    def _fd_program(self, begin: int, eta=None) -> _Program:
         programs = getattr(self, "_fd_programs", None)
         if programs is None:
             raise ValueError("call set_timesteps(...) before step(...)")
-        key = (begin if self._stateful else 0, variant)
+        key = (begin if self._stateful else 0, eta)
         prog = programs.get(key)
         if prog is None:
             # the same configuration and timesteps give the same program: shared across set_timesteps calls
@@ -232,7 +232,7 @@ class _FastdiffStep:
             with _PROGRAMS_LOCK:
                 prog = _PROGRAMS.get(gkey)
             if prog is None:
-                prog = self._fd_build(key[0], variant)
+                prog = self._fd_build(key[0], eta)
                 with _PROGRAMS_LOCK:
                     if len(_PROGRAMS) >= 128:
                         _PROGRAMS.pop(next(iter(_PROGRAMS)))
@@ -259,25 +259,25 @@ class _FastdiffStep:
                              f"{ts[:4].tolist()}...)")
         return int(hit[0])
 
-    def _fd_where(self, timestep, step_index, state, variant=None):
+    def _fd_where(self, timestep, step_index, state, eta=None):
         """(program, k) with k the stage of the program: int, or a device-side selector for per-sample steps."""
         if getattr(self, "_fd_programs", None) is None:
             raise ValueError("call set_timesteps(...) before step(...) / scale_model_input(...)")
         if state is not None and state.scheduler_programs is not getattr(self, "_fd_programs", None):
             raise ValueError("this state belongs to an earlier set_timesteps call: make a new one with new_state()")
         if step_index is not None:
-            prog = self._fd_program(0, variant)
+            prog = self._fd_program(0, eta)
             return prog, (("index", step_index) if isinstance(step_index, torch.Tensor) else int(step_index))
         if isinstance(timestep, torch.Tensor) and timestep.numel() > 1:
-            return self._fd_program(0, variant), ("device", timestep)
+            return self._fd_program(0, eta), ("device", timestep)
         if self._index_by == "timestep":
             host = self._fd_host_index(timestep)
-            return self._fd_program(0, variant), (("device", timestep) if host is None else host)
+            return self._fd_program(0, eta), (("device", timestep) if host is None else host)
         if state is not None:
             k, begin = state.step_index, state.begin_index
         else:
             k, begin = self._fd_counter(timestep), self._fd_begin
-        prog = self._fd_program(begin, variant)
+        prog = self._fd_program(begin, eta)
         return prog, k - (begin if self._stateful else 0)
 
     def _fd_counter(self, timestep):
@@ -324,7 +324,7 @@ class _FastdiffStep:
         return (sample * scale.reshape((-1,) + (1,) * (sample.dim() - 1))).to(sample.dtype)
 
     def _fd_step(self, model_output, timestep, sample, *, generator=None, variance_noise=None, seeds=None,
-                 step_index=None, state=None, return_dict=True, variant=None, raw_eps=False):
+                 step_index=None, state=None, return_dict=True, eta=None, raw_eps=False):
         if not isinstance(sample, torch.Tensor) or not isinstance(model_output, torch.Tensor):
             raise ValueError("model_output and sample must be tensors")
         if model_output.shape != sample.shape:
@@ -336,7 +336,7 @@ class _FastdiffStep:
         if variance_noise is not None and generator is not None:
             raise ValueError("pass either generator or variance_noise, not both")
         B = sample.shape[0]
-        prog, k = self._fd_where(timestep, step_index, state, variant)
+        prog, k = self._fd_where(timestep, step_index, state, eta)
         per_sample = not isinstance(k, int)
         if not per_sample and not 0 <= k < prog.num_stages:
             raise ValueError(f"step {k} is outside the {prog.num_stages} steps of this run: call set_timesteps "
@@ -490,8 +490,7 @@ class DDIMScheduler(_FastdiffStep, _d.DDIMScheduler):
 
     _index_by = "timestep"
 
-    def _fd_build(self, begin, variant):
-        eta = variant
+    def _fd_build(self, begin, eta):
         sched = self._fd_schedule()
         ts = self._fd_ts_host
         stride = self.config.num_train_timesteps // self.num_inference_steps
@@ -514,7 +513,7 @@ class DDIMScheduler(_FastdiffStep, _d.DDIMScheduler):
         if not math.isfinite(eta) or eta < 0:
             raise ValueError(f"eta must be a finite number >= 0, got {eta}")
         return self._fd_step(model_output, timestep, sample, generator=generator, variance_noise=variance_noise,
-                             seeds=seeds, step_index=step_index, state=state, return_dict=return_dict, variant=eta,
+                             seeds=seeds, step_index=step_index, state=state, return_dict=return_dict, eta=eta,
                              raw_eps=not use_clipped_model_output)
 
     def _fd_output(self, prev, x0):
@@ -536,7 +535,7 @@ class DDPMScheduler(_FastdiffStep, _d.DDPMScheduler):
         if v == "fixed_large_log":
             _unsupported("variance_type='fixed_large_log'")
 
-    def _fd_build(self, begin, variant):
+    def _fd_build(self, begin, eta):
         ts = self._fd_ts_host
         variance = "fixed_large" if self.config.variance_type == "fixed_large" else "fixed_small"
         p = make_plan("ddpm", self._fd_schedule(), prediction=PREDICTION[self.config.prediction_type],
@@ -560,7 +559,7 @@ class LCMScheduler(_FastdiffStep, _d.LCMScheduler):
 
     _index_by = "timestep"
 
-    def _fd_build(self, begin, variant):
+    def _fd_build(self, begin, eta):
         from ..solvers.consistency import boundary_scalings
 
         ts = self._fd_ts_host
@@ -609,7 +608,7 @@ class _SigmaScheduler(_FastdiffStep):
         """The plan's k-diffusion sigmas from step ``begin`` on (with the final value)."""
         return self._fd_sig_host[begin:]
 
-    def _fd_build(self, begin, variant):
+    def _fd_build(self, begin, eta):
         grid = self._fd_grid(begin)
         solver, opts = self._fd_solver(begin)
         p = make_plan(solver, self._fd_schedule(), prediction=PREDICTION[self.config.prediction_type],
@@ -826,7 +825,7 @@ class FlowMatchEulerDiscreteScheduler(_SigmaScheduler, _d.FlowMatchEulerDiscrete
             if getattr(c, name, False):
                 _unsupported(f"{name}=True")
 
-    def _fd_build(self, begin, variant):
+    def _fd_build(self, begin, eta):
         sig = self._fd_sig_host
         # t_min below diffusers' smallest sigma (shifted or Karras sigmas go below 1 / num_train_timesteps)
         flow = RectifiedFlow(t_min=min(1e-3, float(sig[sig > 0].min())), t_max=max(1.0, float(sig.max())))

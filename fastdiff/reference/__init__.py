@@ -1,4 +1,4 @@
-"""Float64 reference samplers written literally from the papers (DESIGN §2, §5, §6).
+"""Float64 reference samplers written literally from the papers.
 
 They are the independent check on the coefficient rows of ``fastdiff.solvers`` / ``fastdiff.plan``, so they never
 import the Plan machinery: each algorithm calls the model, converts its output to what the paper's update needs

@@ -91,11 +91,16 @@ def pc(run, x, predictor="reverse_diffusion", snr=0.16, corrector_steps=1):
     return x
 
 
-def annealed_langevin(run, x, step_size=2e-5, corrector_steps=100):
-    """Song & Ermon 2019, Algorithm 1 (annealed Langevin dynamics) over the levels sigma_1 > .. > sigma_L."""
+def annealed_langevin(run, x, step_size=None, corrector_steps=100):
+    """Song & Ermon 2019, Algorithm 1 (annealed Langevin dynamics) over the levels sigma_1 > .. > sigma_L.
+
+    ``step_size`` None: the paper's epsilon = 2e-5, chosen for sigma_L = 0.01, kept in proportion to sigma_L^2.
+    """
     g = run.grid
     levels = [i for i in range(1, g.steps + 1) if not g.clean[i]]
     sigma_L = g.sigma[levels[-1]] if levels else 1.0
+    if step_size is None:
+        step_size = 2e-5 * sigma_L**2 / 0.01**2
     for i in range(1, g.steps + 1):
         if g.clean[i]:
             # the clean point is not a noise level: one denoising call at the last level, return D

@@ -99,8 +99,9 @@ class History:
 class Stage:
     t: float  # schedule time of the model call (nan: no model call)
     step: int = 0  # the solver step (grid interval) the stage belongs to
-    cx: float = 0.0
+    cx: float = 0.0  # D register = cx x + co out
     co: float = 0.0
+    denoised: tuple = None  # (cx, co) of the data estimate where the D register holds something else (the score)
     x: Lin = None
     slots: dict = None  # slot index -> Lin
     g: float = 0.0
@@ -161,6 +162,19 @@ class Builder:
         cx, co = conversion(self.schedule, self.prediction, t, alpha, sigma)
         self._open = Stage(t=t, cx=cx, co=co, step=self.step)
         return self.X, self.D
+
+    def score_call(self, t: float, alpha: float, sigma: float):
+        """Open a stage that calls the model at ``t`` with the score (alpha D - x) / sigma^2 in the D register.
+
+        The coefficients are formed in float64 from the data estimate's, so the cancellation of x against alpha D
+        (coefficients ~ 1 / sigma^2) happens here and not in the kernel's float32: the score of an epsilon model is
+        -out / sigma exactly.  Only for stages that use the score alone (Langevin correctors).
+        """
+        X, D = self.call(t)
+        st = self._open
+        st.denoised = (st.cx, st.co)
+        st.cx, st.co = (alpha * st.cx - 1.0) / (sigma * sigma), alpha * st.co / (sigma * sigma)
+        return X, D
 
     def _push(self, ring: History, value: Lin):
         assert self._open is not None, "push() outside a stage"

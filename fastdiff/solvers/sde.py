@@ -38,9 +38,12 @@ def euler_maruyama(b, g):
 
 
 def langevin_stage(b, t, alpha, sigma, snr, r):
-    """One corrector step at t: x += eps s + sqrt(2 eps) z, eps = 2 r (snr ||z|| / ||s||)^2 (Algorithm 4)."""
-    X, D = b.call(t)
-    b.update(x=X, langevin=(snr, r, -1.0 / (sigma * sigma), alpha / (sigma * sigma)))
+    """One corrector step at t: x += eps s + sqrt(2 eps) z, eps = 2 r (snr ||z|| / ||s||)^2 (Algorithm 4).
+
+    The D register holds the score itself (``Builder.score_call``): s = 0 x + 1 D, finite and accurate in float32.
+    """
+    X, score = b.score_call(t, alpha, sigma)
+    b.update(x=X, langevin=(snr, r, 0.0, 1.0))
 
 
 @solver("pc", alpha_zero=True,
@@ -73,17 +76,28 @@ def pc(b, g, predictor, snr, corrector_steps):
             b.update(x=X - dt * (f * X - g2 * score(X, D, a, s)), noise=0.0 if last else math.sqrt(g2 * dt))
 
 
+def default_step_size(sigma_L: float) -> float:
+    """NCSN's epsilon 2e-5 (for its smallest level sigma_L = 0.01) scaled to the smallest level sigma_L."""
+    return 2e-5 * (sigma_L / 0.01) ** 2
+
+
 @solver("annealed_langevin", alpha_zero=True,
-        step_size=Option(2e-5, _positive, "step_size (epsilon of NCSN) must be > 0"),
+        step_size=Option(None, lambda v: v is None or _positive(v),
+                         "step_size (epsilon of NCSN) must be a finite number > 0, or None for 0.2 sigma_L^2"),
         corrector_steps=Option(100, _count, f"corrector_steps (T of NCSN) must be an integer in 1..{MAX_STAGES}"))
 def annealed_langevin(b, g, step_size, corrector_steps):
     """NCSN: T Langevin steps at each level t_1..t_N with alpha_i = eps sigma_i^2 / sigma_L^2.
 
     Step i moves the sample to level t_{i+1}; a final clean point is one denoising call at the last level.
+    The default eps is NCSN's 2e-5 scaled to the plan's smallest level, eps = 2e-5 (sigma_L / 0.01)^2 (NCSN's
+    sigma_L is 0.01): the update x += eps/2 score contracts by 1 - eps / (2 sigma_L^2) at the last level, and a
+    fixed 2e-5 overshoots (diverges) wherever sigma_L is below about 0.003 (EDM, sub-VP, flows).
     """
     b.expect((g.steps - 1) * corrector_steps + 1)
     levels = [i for i in range(1, g.steps + 1) if not g.zero[i]]
     sigma_L = g.sigma[levels[-1]] if levels else 1.0
+    if step_size is None:
+        step_size = default_step_size(sigma_L)
     for i in b.steps(g.steps, start=1):
         if g.zero[i]:
             X, D = b.call(g.t[i - 1])
