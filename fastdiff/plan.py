@@ -494,10 +494,9 @@ def _build_plan(key) -> Plan:
             raise ValueError("plan() needs steps= (or a custom timesteps= / sigmas= / boundaries=)")
         _check_spacing_options(schedule, spacing_opts)
         times = timesteps(schedule, steps, spacing, final=final, **spacing_opts)
-        if times[0] > schedule.t_max:
-            raise ValueError(f"the spacing starts at t={times[0]:g}, above the schedule's t_max={schedule.t_max:g}"
-                             + (f" (steps_offset={spacing_opts['steps_offset']})" if "steps_offset" in spacing_opts
-                                else ""))
+        if "steps_offset" in spacing_opts and times[0] > schedule.t_max:
+            raise ValueError(f"steps_offset={spacing_opts['steps_offset']} moves the first timestep to "
+                             f"{times[0]:g}, above the schedule's t_max={schedule.t_max:g}")
     stages, num_slots, opts_used = build(solver, schedule, prediction, times, final, opts)
     return Plan(key=key, solver=solver, schedule=schedule, steps=int(steps), prediction=prediction,
                 spacing=spacing or (None if ts is not None or sg is not None or bd is not None
