@@ -246,6 +246,13 @@ def _try_plan(kw, poisoned):
         p = fd.plan(solver, schedule, **kw)
     except ValueError as e:
         _check_refusal(e, {"solver": solver, "schedule": schedule, **kw})
+        if poisoned and all(n in kw for n in poisoned):
+            clean = {k: v for k, v in kw.items() if k not in poisoned}
+            try:
+                fd.plan(solver, schedule, **clean)
+            except ValueError:
+                return None  # refused for another reason as well
+            assert any(n in str(e) for n in poisoned), f"the refusal names none of {poisoned}: {e}"
         return None
     assert not poisoned, f"plan accepted the bad values of {poisoned}: {p!r}"
     return p
