@@ -33,9 +33,7 @@ SCHEDULES = {
     "EDM": EDM(),
     "RectifiedFlow": RectifiedFlow(),
 }
-# unipc is checked against diffusers (test_peers_*); flow_euler_ancestral runs on flow schedules only
-# (tests/test_stochastic_single_step.py)
-SOLVERS = [s for s in fastdiff.SOLVERS if s not in ("unipc", "flow_euler_ancestral")]
+SOLVERS = [s for s in fastdiff.SOLVERS if s != "unipc"]  # unipc is checked against diffusers (test_peers_*)
 MULTISTEP = ("dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "dpmpp_3m_sde", "lms")
 # solvers whose steps divide by alpha at the step start (x / alpha, f = alpha'/alpha): no step from alpha = 0
 DIVIDE_BY_ALPHA = ("dpm_solver_singlestep", "dpm_solver_multistep", "heun", "dpm_2", "rk4", "lms", "dpm_solver_1", "dpm_solver_2", "dpm_solver_3", "euler_maruyama")

@@ -1,8 +1,8 @@
 """Ancestral samplers: k-diffusion's DPM-2 ancestral, ComfyUI's rectified-flow ancestral Euler, and TCD's strategic
 stochastic sampling (Zheng et al. 2024, Sec. 4.3 / diffusers' TCDScheduler).
 
-Each is written in the variables of its source: k-diffusion's y = x / alpha and sigma = sigma / alpha; the flow path
-x_t = (1 - t) x0 + t eps; TCD's x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s) eps generalized to alpha_s, sigma_s.
+Each is written in the variables of its source: k-diffusion's y = x / alpha and sigma = sigma / alpha; the schedule's
+path x_t = alpha_t x0 + sigma_t eps; TCD's x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s) eps generalized to alpha_s, sigma_s.
 """
 
 from __future__ import annotations
@@ -42,24 +42,22 @@ def dpm_2_ancestral(run, x, eta=1.0, s_noise=1.0):
 
 
 def flow_euler_ancestral(run, x, eta=1.0, s_noise=1.0):
-    """ComfyUI ``sample_euler_ancestral_RF``: sigma_down = sigma' (1 + (sigma'/sigma - 1) eta), Euler to it, then
+    """ComfyUI ``sample_euler_ancestral_RF`` with its sigma read as the schedule's time t (equal on rectified flow):
+    t_down = t_{i+1} (1 + (t_{i+1}/t_i - 1) eta), Euler to it, then
     x = (alpha' / alpha_down) x + sqrt(sigma'^2 - sigma_down^2 alpha'^2 / alpha_down^2) z."""
     g, sch = run.grid, run.schedule
-    if sch.kind != "flow":
-        raise ValueError("reference flow_euler_ancestral: needs a RectifiedFlow schedule")
     for i in range(g.steps):
         out = run.eval(x, g.t[i])
         if g.clean[i + 1]:
             x = out.x0
             continue
-        sg, sg_next = g.sigma[i], g.sigma[i + 1]
-        sigma_down = sg_next * (1 + (sg_next / sg - 1) * eta)
-        # the path's point at noise level sigma_down: sigma = sigma_min + (1 - sigma_min) t, alpha = 1 - t
-        t_down = (sigma_down - sch.sigma_min) / (1 - sch.sigma_min)
-        alpha_down, alpha_next = 1 - t_down, g.alpha[i + 1]
-        # Euler on the flow to sigma_down: the path's x at t_down given (x0, eps)
+        downstep_ratio = 1 + (g.t[i + 1] / g.t[i] - 1) * eta
+        t_down = g.t[i + 1] * downstep_ratio
+        alpha_down, sigma_down = float(sch.alpha(t_down)), float(sch.sigma(t_down))
+        alpha_next, sigma_next = g.alpha[i + 1], g.sigma[i + 1]
+        # Euler on the probability-flow path to t_down: the path's point given (x0, eps)
         x = alpha_down * out.x0 + sigma_down * out.eps
-        renoise = (sg_next**2 - sigma_down**2 * alpha_next**2 / alpha_down**2) ** 0.5 if eta > 0 else 0.0
+        renoise = max(sigma_next**2 - sigma_down**2 * alpha_next**2 / alpha_down**2, 0.0) ** 0.5
         x = (alpha_next / alpha_down) * x
         if renoise * s_noise > 0:
             x = x + run.noise(x) * s_noise * renoise

@@ -3,8 +3,8 @@
 - ``dpm_2_ancestral``: k-diffusion's / ComfyUI's DPM-2 midpoint step to sigma_down, in k-diffusion's sigma space
   (y = x / alpha, s = sigma / alpha, like ``ode.py``).
 - ``flow_euler_ancestral``: ComfyUI's ancestral Euler for rectified-flow models (its ``sample_euler_ancestral`` on a
-  CONST model): the Euler (DDIM) step to sigma_down = sigma' (1 + (sigma' / sigma - 1) eta) on the flow path, then
-  the state is rescaled to alpha' and noised to sigma'.
+  CONST model): the Euler (DDIM) step to t_down = t' (1 + (t' / t - 1) eta), then the state is rescaled to alpha'
+  and noised to sigma'.  Written in the schedule's time, it runs on every schedule.
 - ``tcd``: Trajectory Consistency Distillation's strategic stochastic sampling (Zheng et al. 2024, diffusers'
   TCDScheduler): the data and noise estimates give x at s = (1 - gamma) t', which is noised forward to t'.
 """
@@ -41,29 +41,23 @@ def dpm_2_ancestral(b, g, eta, s_noise):
         b.update(x=a_next * (y_hat + (down - s) * eps_hat(X, D, a_mid, sg_mid)), noise=a_next * up * s_noise)
 
 
-def _flow_point(schedule, sigma):
-    """(t, alpha) of the flow path's point with noise level ``sigma`` (sigma = sigma_min + (1 - sigma_min) t)."""
-    t = (sigma - schedule.sigma_min) / (1.0 - schedule.sigma_min)
-    return t, float(schedule.alpha(t))
-
-
 @solver("flow_euler_ancestral", alpha_zero=True,
         eta=Option(1.0, lambda v: _nonneg(v) and v <= 1.0, "eta must be a number in [0, 1]"), s_noise=S_NOISE)
 def flow_euler_ancestral(b, g, eta, s_noise):
-    """ComfyUI's sample_euler_ancestral_RF; eta = 0 is flow Euler (DDIM on the flow path)."""
-    if g.schedule.kind != "flow":
-        raise ValueError(f"flow_euler_ancestral runs on a RectifiedFlow schedule (got {g.schedule!r}); use "
-                         "euler_ancestral on other schedules")
+    """ComfyUI's sample_euler_ancestral_RF, in the schedule's time t (= sigma on rectified flow, where this is
+    ComfyUI's sampler exactly): t_down = t' (1 + (t' / t - 1) eta), the Euler (DDIM) step to t_down, then
+    x' = (alpha' / alpha_down) x_down + sqrt(sigma'^2 - (alpha' sigma_down / alpha_down)^2) z.  eta = 0 is flow Euler
+    (DDIM); a step to the clean point returns D."""
     for i in b.steps(g.steps):
         X, D = b.call(g.t[i])
         if g.zero[i + 1]:
             b.update(x=D)
             continue
-        sg, sg_next, a_next = g.sigma[i], g.sigma[i + 1], g.alpha[i + 1]
-        sg_down = sg_next * (1.0 + (sg_next / sg - 1.0) * eta)
-        _, a_down = _flow_point(g.schedule, sg_down)
-        # Euler (DDIM) to sigma_down; with sigma_min = 0 this is ComfyUI's (sigma_down / sigma) x + (1 - ..) D
-        x_down = a_down * D + sg_down * eps_hat(X, D, g.alpha[i], sg)
+        t, t_next, a_next, sg_next = g.t[i], g.t[i + 1], g.alpha[i + 1], g.sigma[i + 1]
+        t_down = t_next * (1.0 + (t_next / t - 1.0) * eta)
+        a_down, sg_down = g.at(t_down)
+        # Euler (DDIM) to t_down; on rectified flow ComfyUI's (sigma_down / sigma) x + (1 - sigma_down / sigma) D
+        x_down = a_down * D + sg_down * eps_hat(X, D, g.alpha[i], g.sigma[i])
         # rescale to alpha' and add noise up to sigma': sigma'^2 = (alpha' sigma_down / alpha_down)^2 + renoise^2
         renoise = math.sqrt(max(sg_next**2 - (sg_down * a_next / a_down) ** 2, 0.0))
         b.update(x=(a_next / a_down) * x_down, noise=renoise * s_noise)
