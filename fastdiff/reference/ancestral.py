@@ -53,11 +53,16 @@ def flow_euler_ancestral(run, x, eta=1.0, s_noise=1.0):
             continue
         downstep_ratio = 1 + (g.t[i + 1] / g.t[i] - 1) * eta
         t_down = g.t[i + 1] * downstep_ratio
-        alpha_down, sigma_down = float(sch.alpha(t_down)), float(sch.sigma(t_down))
         alpha_next, sigma_next = g.alpha[i + 1], g.sigma[i + 1]
+        if t_down == g.t[i + 1]:  # eta = 0
+            alpha_down, sigma_down = alpha_next, sigma_next
+        else:
+            alpha_down, sigma_down = float(sch.alpha(t_down)), float(sch.sigma(t_down))
         # Euler on the probability-flow path to t_down: the path's point given (x0, eps)
         x = alpha_down * out.x0 + sigma_down * out.eps
-        renoise = max(sigma_next**2 - sigma_down**2 * alpha_next**2 / alpha_down**2, 0.0) ** 0.5
+        # (sigma_next^2 - sigma_down^2 alpha_next^2 / alpha_down^2)^(1/2), as sigma_next sqrt(1 - q^2)
+        q = (sigma_down * alpha_next) / (alpha_down * sigma_next)
+        renoise = sigma_next * max(1 - q * q, 0.0) ** 0.5
         x = (alpha_next / alpha_down) * x
         if renoise * s_noise > 0:
             x = x + run.noise(x) * s_noise * renoise
@@ -66,7 +71,7 @@ def flow_euler_ancestral(run, x, eta=1.0, s_noise=1.0):
 
 def tcd(run, x, gamma=0.3):
     """TCD strategic stochastic sampling: x0, eps at t; x_s = alpha_s x0 + sigma_s eps at s = floor((1 - gamma) t')
-    (integer timesteps of a DiscreteVP, else (1 - gamma) t'); then the forward process from s to t':
+    (where t' is an integer timestep of a DiscreteVP, else (1 - gamma) t'); then the forward process from s to t':
     x_t' = (alpha_t' / alpha_s) x_s + sqrt(sigma_t'^2 - alpha_t'^2 sigma_s^2 / alpha_s^2) z.  The last step
     returns x_s (no noise), a step to the clean point the data estimate."""
     g, sch = run.grid, run.schedule
@@ -76,15 +81,20 @@ def tcd(run, x, gamma=0.3):
             x = out.x0
             continue
         s = (1 - gamma) * g.t[i + 1]
-        if isinstance(sch, DiscreteVP):
+        if isinstance(sch, DiscreteVP) and float(g.t[i + 1]).is_integer():
             s = math.floor(s)
-        a_s, sg_s = float(sch.alpha(s)), float(sch.sigma(s))
+        if s == g.t[i + 1]:  # gamma = 0 (or s = t' = 0): x_s is the DDIM step to t'
+            a_s, sg_s = g.alpha[i + 1], g.sigma[i + 1]
+        else:
+            a_s, sg_s = float(sch.alpha(s)), float(sch.sigma(s))
         x_s = a_s * out.x0 + sg_s * out.eps
         if i == g.steps - 1:
             x = x_s
             continue
         a_t, sg_t = g.alpha[i + 1], g.sigma[i + 1]
-        std = math.sqrt(max(sg_t**2 - (a_t * sg_s / a_s) ** 2, 0.0))
+        # sqrt(sigma_t'^2 - alpha_t'^2 sigma_s^2 / alpha_s^2) = sigma_t' sqrt(1 - q^2)
+        q = (a_t * sg_s) / (a_s * sg_t)
+        std = sg_t * math.sqrt(max(1 - q * q, 0.0))
         x = (a_t / a_s) * x_s
         if std > 0:
             x = x + std * run.noise(x)

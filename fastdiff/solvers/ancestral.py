@@ -55,11 +55,11 @@ def flow_euler_ancestral(b, g, eta, s_noise):
             continue
         t, t_next, a_next, sg_next = g.t[i], g.t[i + 1], g.alpha[i + 1], g.sigma[i + 1]
         t_down = t_next * (1.0 + (t_next / t - 1.0) * eta)
-        a_down, sg_down = g.at(t_down)
+        a_down, sg_down = (a_next, sg_next) if t_down == t_next else g.at(t_down)  # eta = 0: exactly no noise
         # Euler (DDIM) to t_down; on rectified flow ComfyUI's (sigma_down / sigma) x + (1 - sigma_down / sigma) D
         x_down = a_down * D + sg_down * eps_hat(X, D, g.alpha[i], g.sigma[i])
         # rescale to alpha' and add noise up to sigma': sigma'^2 = (alpha' sigma_down / alpha_down)^2 + renoise^2
-        renoise = math.sqrt(max(sg_next**2 - (sg_down * a_next / a_down) ** 2, 0.0))
+        renoise = sg_next * math.sqrt(max(1.0 - ((a_next * sg_down) / (a_down * sg_next)) ** 2, 0.0))
         b.update(x=(a_next / a_down) * x_down, noise=renoise * s_noise)
 
 
@@ -68,8 +68,8 @@ def flow_euler_ancestral(b, g, eta, s_noise):
 def tcd(b, g, gamma):
     """TCD's strategic stochastic sampling (diffusers' TCDScheduler, whose ``eta`` is the paper's gamma).
 
-    x_s = alpha_s D + sigma_s eps_hat at s = (1 - gamma) t' (floored on a DiscreteVP schedule, as diffusers does
-    with integer timesteps), then x' = (alpha' / alpha_s) x_s + sqrt(sigma'^2 - (alpha' sigma_s / alpha_s)^2) z.
+    x_s = alpha_s D + sigma_s eps_hat at s = (1 - gamma) t' (floored where t' is an integer timestep of a DiscreteVP
+    schedule, as diffusers does), then x' = (alpha' / alpha_s) x_s + sqrt(sigma'^2 - (alpha' sigma_s / alpha_s)^2) z.
     The last step returns x_s without noise (diffusers); a step to the clean point returns D.  gamma = 0 is DDIM.
     """
     discrete = isinstance(g.schedule, DiscreteVP)
@@ -79,13 +79,13 @@ def tcd(b, g, gamma):
             b.update(x=D)
             continue
         t_s = (1.0 - gamma) * g.t[i + 1]
-        if discrete:
+        if discrete and float(g.t[i + 1]).is_integer():  # diffusers' integer timesteps
             t_s = float(math.floor(t_s))
-        a_s, sg_s = g.at(t_s)
+        a_s, sg_s = (g.alpha[i + 1], g.sigma[i + 1]) if t_s == g.t[i + 1] else g.at(t_s)  # gamma = 0: DDIM
         x_s = a_s * D + sg_s * eps_hat(X, D, g.alpha[i], g.sigma[i])
         if i == g.steps - 1:
             b.update(x=x_s)
             continue
         a_next, sg_next = g.alpha[i + 1], g.sigma[i + 1]
-        gain = math.sqrt(max(sg_next**2 - (a_next * sg_s / a_s) ** 2, 0.0))
+        gain = sg_next * math.sqrt(max(1.0 - ((a_next * sg_s) / (a_s * sg_next)) ** 2, 0.0))
         b.update(x=(a_next / a_s) * x_s, noise=gain)
