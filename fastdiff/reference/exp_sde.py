@@ -58,6 +58,13 @@ def dpmpp_sde(run, x, eta=1.0, s_noise=1.0, r=0.5):
     return x
 
 
+def _continue_noise(run, x, sde_noise, seg):
+    """The noise carried from the previous stage, e^{seg} sde_noise, plus the fresh part sqrt(1 - e^{2 seg}) z
+    (seg = (r_a - r_b) h eta <= 0; no draw when it is 0)."""
+    fresh = math.sqrt(-math.expm1(2 * seg))
+    return sde_noise * math.exp(seg) + (fresh * run.noise(x) if fresh > 0 else 0.0)
+
+
 def _check_alpha(alpha, name):
     if alpha == 0:
         raise ValueError(f"reference {name}: alpha = 0 at a step start (lambda = -inf); no finite step from there")
@@ -101,7 +108,7 @@ def seeds_2(run, x, eta=1.0, s_noise=1.0, r=0.5, solver_type="phi_1"):
             x = sg_t / sg_s * math.exp(-h * eta) * x - a_t * (b1 * denoised + b2 * denoised_2)
         if inject:
             seg = (r - 1) * h * eta
-            sde_noise = sde_noise * math.exp(seg) + math.sqrt(-math.expm1(2 * seg)) * run.noise(x)
+            sde_noise = _continue_noise(run, x, sde_noise, seg)
             x = x + sde_noise * sg_t * s_noise
     return x
 
@@ -142,7 +149,7 @@ def seeds_3(run, x, eta=1.0, s_noise=1.0, r_1=1.0 / 3, r_2=2.0 / 3):
         x_3 = sg_2 / sg_s * math.exp(-r_2 * h * eta) * x - a_2 * (a3_1 * denoised + a3_2 * denoised_2)
         if inject:
             seg = (r_1 - r_2) * h * eta
-            sde_noise = sde_noise * math.exp(seg) + math.sqrt(-math.expm1(2 * seg)) * run.noise(x)
+            sde_noise = _continue_noise(run, x, sde_noise, seg)
             x_3 = x_3 + sde_noise * sg_2 * s_noise
         denoised_3 = run.eval(x_3, t_2, a_2, sg_2).x0
         # step 3
@@ -151,7 +158,7 @@ def seeds_3(run, x, eta=1.0, s_noise=1.0, r_1=1.0 / 3, r_2=2.0 / 3):
         x = sg_t / sg_s * math.exp(-h * eta) * x - a_t * (b1 * denoised + b3 * denoised_3)
         if inject:
             seg = (r_2 - 1) * h * eta
-            sde_noise = sde_noise * math.exp(seg) + math.sqrt(-math.expm1(2 * seg)) * run.noise(x)
+            sde_noise = _continue_noise(run, x, sde_noise, seg)
             x = x + sde_noise * sg_t * s_noise
     return x
 
