@@ -3,9 +3,9 @@ DPM-Solver++ SDE (``sample_dpmpp_sde``), SEEDS-2 / SEEDS-3 (Gonzalez et al. 2023
 ``sample_seeds_3``) and the ER-SDE solver (Cui et al. 2025, ComfyUI's ``sample_er_sde``).
 
 Noise is built the way the algorithms define it: DPM-Solver++ SDE's two draws of a step are normalized increments
-of one Brownian motion in k-diffusion's sigma over [sigma_1, sigma] and [sigma', sigma] (formed here from independent
-increments over [sigma_1, sigma] and [sigma', sigma_1]); SEEDS carries the noise of a stage into the next one with
-the Ornstein-Uhlenbeck decay e^{(r_a - r_b) h eta}.
+of one Brownian motion in the sampler's sigma tau (k-diffusion's sigma / alpha; a flow's own sigma in ComfyUI) over
+[tau_1, tau] and [tau', tau] (formed here from independent increments over [tau_1, tau] and [tau', tau_1]); SEEDS
+carries the noise of a stage into the next one with the Ornstein-Uhlenbeck decay e^{(r_a - r_b) h eta}.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from .ode import _to_y, ancestral_step, point_at_s
 
 
 def dpmpp_sde(run, x, eta=1.0, s_noise=1.0, r=0.5):
-    """k-diffusion ``sample_dpmpp_sde`` in y = x / alpha, sigma = sigma / alpha, t = -log sigma."""
+    """k-diffusion ``sample_dpmpp_sde`` in y = x / alpha, sigma = sigma / alpha, t = -log sigma; the noise is the
+    Brownian tree's in tau = sigma / alpha (ComfyUI on a flow: the flow's sigma)."""
     g, sch = run.grid, run.schedule
     for i in range(g.steps):
         sigma, sigma_next = g.s[i], g.s[i + 1]
@@ -33,18 +34,22 @@ def dpmpp_sde(run, x, eta=1.0, s_noise=1.0, r=0.5):
         s = t + h * r
         fac = 1 / (2 * r)
         sigma_s = math.exp(-s)
+        t_s, a_s, sg_s = point_at_s(sch, sigma_s)
+        if sch.kind == "flow":
+            tau, tau_s, tau_next = g.sigma[i], sg_s, g.sigma[i + 1]
+        else:
+            tau, tau_s, tau_next = sigma, sigma_s, sigma_next
         noisy = eta > 0 and s_noise > 0
         if noisy:
-            # the Brownian tree's increments W(sigma_s) - W(sigma) and W(sigma_next) - W(sigma), as independent
-            # increments over [sigma_s, sigma] and [sigma_next, sigma_s]
-            dW_1 = math.sqrt(sigma - sigma_s) * run.noise(x)
+            # the Brownian tree's increments W(tau_s) - W(tau) and W(tau_next) - W(tau), from independent
+            # increments over [tau_s, tau] and [tau_next, tau_s]
+            dW_1 = math.sqrt(tau - tau_s) * run.noise(x)
         # step 1
         sd, su = ancestral_step(sigma, sigma_s, eta)
         s_ = -math.log(sd)
         y_2 = (math.exp(-s_) / math.exp(-t)) * y - math.expm1(t - s_) * denoised
         if noisy:
-            y_2 = y_2 + (dW_1 / math.sqrt(sigma - sigma_s)) * s_noise * su
-        t_s, a_s, sg_s = point_at_s(sch, sigma_s)
+            y_2 = y_2 + (dW_1 / math.sqrt(tau - tau_s)) * s_noise * su
         denoised_2 = run.eval(a_s * y_2, t_s, a_s, sg_s).x0
         # step 2
         sd, su = ancestral_step(sigma, sigma_next, eta)
@@ -52,8 +57,8 @@ def dpmpp_sde(run, x, eta=1.0, s_noise=1.0, r=0.5):
         denoised_d = (1 - fac) * denoised + fac * denoised_2
         y = (math.exp(-t_next_) / math.exp(-t)) * y - math.expm1(t - t_next_) * denoised_d
         if noisy:
-            dW_2 = dW_1 + math.sqrt(sigma_s - sigma_next) * run.noise(x)
-            y = y + (dW_2 / math.sqrt(sigma - sigma_next)) * s_noise * su
+            dW_2 = dW_1 + math.sqrt(tau_s - tau_next) * run.noise(x)
+            y = y + (dW_2 / math.sqrt(tau - tau_next)) * s_noise * su
         x = g.alpha[i + 1] * y
     return x
 

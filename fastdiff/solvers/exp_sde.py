@@ -23,10 +23,12 @@ def dpmpp_sde(b, g, eta, s_noise, r):
     model there, and an ancestral step to the next boundary with D_d = (1 - 1/(2r)) D + 1/(2r) D_2 (k-diffusion's
     sigma space y = x / alpha, s = sigma / alpha).
 
-    k-diffusion draws the two noises of a step from a Brownian tree W in s: z_1 = (W(s_1) - W(s)) / sqrt(s - s_1)
-    and z_2 = (W(s') - W(s)) / sqrt(s - s'), both N(0, I) with correlation rho = sqrt((s - s_1) / (s - s')), and
-    independent across steps (disjoint intervals).  Here z_1 is a Philox draw and z_2 = rho z_1 + sqrt(1 - rho^2) w
-    with a second Philox draw w: the same joint law, other numbers than torchsde's tree for a given seed.
+    k-diffusion draws the two noises of a step from a Brownian tree W in its sigma tau: z_1 = (W(tau_1) - W(tau)) /
+    sqrt(tau - tau_1) and z_2 = (W(tau') - W(tau)) / sqrt(tau - tau'), both N(0, I) with correlation
+    rho = sqrt((tau - tau_1) / (tau - tau')), and independent across steps (disjoint intervals).  Here z_1 is a
+    Philox draw and z_2 = rho z_1 + sqrt(1 - rho^2) w with a second Philox draw w: the same joint law, other numbers
+    than torchsde's tree for a given seed.  tau is the sigma ComfyUI's tree runs on: s = sigma / alpha, and on a
+    flow schedule the flow's sigma.
     """
     y_s, D_s = b.slot("y"), b.slot("D")
     fac = 1.0 / (2.0 * r)
@@ -48,7 +50,9 @@ def dpmpp_sde(b, g, eta, s_noise, r):
         y_next = (down_2 / s) * y_s + (1.0 - down_2 / s) * ((1.0 - fac) * D_s + fac * D_2)
         noise = 0.0
         if g_2 > 0:
-            rho = math.sqrt((s - s_1) / (s - s_next))
+            flow = g.schedule.kind == "flow"
+            tau, tau_1, tau_next = (g.sigma[i], sg_1, g.sigma[i + 1]) if flow else (s, s_1, s_next)
+            rho = math.sqrt((tau - tau_1) / (tau - tau_next))
             z_1 = (X / a_1 - (down_1 / s) * y_s - (1.0 - down_1 / s) * D_s) / g_1
             y_next = y_next + (g_2 * rho) * z_1
             noise = a_next * g_2 * math.sqrt(1.0 - rho * rho)

@@ -48,7 +48,8 @@ def heunpp2(b, g, **churn_opts):
 
 
 @solver("gradient_estimation", alpha_zero=True,
-        ge_gamma=Option(2.0, lambda v: _real(v) and math.isfinite(v), "ge_gamma must be a real number (2: the paper's choice)"))
+        ge_gamma=Option(2.0, lambda v: _real(v) and math.isfinite(v),
+                        "ge_gamma must be a finite real number (2: the paper's choice)"))
 def gradient_estimation(b, g, ge_gamma):
     """Permenter & Yuan 2024 (ComfyUI's sample_gradient_estimation); a step to the clean point returns D."""
     d_prev = b.slot("d_prev")
