@@ -21,9 +21,6 @@ def dpm_2_ancestral(run, x, eta=1.0, s_noise=1.0):
         s_i = g.s[i]
         denoised = run.eval(x, g.t[i]).x0
         sigma_down, sigma_up = ancestral_step(s_i, g.s[i + 1], eta)
-        if sigma_down == 0 and g.alpha[i] == 0:  # Euler from sigma = inf to 0: its limit, the data estimate
-            x = g.alpha[i + 1] * denoised
-            continue
         y = _to_y(x, g.alpha[i], "dpm_2_ancestral")
         # d = to_d(x, sigma, denoised)
         d = (y - denoised) / s_i

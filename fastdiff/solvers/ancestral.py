@@ -12,7 +12,7 @@
 import math
 
 from ..schedules import DiscreteVP
-from .builder import eps_hat
+from .builder import OutOfRange, eps_hat
 from .ode import ancestral_split, euler_to
 from .registry import ETA1, S_NOISE, Option, _nonneg, _real, solver
 
@@ -27,6 +27,8 @@ def dpm_2_ancestral(b, g, eta, s_noise):
     y_hat = b.slot("y_hat")
     for i in b.steps(g.steps):
         s, a_next = g.s[i], g.alpha[i + 1]
+        if g.alpha[i] == 0:  # (eta >= 1 would step to D without noise there: a collapsed sample, not a sampler)
+            raise OutOfRange("it starts a step at sigma / alpha = inf")
         down, up = ancestral_split(s, g.s[i + 1], eta)
         X, D = b.call(g.t[i])
         d = eps_hat(X, D, g.alpha[i], g.sigma[i])
