@@ -119,9 +119,9 @@ def seeds_2(b, g, eta, s_noise, r, solver_type):
         st = _SeedsStep(g, i, eta)
         h_eta, a_t, sg_t = st.h_eta, g.alpha[i + 1], g.sigma[i + 1]
         t_1, a_1, sg_1 = st.point(r)
-        mean_1 = lambda xs, d: st.x_coef(r, sg_1) * xs - (a_1 * _ei_phi_1(-r * h_eta)) * d  # noqa: E731
+        c1x, c1d = st.x_coef(r, sg_1), a_1 * _ei_phi_1(-r * h_eta)
         g_1 = sg_1 * s_noise * st.noise_std(r) if inject else 0.0
-        b.update(x=mean_1(X, D), slots={x_s: X, D_s: D}, noise=g_1)
+        b.update(x=c1x * X - c1d * D, slots={x_s: X, D_s: D}, noise=g_1)
         X, D_2 = b.call(t_1, a_1, sg_1)
         if solver_type == "phi_1":
             fac = 1.0 / (2.0 * r)
@@ -133,7 +133,7 @@ def seeds_2(b, g, eta, s_noise, r, solver_type):
         noise = 0.0
         if inject:
             keep, fresh = st.carry(r, 1.0)
-            n_1 = (X - mean_1(x_s, D_s)) / (sg_1 * s_noise)  # sqrt(1 - e^{-2 r h eta}) z_1
+            n_1 = (X - c1x * x_s + c1d * D_s) / (sg_1 * s_noise)  # sqrt(1 - e^{-2 r h eta}) z_1
             x_next = x_next + (sg_t * s_noise * keep) * n_1
             noise = sg_t * s_noise * fresh
         b.update(x=x_next, noise=noise)
