@@ -14,12 +14,15 @@ import inspect
 
 import torch
 
+from . import ancestral as _ancestral
 from . import consistency as _consistency
 from . import ddpm as _ddpm
 from . import dpm_solver as _dpm
+from . import exp_sde as _exp_sde
 from . import flow as _flow
 from . import ode as _ode
 from . import sde as _sde
+from . import sigma_ode as _sigma_ode
 from ..timesteps import SPACING_OPTIONS as _SPACING_OPTIONS
 from ._common import Grid, Run
 
@@ -51,8 +54,16 @@ REFERENCES = {
     "lcm": _consistency.lcm,
     "flow_euler": _flow.flow_euler,
     "flow_heun": _flow.flow_heun,
+    "dpm_2_ancestral": _ancestral.dpm_2_ancestral,
+    "flow_euler_ancestral": _ancestral.flow_euler_ancestral,
+    "tcd": _ancestral.tcd,
+    "dpmpp_sde": _exp_sde.dpmpp_sde,
+    "seeds_2": _exp_sde.seeds_2,
+    "seeds_3": _exp_sde.seeds_3,
+    "er_sde": _exp_sde.er_sde,
+    "heunpp2": _sigma_ode.heunpp2,
+    "gradient_estimation": _sigma_ode.gradient_estimation,
 }
-
 
 
 def options(solver: str) -> dict:
