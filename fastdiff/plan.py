@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -30,6 +31,87 @@ from .timesteps import custom_times, timesteps
 
 PREDICTIONS = ("epsilon", "x0", "v", "score", "flow")
 ROW_HEADER = ("cx", "co", "g", "snr", "r", "lsx", "lsD")
+
+
+class StageFlags(NamedTuple):
+    """Structural flags of a stage, host constants for the kernels (they decide what is loaded, not values).
+
+    ``slot_reads`` / ``slot_writes``: bitmasks of the history slots read / written (bit i: slot i); ``use_out``: the
+    stage calls the model; ``noise``: it draws noise; ``langevin``: it has a Langevin corrector term.  A stage that
+    only copies x is ``StageFlags(0, 0, False, False, False)``.
+    """
+
+    slot_reads: int
+    slot_writes: int
+    use_out: bool
+    noise: bool
+    langevin: bool
+
+    def union(self, *others: "StageFlags") -> "StageFlags":
+        """Flags of one launch that runs rows of all these stages: OR of the masks, any() of the booleans."""
+        every = (self, *others)
+        return StageFlags(
+            int(functools.reduce(lambda a, f: a | int(f[0]), every, 0)),
+            int(functools.reduce(lambda a, f: a | int(f[1]), every, 0)),
+            any(bool(f[2]) for f in every), any(bool(f[3]) for f in every), any(bool(f[4]) for f in every))
+
+
+def row_length(num_slots: int) -> int:
+    """Length of a flat row with ``num_slots`` history slots: 7 + (1 + K)(2 + K)."""
+    return len(ROW_HEADER) + (1 + num_slots) * (2 + num_slots)
+
+
+def identity_row(num_slots: int) -> np.ndarray:
+    """The flat row [R] of a stage that changes nothing: x' = x, S_i' = S_i, no model output, no noise."""
+    K = int(num_slots)
+    M = np.zeros((1 + K, 2 + K))
+    M[0, 0] = 1.0
+    for i in range(K):
+        M[1 + i, 2 + i] = 1.0
+    return np.concatenate([np.zeros(len(ROW_HEADER)), M.ravel()])
+
+
+def _row_matrices(rows: np.ndarray, num_slots: int) -> np.ndarray:
+    rows = np.asarray(rows, dtype=np.float64)
+    K = int(num_slots)
+    if rows.ndim != 2 or rows.shape[1] != row_length(K):
+        raise ValueError(f"rows must be [S, {row_length(K)}] for num_slots={K}, got shape {tuple(rows.shape)}")
+    return rows
+
+
+def fold_rows(rows, num_slots: int, a_in, a_out) -> np.ndarray:
+    """Flat rows [S, R] re-expressed for a sample space y with x = a_in * y on input and y' = x' / a_out on output.
+
+    ``a_in``, ``a_out``: [S] (or scalars).  The x columns (and the D conversion's cx, the score's lsx) are scaled by
+    a_in; the x' row and the noise gain are divided by a_out; slot rows keep their units.  Still one pass per stage.
+    Langevin stages only fold with a_out = 1 (their noise is not a row coefficient).
+    """
+    K = int(num_slots)
+    out = _row_matrices(rows, K).copy()
+    S = out.shape[0]
+    a_in = np.broadcast_to(np.asarray(a_in, dtype=np.float64), (S,))
+    a_out = np.broadcast_to(np.asarray(a_out, dtype=np.float64), (S,))
+    if not (np.all(np.isfinite(a_in)) and np.all(np.isfinite(a_out)) and np.all(a_out != 0)):
+        raise ValueError("fold_rows: a_in must be finite and a_out finite and non-zero")
+    if np.any((out[:, 3] != 0) & (a_out != 1.0)):
+        raise ValueError("fold_rows: a Langevin stage (snr != 0) cannot be folded with a_out != 1")
+    H = len(ROW_HEADER)
+    M = out[:, H:].reshape(S, 1 + K, 2 + K)
+    out[:, 0] *= a_in  # D = cx x + co out with x = a_in y
+    out[:, 5] *= a_in  # the Langevin score's x coefficient
+    M[:, :, 0] *= a_in[:, None]
+    M[:, 0, :] /= a_out[:, None]  # y' = x' / a_out
+    out[:, 2] /= a_out
+    out[:, H:] = M.reshape(S, -1)
+    return out
+
+
+def x0_input_rows(rows) -> np.ndarray:
+    """A copy of flat rows [S, R] with cx = 0, co = 1: the stage takes an x0 estimate (clipped, thresholded) in place
+    of the model output."""
+    out = np.array(rows, dtype=np.float64, copy=True)
+    out[..., 0], out[..., 1] = 0.0, 1.0
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -200,13 +282,14 @@ class Plan:
     stage_step : ndarray int64 [S]
         The solver step (grid interval i: times[i] -> times[i+1]) each stage belongs to.
     calls_model : ndarray bool [S]
-    conv : ndarray [S, 2]            (cx, co)
-    update : ndarray [S, 1+K, 2+K]   rows (x', S_0'..), columns (x, D, S_0..)
+    data_coefs : ndarray [S, 2]      (cx, co) of D = cx x + co out  (old name: ``conv``)
+    transitions : ndarray [S, 1+K, 2+K]  rows (x', S_0'..), columns (x, D, S_0..)  (old name: ``update``)
     noise_gain : ndarray [S]
     langevin : ndarray [S, 4]        (snr, r, lsx, lsD); snr = 0 means no corrector term
     writes : ndarray bool [S, K]     slot rows that are written
     draw : ndarray int64 [S]         Philox draw index of the stage's noise (-1: none); draw 0 is the prior
     num_draws : int                  largest draw index + 1
+    stage_flags : tuple of StageFlags  per stage (slot_reads, slot_writes, use_out, noise, langevin)
     """
 
     def __init__(self, *, key, solver, schedule, steps, prediction, spacing, final, options, times, stages,
@@ -227,7 +310,7 @@ class Plan:
         self.stage_times = _ro(np.array([st.t for st in stages], dtype=np.float64))
         self.stage_step = _ro(np.array([st.step for st in stages], dtype=np.int64))
         self.calls_model = _ro(~np.isnan(self.stage_times))
-        self.conv = _ro(np.array([[st.cx, st.co] for st in stages], dtype=np.float64).reshape(S, 2))
+        self.data_coefs = _ro(np.array([[st.cx, st.co] for st in stages], dtype=np.float64).reshape(S, 2))
         upd = np.zeros((S, 1 + K, 2 + K))
         writes = np.zeros((S, K), dtype=bool)
         cols = {"x": 0, "D": 1, **{i: 2 + i for i in range(K)}}
@@ -239,7 +322,7 @@ class Plan:
                 for reg, v in lin.c.items():
                     upd[k, 1 + i, cols[reg]] += v
         _drop_dead_writes(upd, writes)
-        self.update = _ro(upd)
+        self.transitions = _ro(upd)
         self.writes = _ro(writes)
         self.noise_gain = _ro(np.array([st.g for st in stages], dtype=np.float64))
         self.langevin = _ro(np.array([st.langevin for st in stages], dtype=np.float64).reshape(S, 4))
@@ -250,10 +333,8 @@ class Plan:
         self.num_draws = int(draw.max() + 1) if noisy.any() else 1
         self.nfe = int(self.calls_model.sum())
         self.model_times = _ro(np.asarray(schedule.model_time(self.stage_times[self.calls_model]), dtype=np.float64))
-        # Structural flags per stage, host constants for the kernels: (slot_reads, slot_writes, use_out, noise,
-        # langevin).
         self.stage_flags = tuple(
-            (self.slot_reads(k), self.slot_writes(k), bool(self.calls_model[k]), bool(self.draw[k] >= 0),
+            StageFlags(self.slot_reads(k), self.slot_writes(k), bool(self.calls_model[k]), bool(self.draw[k] >= 0),
              bool(self.langevin[k, 0] != 0))
             for k in range(S)
         )
@@ -278,12 +359,22 @@ class Plan:
                 f"nfe={self.nfe}, stages={self.num_stages}, slots={self.num_slots})")
 
     @property
+    def conv(self) -> np.ndarray:
+        """Old name of ``data_coefs``."""
+        return self.data_coefs
+
+    @property
+    def update(self) -> np.ndarray:
+        """Old name of ``transitions``."""
+        return self.transitions
+
+    @property
     def num_stages(self) -> int:
         return len(self.stage_times)
 
     def slot_reads(self, k: int) -> int:
         """Bitmask of the history slots stage k reads (bit i: slot i); lets kernels skip dead loads."""
-        cols = np.any(self.update[k, :, 2:] != 0, axis=0)
+        cols = np.any(self.transitions[k, :, 2:] != 0, axis=0)
         return int(sum(1 << i for i in range(self.num_slots) if cols[i]))
 
     def slot_writes(self, k: int) -> int:
@@ -306,7 +397,7 @@ class Plan:
         if hit is None:
             S = self.num_stages
             M = np.zeros((S, 1 + K, 2 + K))
-            M[:, : 1 + K0, : 2 + K0] = self.update
+            M[:, : 1 + K0, : 2 + K0] = self.transitions
             for k in range(S):
                 for i in range(K):
                     if i >= K0 or not self.writes[k, i]:
@@ -316,13 +407,18 @@ class Plan:
             hit = self._shared[K] = _ro(np.concatenate([head, M.reshape(S, -1)], axis=1))
         return hit
 
+    def folded_rows(self, a_in, a_out, num_slots: int | None = None) -> np.ndarray:
+        """``fold_rows(self.shared_rows(num_slots), ...)``: rows for a sample y with x = a_in y, y' = x' / a_out."""
+        K = self.num_slots if num_slots is None else int(num_slots)
+        return fold_rows(self.shared_rows(K), K, a_in, a_out)
+
     def _flat_rows(self):
         S = self.num_stages
-        return _ro(np.concatenate([self.conv, self.noise_gain[:, None], self.langevin, self.update.reshape(S, -1)],
-                                  axis=1))
+        return _ro(np.concatenate([self.data_coefs, self.noise_gain[:, None], self.langevin,
+                                   self.transitions.reshape(S, -1)], axis=1))
 
     def _check_finite(self):
-        for name in ("conv", "update", "noise_gain", "langevin"):
+        for name in ("data_coefs", "transitions", "noise_gain", "langevin"):
             arr = getattr(self, name)
             if not np.all(np.isfinite(arr)):
                 k = int(np.argwhere(~np.isfinite(arr.reshape(len(arr), -1)))[0, 0])

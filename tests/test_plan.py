@@ -134,3 +134,97 @@ def test_shared_rows_keep_unwritten_slots():
                     assert got == 1.0 and np.count_nonzero(M[k, 1 + i]) == 1
     with pytest.raises(ValueError, match="below"):
         p.shared_rows(K0 - 1)
+
+
+# ---- the Plan API the integrations build on --------------------------------------------------------------------
+
+
+def _apply_rows(rows, K, x, D, slots):
+    """One stage by the row contract, written out here (no noise, no Langevin): returns (x', slots')."""
+    cx, co = rows[0], rows[1]
+    M = rows[7:].reshape(1 + K, 2 + K)
+    regs = [x, D] + list(slots)
+    new = [sum(M[r, c] * regs[c] for c in range(2 + K)) for r in range(1 + K)]
+    return new[0], new[1:]
+
+
+def test_stage_flags_are_named_and_union_ors_them():
+    p = fd.plan("dpmpp_3m", S.EDM(), 6)
+    f = p.stage_flags[2]
+    from fastdiff.plan import StageFlags
+    assert isinstance(f, StageFlags) and isinstance(f, tuple)
+    assert (f.slot_reads, f.slot_writes, f.use_out, f.noise, f.langevin) == tuple(f) == (f[0], f[1], f[2], f[3], f[4])
+    assert f.slot_reads == p.slot_reads(2) and f.slot_writes == p.slot_writes(2)
+    a, b, c = StageFlags(0b01, 0b10, False, True, False), StageFlags(0b100, 0, True, False, False), \
+        StageFlags(0, 0b1, False, False, True)
+    assert a.union(b, c) == StageFlags(0b101, 0b11, True, True, True)
+    assert a.union() == a and isinstance(a.union(b), StageFlags)
+    copy_only = StageFlags(0, 0, False, False, False)
+    assert copy_only.union(copy_only) == copy_only
+    churn = fd.plan("heun", S.EDM(), 4, s_churn=2.0).stage_flags[0]  # a stage without model call that adds noise
+    assert churn == StageFlags(0, 0, False, True, False)
+
+
+def test_data_coefs_and_transitions_are_the_old_conv_and_update():
+    p = fd.plan("heun", S.EDM(), 5)
+    assert p.conv is p.data_coefs and p.update is p.transitions
+    assert p.data_coefs.shape == (p.num_stages, 2)
+    assert p.transitions.shape == (p.num_stages, 1 + p.num_slots, 2 + p.num_slots)
+
+
+def test_identity_row_changes_nothing():
+    from fastdiff.plan import identity_row
+    rng = np.random.default_rng(0)
+    for K in (0, 1, 3):
+        row = identity_row(K)
+        assert row.shape == (7 + (1 + K) * (2 + K),) and not row[:7].any()
+        x, D, slots = rng.normal(size=5), rng.normal(size=5), list(rng.normal(size=(K, 5)))
+        x2, s2 = _apply_rows(row, K, x, D, slots)
+        assert np.array_equal(x2, x) and all(np.array_equal(a, b) for a, b in zip(s2, slots))
+
+
+def test_x0_input_rows_take_the_output_as_data_estimate():
+    from fastdiff.plan import x0_input_rows
+    p = fd.plan("dpmpp_2m", S.DiscreteVP(), 5)
+    rows = x0_input_rows(p.rows())
+    assert np.all(rows[:, 0] == 0) and np.all(rows[:, 1] == 1)
+    assert np.array_equal(rows[:, 2:], p.rows()[:, 2:])
+    assert not np.all(p.rows()[:, 1] == 1)  # a copy: the plan's rows are untouched
+
+
+@pytest.mark.parametrize("solver,sch", [("heun", S.EDM()), ("dpmpp_3m", S.DiscreteVP.scaled_linear()),
+                                         ("euler_ancestral", S.DiscreteVP()), ("unipc", S.ContinuousVP())])
+def test_fold_rows_equals_the_plan_rows_on_rescaled_samples(solver, sch):
+    """Folded rows applied to y give the plan's rows applied to x = a_in y, divided by a_out (slots unscaled)."""
+    from fastdiff.plan import fold_rows
+    p = fd.plan(solver, sch, 7)
+    K = p.num_slots + 1  # also in a wider layout
+    rng = np.random.default_rng(1)
+    S_ = p.num_stages
+    a_in, a_out = rng.uniform(0.3, 3.0, S_), rng.uniform(0.3, 3.0, S_)
+    folded = fold_rows(p.shared_rows(K), K, a_in, a_out)
+    assert np.array_equal(folded, p.folded_rows(a_in, a_out, K))
+    shared = p.shared_rows(K)
+    for k in range(S_):
+        y, out, slots = rng.normal(size=9), rng.normal(size=9), list(rng.normal(size=(K, 9)))
+        x = a_in[k] * y
+        D_plan = shared[k, 0] * x + shared[k, 1] * out
+        D_fold = folded[k, 0] * y + folded[k, 1] * out
+        np.testing.assert_allclose(D_fold, D_plan, rtol=1e-12, atol=1e-12)
+        x2, s2 = _apply_rows(shared[k], K, x, D_plan, slots)
+        y2, t2 = _apply_rows(folded[k], K, y, D_plan, slots)
+        np.testing.assert_allclose(y2, x2 / a_out[k], rtol=1e-12, atol=1e-12)
+        for a, b in zip(t2, s2):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(folded[k, 2], shared[k, 2] / a_out[k], rtol=1e-15)  # noise gain in y units
+
+
+def test_fold_rows_rejects_what_it_cannot_fold():
+    from fastdiff.plan import fold_rows
+    p = fd.plan("pc", S.VE(), 3)
+    with pytest.raises(ValueError, match="Langevin"):
+        fold_rows(p.rows(), p.num_slots, 1.0, 2.0)
+    with pytest.raises(ValueError, match="rows must be"):
+        fold_rows(p.rows(), p.num_slots + 1, 1.0, 1.0)
+    with pytest.raises(ValueError, match="a_out"):
+        fold_rows(p.rows(), p.num_slots, 1.0, 0.0)
