@@ -1,4 +1,4 @@
-"""fastdiff.integrations.diffusers: drop-in schedulers equal diffusers' own (issue 7).
+"""fastdiff.integrations.diffusers: drop-in schedulers equal diffusers' own.
 
 Each case runs diffusers' standard loop twice on the same fixed nonlinear model (the exact Gaussian-mixture denoiser
 of ``peers.py`` as a function of the model's (x, t)), once with the stock scheduler and once with fastdiff's class of

@@ -1,0 +1,228 @@
+"""Sigma-indexed schedulers: the plan runs on diffusers' own noise levels ``self.sigmas`` (sigma / alpha): the
+Euler family, Heun, DPM-Solver multistep / singlestep, UniPC."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ...plan import plan as make_plan
+from ._base import PREDICTION, _d, _FastdiffStep, _Program, _unsupported
+
+
+
+class _SigmaScheduler(_FastdiffStep):
+    _stateful = True
+
+    def _fd_solver(self, begin):  # -> (solver name, options)  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _fd_grid(self, begin):
+        """The plan's k-diffusion sigmas from step ``begin`` on (with the final value)."""
+        return self._fd_sig_host[begin:]
+
+    def _fd_build(self, begin, variant):
+        grid = self._fd_grid(begin)
+        solver, opts = self._fd_solver(begin)
+        p = make_plan(solver, self._fd_schedule(), prediction=PREDICTION[self.config.prediction_type],
+                      sigmas=list(grid), **opts)
+        ts = self._fd_ts_host[begin:]
+        if p.num_stages != len(ts) or not all(p.calls_model):  # one model call per diffusers step
+            raise AssertionError(f"{solver} plan has {p.num_stages} stages for {len(ts)} timesteps")
+        return _Program(p.shared_rows(), p.stage_flags, p.draw, p.num_slots, ts, peer_draws=self._fd_peer_draws(len(ts)),
+                        **self._fd_fold(begin))
+
+    def _fd_peer_draws(self, n):
+        return [False] * n
+
+    def _fd_fold(self, begin):
+        return {}
+
+    def _fd_levels_for(self, timesteps, device):
+        """(alpha, sigma) at the sigmas of ``timesteps``, indexed as diffusers' add_noise does (by timestep before
+        set_begin_index, else at the current step / the begin index)."""
+        sig = self._fd_table("sigmas", lambda: self._fd_sig_host, device)
+        ts = self._fd_table("timesteps", lambda: self._fd_ts_host, device)
+        t = torch.as_tensor(timesteps, device=device).to(torch.float64).reshape(-1)
+        if self.begin_index is None:
+            idx = (ts[None, :] == t[:, None]).to(torch.int8).argmax(dim=1)
+        else:
+            at = self.step_index if self.step_index is not None else self.begin_index
+            idx = torch.full(t.shape, at, dtype=torch.long, device=device)
+        return self._fd_alpha_sigma(sig[idx])
+
+    def _fd_alpha_sigma(self, s):
+        a = 1.0 / torch.sqrt(1.0 + s * s)
+        return a, s * a
+
+
+class _EulerFamily(_SigmaScheduler):
+    """Samples in y = x / alpha (k-diffusion's space): scale_model_input multiplies by alpha, the rows are folded."""
+
+    _scales_input = True
+
+    def _fd_fold(self, begin):
+        sig = self._fd_sig_host[begin:]  # stage k reads sigmas[k] and lands on sigmas[k + 1] (Heun's repeat too)
+        a = 1.0 / np.sqrt(1.0 + sig * sig)
+        return {"a_in": a[:-1], "a_out": a[1:]}
+
+    def _fd_alpha_sigma(self, s):
+        return torch.ones_like(s), s  # add_noise in y: x0 + sigma noise
+
+
+class EulerDiscreteScheduler(_EulerFamily, _d.EulerDiscreteScheduler):
+    """diffusers' Euler (Karras et al. 2022, Algorithm 1 in y) on fastdiff's ``euler`` rows."""
+
+    _stateful = False
+
+    def _fd_solver(self, begin):
+        return "euler", {}
+
+    def step(self, model_output, timestep, sample, s_churn: float = 0.0, s_tmin: float = 0.0,
+             s_tmax: float = float("inf"), s_noise: float = 1.0, generator=None, return_dict: bool = True, *,
+             seeds=None, step_index=None, state=None):
+        if s_churn != 0.0:
+            _unsupported("EulerDiscreteScheduler.step(s_churn > 0) (diffusers applies the model output of sigma "
+                         "at sigma_hat); fastdiff's euler / heun plans take s_churn with Karras' Algorithm 2")
+        return self._fd_step(model_output, timestep, sample, generator=generator, seeds=seeds,
+                             step_index=step_index, state=state, return_dict=return_dict)
+
+    def _fd_output(self, prev, x0):
+        return _d.schedulers.scheduling_euler_discrete.EulerDiscreteSchedulerOutput(prev_sample=prev,
+                                                                                    pred_original_sample=x0)
+
+    def _fd_tuple(self, prev, x0):
+        return (prev, x0)
+
+
+class EulerAncestralDiscreteScheduler(_EulerFamily, _d.EulerAncestralDiscreteScheduler):
+    """diffusers' Euler ancestral on fastdiff's ``euler_ancestral`` rows (eta = 1)."""
+
+    _stateful = False
+
+    def _fd_solver(self, begin):
+        return "euler_ancestral", {"eta": 1.0}
+
+    def _fd_peer_draws(self, n):
+        return [True] * n
+
+    def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True, *, seeds=None,
+             step_index=None, state=None):
+        return self._fd_step(model_output, timestep, sample, generator=generator, seeds=seeds,
+                             step_index=step_index, state=state, return_dict=return_dict)
+
+    def _fd_output(self, prev, x0):
+        from diffusers.schedulers.scheduling_euler_ancestral_discrete import EulerAncestralDiscreteSchedulerOutput
+
+        return EulerAncestralDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+    def _fd_tuple(self, prev, x0):
+        return (prev, x0)
+
+
+class HeunDiscreteScheduler(_EulerFamily, _d.HeunDiscreteScheduler):
+    """diffusers' Heun (Karras et al. 2022, Algorithm 1) on fastdiff's ``heun`` rows; its timesteps repeat (two
+    model calls per step), so per-sample steps take ``step_index=``."""
+
+    def _fd_grid(self, begin):
+        if begin % 2:
+            raise ValueError("HeunDiscreteScheduler: begin_index must be even (the first call of a step)")
+        sig = self._fd_sig_host[begin:]  # [s0, s1, s1, ..., s_{n-1}, s_{n-1}, 0]
+        return np.concatenate([sig[0:-1:2], sig[-1:]])
+
+    def _fd_solver(self, begin):
+        return "heun", {}
+
+    def step(self, model_output, timestep, sample, return_dict: bool = True, *, seeds=None, step_index=None,
+             state=None):
+        return self._fd_step(model_output, timestep, sample, seeds=seeds, step_index=step_index, state=state,
+                             return_dict=return_dict)
+
+
+class DPMSolverMultistepScheduler(_SigmaScheduler, _d.DPMSolverMultistepScheduler):
+    """diffusers' DPM-Solver++ multistep (orders 1-3, midpoint / heun, ODE and SDE) on fastdiff's dpmpp rows."""
+
+    _noise_fp32 = True
+
+    def _fd_check_config(self):
+        c = self.config
+        if c.variance_type in ("learned", "learned_range"):
+            _unsupported(f"variance_type={c.variance_type!r}")
+        if c.use_flow_sigmas:
+            _unsupported("use_flow_sigmas=True")
+        if c.algorithm_type == "sde-dpmsolver" and c.solver_order == 3:
+            _unsupported("algorithm_type='sde-dpmsolver' with solver_order=3 (diffusers has no such update)")
+
+    def _fd_solver(self, begin):
+        c = self.config
+        opts = {"solver_type": c.solver_type, "lower_order_final": bool(c.lower_order_final),
+                "euler_at_final": bool(c.euler_at_final)}
+        if c.algorithm_type in ("dpmsolver", "sde-dpmsolver"):  # noise prediction
+            return "dpm_solver_multistep", dict(opts, order=int(c.solver_order), algorithm=c.algorithm_type)
+        if c.solver_order == 1:  # the first-order update of dpmsolver++ / sde-dpmsolver++
+            return "dpm_solver_singlestep", {"order": 1, "algorithm": c.algorithm_type}
+        sde = c.algorithm_type == "sde-dpmsolver++"
+        if sde:
+            opts["eta"] = 1.0
+        return {(2, False): "dpmpp_2m", (3, False): "dpmpp_3m", (2, True): "dpmpp_2m_sde",
+                (3, True): "dpmpp_3m_sde"}[(int(c.solver_order), sde)], opts
+
+    def _fd_peer_draws(self, n):
+        return [self.config.algorithm_type.startswith("sde")] * n
+
+    def step(self, model_output, timestep, sample, generator=None, variance_noise=None, return_dict: bool = True,
+             *, seeds=None, step_index=None, state=None):
+        return self._fd_step(model_output, timestep, sample, generator=generator, variance_noise=variance_noise,
+                             seeds=seeds, step_index=step_index, state=state, return_dict=return_dict)
+
+
+class DPMSolverSinglestepScheduler(_SigmaScheduler, _d.DPMSolverSinglestepScheduler):
+    """diffusers' singlestep DPM-Solver(++) on fastdiff's ``dpm_solver_singlestep`` rows with diffusers' order list."""
+
+    def _fd_check_config(self):
+        c = self.config
+        if c.variance_type in ("learned", "learned_range"):
+            _unsupported(f"variance_type={c.variance_type!r}")
+        if getattr(c, "use_flow_sigmas", False):
+            _unsupported("use_flow_sigmas=True")
+
+    def _fd_solver(self, begin):
+        c = self.config
+        sub = [int(o) for o in self.order_list][begin:]
+        orders = tuple(min(o, j + 1) for j, o in enumerate(sub))  # diffusers lowers the first orders of a late start
+        return "dpm_solver_singlestep", {"order": int(c.solver_order), "algorithm": c.algorithm_type,
+                                         "solver_type": c.solver_type, "orders": orders}
+
+    def _fd_peer_draws(self, n):
+        return [self.config.algorithm_type == "sde-dpmsolver++"] * n
+
+    def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True, *, seeds=None,
+             step_index=None, state=None):
+        return self._fd_step(model_output, timestep, sample, generator=generator, seeds=seeds,
+                             step_index=step_index, state=state, return_dict=return_dict)
+
+
+class UniPCMultistepScheduler(_SigmaScheduler, _d.UniPCMultistepScheduler):
+    """diffusers' UniPC (data prediction, bh1 / bh2, orders 1-3, corrector) on fastdiff's ``unipc`` rows."""
+
+    def _fd_check_config(self):
+        c = self.config
+        if not c.predict_x0:
+            _unsupported("predict_x0=False (UniPC with noise prediction)")
+        if c.solver_p is not None:
+            _unsupported("solver_p (an external predictor)")
+        if getattr(c, "use_flow_sigmas", False):
+            _unsupported("use_flow_sigmas=True")
+
+    def _fd_solver(self, begin):
+        c = self.config
+        disabled = tuple(int(s) - begin for s in (c.disable_corrector or []) if int(s) >= begin)
+        return "unipc", {"order": int(c.solver_order), "solver_type": c.solver_type,
+                         "lower_order_final": bool(c.lower_order_final), "disable_corrector": disabled}
+
+    def step(self, model_output, timestep, sample, return_dict: bool = True, *, seeds=None, step_index=None,
+             state=None):
+        return self._fd_step(model_output, timestep, sample, seeds=seeds, step_index=step_index, state=state,
+                             return_dict=return_dict)
+
+

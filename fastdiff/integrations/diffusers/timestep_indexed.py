@@ -1,0 +1,140 @@
+"""Timestep-indexed VP schedulers: DDIM, DDPM, LCM (diffusers finds the step from the timestep's value)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ...plan import StageFlags, identity_row
+from ...plan import plan as make_plan
+from ._base import PREDICTION, _d, _FastdiffStep, _Program, _unsupported
+
+def _stacked(plans_or_none, num_slots=0):
+    """Rows / flags / draws of one-stage plans laid end to end (None: a step that does nothing)."""
+    rows, flags, draws = [], [], []
+    for k, p in enumerate(plans_or_none):
+        if p is None:
+            rows.append(identity_row(num_slots))
+            flags.append(StageFlags(0, 0, False, False, False))
+            draws.append(-1)
+            continue
+        assert p.num_stages == 1 and p.num_slots == num_slots
+        rows.append(p.shared_rows()[0])
+        flags.append(p.stage_flags[0])
+        draws.append(k + 1 if p.stage_flags[0].noise else -1)
+    return rows, flags, draws
+
+
+
+
+class DDIMScheduler(_FastdiffStep, _d.DDIMScheduler):
+    """diffusers' DDIM (eta via ``step(eta=...)``) on fastdiff's ``ddim`` rows; each step goes from t to
+    t - num_train_timesteps // num_inference_steps, as diffusers' does."""
+
+    _index_by = "timestep"
+
+    def _fd_build(self, begin, variant):
+        eta = variant
+        sched = self._fd_schedule()
+        ts = self._fd_ts_host
+        stride = self.config.num_train_timesteps // self.num_inference_steps
+        end = -1.0 if self.config.set_alpha_to_one else 0.0  # final_alpha_cumprod: 1 or alpha_bar[0]
+        plans, alpha_next = [], []
+        for t in ts:
+            prev = t - stride if t - stride >= 0 else end
+            alpha_next.append(1.0 if prev == -1.0 else math.sqrt(float(sched.alphas_cumprod[int(prev)])))
+            plans.append(None if prev >= t else make_plan(
+                "ddim", sched, prediction=PREDICTION[self.config.prediction_type], boundaries=[t, prev], eta=eta))
+        rows, flags, draws = _stacked(plans)
+        return _Program(rows, flags, draws, 0, ts, peer_draws=[eta > 0] * len(ts), alpha_next=alpha_next)
+
+    def step(self, model_output, timestep, sample, eta: float = 0.0, use_clipped_model_output: bool = False,
+             generator=None, variance_noise=None, return_dict: bool = True, *, seeds=None, step_index=None,
+             state=None):
+        """diffusers' DDIM step; with eta > 0 and neither ``generator`` nor ``variance_noise`` the noise is
+        fastdiff's Philox draw of ``seeds`` ([B] ints, default 0..B-1); ``timestep`` may be a [B] tensor."""
+        eta = float(eta)
+        if not math.isfinite(eta) or eta < 0:
+            raise ValueError(f"eta must be a finite number >= 0, got {eta}")
+        return self._fd_step(model_output, timestep, sample, generator=generator, variance_noise=variance_noise,
+                             seeds=seeds, step_index=step_index, state=state, return_dict=return_dict, variant=eta,
+                             raw_eps=not use_clipped_model_output)
+
+    def _fd_output(self, prev, x0):
+        return _d.schedulers.scheduling_ddim.DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+    def _fd_tuple(self, prev, x0):
+        return (prev, x0)
+
+
+class DDPMScheduler(_FastdiffStep, _d.DDPMScheduler):
+    """diffusers' DDPM (variance_type fixed_small / fixed_large) on fastdiff's ``ddpm`` rows."""
+
+    _index_by = "timestep"
+
+    def _fd_check_config(self):
+        v = self.config.variance_type
+        if v in ("learned", "learned_range"):
+            _unsupported(f"variance_type={v!r} (a model that predicts its variance)")
+        if v == "fixed_large_log":
+            _unsupported("variance_type='fixed_large_log'")
+
+    def _fd_build(self, begin, variant):
+        ts = self._fd_ts_host
+        variance = "fixed_large" if self.config.variance_type == "fixed_large" else "fixed_small"
+        p = make_plan("ddpm", self._fd_schedule(), prediction=PREDICTION[self.config.prediction_type],
+                      boundaries=list(ts) + [-1.0], variance=variance)
+        return _Program(p.shared_rows(), p.stage_flags, p.draw, 0, ts, peer_draws=ts > 0)
+
+    def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True, *, seeds=None,
+             step_index=None, state=None):
+        return self._fd_step(model_output, timestep, sample, generator=generator, seeds=seeds,
+                             step_index=step_index, state=state, return_dict=return_dict)
+
+    def _fd_output(self, prev, x0):
+        return _d.schedulers.scheduling_ddpm.DDPMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+    def _fd_tuple(self, prev, x0):
+        return (prev, x0)
+
+
+class LCMScheduler(_FastdiffStep, _d.LCMScheduler):
+    """diffusers' LCM multistep consistency sampling on fastdiff's ``lcm`` rows; returns ``denoised`` too."""
+
+    _index_by = "timestep"
+
+    def _fd_build(self, begin, variant):
+        from ...solvers.consistency import boundary_scalings
+
+        ts = self._fd_ts_host
+        scaling = float(self.config.timestep_scaling)
+        p = make_plan("lcm", self._fd_schedule(), prediction=PREDICTION[self.config.prediction_type],
+                      boundaries=list(ts) + [-1.0], timestep_scaling=scaling)
+        c = np.array([boundary_scalings(float(t), scaling) for t in ts]).reshape(-1, 2)
+        return _Program(p.shared_rows(), p.stage_flags, p.draw, 0, ts, peer_draws=np.arange(len(ts)) != len(ts) - 1,
+                        extra={"c_skip": c[:, 0], "c_out": c[:, 1]})
+
+    def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True, *, seeds=None,
+             step_index=None, state=None):
+        return self._fd_step(model_output, timestep, sample, generator=generator, seeds=seeds,
+                             step_index=step_index, state=state, return_dict=return_dict)
+
+    def _fd_extra(self, prog, dev, k, B, x, model_output, x0):
+        # denoised = c_skip x + c_out x0: what the LCM pipeline returns after its last step
+        bshape = (-1,) + (1,) * (x.dim() - 1)
+        rows = self._fd_gather(prog, dev, "rows", k, B)
+        cdt = rows.dtype
+        if x0 is None:
+            x0 = rows[:, 0].reshape(bshape) * x.to(cdt) + rows[:, 1].reshape(bshape) * model_output.to(cdt)
+        c_skip = self._fd_gather(prog, dev, "c_skip", k, B).reshape(bshape)
+        c_out = self._fd_gather(prog, dev, "c_out", k, B).reshape(bshape)
+        return (c_skip * x.to(cdt) + c_out * x0).to(x.dtype)
+
+    def _fd_output(self, prev, denoised):
+        return _d.schedulers.scheduling_lcm.LCMSchedulerOutput(prev_sample=prev, denoised=denoised)
+
+    def _fd_tuple(self, prev, denoised):
+        return (prev, denoised)
+
+
