@@ -4,6 +4,7 @@ call (``_Program``), the per-run state (``StepState``) and the step / scale_mode
 
 from __future__ import annotations
 
+import functools
 import threading
 
 import numpy as np
@@ -116,6 +117,9 @@ class _FastdiffStep:
     _index_by = "counter"  # "counter": diffusers' step counter names the step; "timestep": the timestep value does
     _scales_input = False  # Euler-type: scale_model_input divides by sqrt(sigma^2 + 1)
     _noise_fp32 = False  # diffusers draws its generator noise in float32 (else in the model output's dtype)
+    _returns_x0 = False  # diffusers' output has pred_original_sample (the stage's data estimate D)
+    _ready_at_init = False  # diffusers' __init__ holds the training schedule and its step may run on it
+    _unknown_timestep_is_last = False  # diffusers treats a timestep off the schedule as the last step
     backend = "auto"  # fastdiff backend for step: "auto", "cpu", "cuda", "triton" or "torch"
 
     # -- what each scheduler provides --------------------------------------------------------------------------
@@ -132,31 +136,57 @@ class _FastdiffStep:
     def _fd_tuple(self, prev, x0):
         return (prev,)
 
+    def _fd_off_schedule(self, timestep, variant):
+        """(program, stage) for a host timestep that is not on the schedule; by default an error."""
+        ts = self._fd_ts_host
+        raise ValueError(f"timestep {timestep} is not one of this scheduler's timesteps (set_timesteps gave "
+                         f"{ts[:4].tolist()}...)")
+
     def _fd_extra(self, prog, dev, k, B, x, model_output, x0):
         return None
 
     # -- set_timesteps ------------------------------------------------------------------------------------------
 
-    def set_timesteps(self, *args, **kwargs):
-        self._fd_check_config()
-        super().set_timesteps(*args, **kwargs)
-        # host copies, taken once here, so that no later step copies from the device (a sync)
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        stock = next((b for b in cls.__mro__ if b.__module__.startswith("diffusers.")), None)
+        if stock is None or "set_timesteps" in cls.__dict__ or not cls.__module__.startswith(__package__):
+            return  # an intermediate mixin, or a class that defines its own
+
+        # diffusers' own signature (timesteps= / sigmas= / mu= ...): its retrieve_timesteps inspects it
+        @functools.wraps(stock.set_timesteps)
+        def set_timesteps(self, *args, **kwargs):
+            self._fd_check_config()
+            stock.set_timesteps(self, *args, **kwargs)
+            self._fd_take_schedule()
+
+        cls.set_timesteps = set_timesteps
+
+    def _fd_take_schedule(self):
+        """Host copies of the timesteps and noise levels, taken once per schedule, so that no later step copies
+        from the device (a sync); programs are built from them on first use."""
         self._fd_ts_host = _f64(self.timesteps)
         self._fd_sig_host = _f64(self.sigmas) if hasattr(self, "sigmas") else np.zeros(0)
         self._fd_programs = {}  # (begin index, variant) -> _Program, built on first use
         self._fd_slots_own = None
         self._fd_begin = 0
 
+    def _fd_programs_or_init(self):
+        programs = getattr(self, "_fd_programs", None)
+        if programs is None and self._ready_at_init:
+            self._fd_check_config()
+            self._fd_take_schedule()  # the training schedule diffusers' __init__ set up
+            programs = self._fd_programs
+        return programs
+
     def _fd_schedule(self) -> DiscreteVP:
         """The scheduler's own alpha_bar table (float64 of diffusers' float32 values) as a DiscreteVP."""
         if getattr(self, "_fd_schedule_cache", None) is None:
-            ab = _f64(self.alphas_cumprod)
-            betas = 1.0 - ab / np.concatenate([[1.0], ab[:-1]])
-            self._fd_schedule_cache = DiscreteVP(betas=tuple(np.clip(betas, 1e-300, 1.0)))
+            self._fd_schedule_cache = DiscreteVP(betas=tuple(_betas_of(_f64(self.alphas_cumprod), _f64(self.betas))))
         return self._fd_schedule_cache
 
     def _fd_program(self, begin: int, variant=None) -> _Program:
-        programs = getattr(self, "_fd_programs", None)
+        programs = self._fd_programs_or_init()
         if programs is None:
             raise ValueError("call set_timesteps(...) before step(...)")
         key = (begin if self._stateful else 0, variant)
@@ -183,21 +213,22 @@ class _FastdiffStep:
     # -- which step: an int (host) or ("device", timesteps) / ("index", indices) resolved on the device ----------
 
     def _fd_host_index(self, timestep):
-        """Index of a host timestep in ``self.timesteps``, or None when it lives on an accelerator."""
+        """Index of a host timestep in ``self.timesteps`` as diffusers' ``index_for_timestep`` picks it (the second
+        of a repeated timestep: Heun's first call of a step; off the schedule: the last step where diffusers says
+        so, else None), or the string "device" when the timestep lives on an accelerator."""
         if isinstance(timestep, torch.Tensor):
             if timestep.device.type != "cpu":
-                return None
+                return "device"
             timestep = timestep.reshape(-1)[0].item()
         ts = self._fd_ts_host
         hit = np.flatnonzero(ts == float(timestep))
         if hit.size == 0:
-            raise ValueError(f"timestep {timestep} is not one of this scheduler's timesteps (set_timesteps gave "
-                             f"{ts[:4].tolist()}...)")
-        return int(hit[0])
+            return len(ts) - 1 if self._unknown_timestep_is_last else None
+        return int(hit[1] if hit.size > 1 else hit[0])
 
     def _fd_where(self, timestep, step_index, state, variant=None):
         """(program, k) with k the stage of the program: int, or a device-side selector for per-sample steps."""
-        if getattr(self, "_fd_programs", None) is None:
+        if self._fd_programs_or_init() is None:
             raise ValueError("call set_timesteps(...) before step(...) / scale_model_input(...)")
         if state is not None and state.scheduler_programs is not getattr(self, "_fd_programs", None):
             raise ValueError("this state belongs to an earlier set_timesteps call: make a new one with new_state()")
@@ -208,7 +239,9 @@ class _FastdiffStep:
             return self._fd_program(0, variant), ("device", timestep)
         if self._index_by == "timestep":
             host = self._fd_host_index(timestep)
-            return self._fd_program(0, variant), (("device", timestep) if host is None else host)
+            if host is None:
+                return self._fd_off_schedule(timestep, variant)
+            return self._fd_program(0, variant), (("device", timestep) if host == "device" else host)
         if state is not None:
             k, begin = state.step_index, state.begin_index
         else:
@@ -223,7 +256,10 @@ class _FastdiffStep:
         if self._step_index is None:
             start = self._begin_index
             if start is None:
-                start = self._fd_host_index(timestep) or 0
+                start = self._fd_host_index(timestep)
+                if start is None:
+                    self._fd_off_schedule(timestep, None)
+                start = 0 if start == "device" else start
             self._step_index = self._fd_begin = int(start)
         return self._step_index
 
@@ -285,10 +321,13 @@ class _FastdiffStep:
         bshape = (-1,) + (1,) * (x.dim() - 1)
         x0 = D_raw = None
         transform = self._fd_x0_transform()
-        if transform is not None:
-            # the predicted x0 of the whole sample, clipped / thresholded, is the model output of an x0-row
+        if transform is not None or self._returns_x0:
+            # the stage's data estimate (pred_original_sample) with torch ops: one more pass over x and out
             cdt = rows.dtype
             D_raw = rows[:, 0].reshape(bshape) * x.to(cdt) + rows[:, 1].reshape(bshape) * out.to(cdt)
+            x0 = D_raw
+        if transform is not None:
+            # the predicted x0 of the whole sample, clipped / thresholded, is the model output of an x0-row
             x0 = transform(D_raw)
             if not raw_eps:
                 rows = self._fd_gather(prog, dev, "x0_rows", k, B)
@@ -318,6 +357,8 @@ class _FastdiffStep:
         self._fd_advance(state, per_sample or step_index is not None)
         extra = self._fd_extra(prog, dev, k, B, x, model_output, x0)
         x0_out = extra if extra is not None else (None if x0 is None else x0.to(x.dtype))
+        if not self._returns_x0 and extra is None:
+            x0_out = None
         return self._fd_output(prev, x0_out) if return_dict else self._fd_tuple(prev, x0_out)
 
     def _fd_x0_transform(self):
@@ -406,3 +447,17 @@ class _FastdiffStep:
         return x.to(original_samples.dtype)
 
 
+def _betas_of(alphas_cumprod: np.ndarray, betas: np.ndarray) -> np.ndarray:
+    """Betas [N] whose cumulative product is diffusers' float32 alpha_bar table, in float64.
+
+    Where that table has underflowed to 0 (or went negative for betas > 1), the ratio of neighbours is 0/0 or out of
+    (0, 1): there the configured betas stand in, clipped into (0, 1) (diffusers' own step gives inf / NaN there).
+    A last beta of 1 (zero terminal SNR) is kept.
+    """
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = 1.0 - alphas_cumprod / np.concatenate([[1.0], alphas_cumprod[:-1]])
+    out = np.where(out <= 0.0, 1e-300, out)  # float32 ties: alpha_bar did not move
+    ok = out < 1.0  # False for NaN
+    ok[-1] |= out[-1] == 1.0
+    out[~ok] = np.clip(betas[~ok], 1e-300, 1.0 - 2.0**-52)
+    return out

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ...plan import StageFlags, identity_row
 from ...plan import plan as make_plan
 from ._base import PREDICTION, _d, _FastdiffStep, _Program, _unsupported
 
@@ -17,19 +18,48 @@ class _SigmaScheduler(_FastdiffStep):
     def _fd_solver(self, begin):  # -> (solver name, options)  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _fd_sigmas(self, begin):
+        """diffusers' sigmas of the step calls from ``begin`` on, with the end of the last one (log-linear Euler
+        carries one more sigma that no step reaches)."""
+        return self._fd_sig_host[begin : len(self._fd_ts_host) + 1]
+
     def _fd_grid(self, begin):
         """The plan's k-diffusion sigmas from step ``begin`` on (with the final value)."""
-        return self._fd_sig_host[begin:]
+        return self._fd_sigmas(begin)
 
     def _fd_build(self, begin, variant):
-        grid = self._fd_grid(begin)
+        grid = np.array(self._fd_grid(begin), dtype=np.float64)
+        ts = self._fd_ts_host[begin:]
         solver, opts = self._fd_solver(begin)
+        # diffusers may step between equal noise levels, where every update leaves x as is: the last step with
+        # final_sigmas_type="sigma_min" on Karras / exponential / beta / Lu sigmas, and a timestep that rounding
+        # repeats (DPM-Solver's set_timesteps(1000); diffusers' next step divides by the zero step there, NaN)
+        still = np.flatnonzero(grid[1:] == grid[:-1]) if len(grid) == len(ts) + 1 else np.zeros(0, dtype=int)
+        final_still = still.size > 0 and still[-1] == len(ts) - 1 and grid[-1] > 0
+        if final_still:
+            # the last step, an identity, as a step of relative length 1e-9 (the plan's grid is strictly decreasing),
+            # so that the orders of the steps before it are diffusers' (and UniPC's corrector still runs)
+            grid[-1] *= 1.0 - 1e-9
+            still = still[:-1]
+        if still.size:  # the plan skips them; those calls get an identity row
+            grid = np.delete(grid, still + 1)
+            if "orders" in opts:
+                opts["orders"] = tuple(np.delete(np.asarray(opts["orders"]), still).tolist())
         p = make_plan(solver, self._fd_schedule(), prediction=PREDICTION[self.config.prediction_type],
                       sigmas=list(grid), **opts)
-        ts = self._fd_ts_host[begin:]
-        if p.num_stages != len(ts) or not all(p.calls_model):  # one model call per diffusers step
+        if p.num_stages != len(ts) - still.size or not all(p.calls_model):  # one model call per diffusers step
             raise AssertionError(f"{solver} plan has {p.num_stages} stages for {len(ts)} timesteps")
-        return _Program(p.shared_rows(), p.stage_flags, p.draw, p.num_slots, ts, peer_draws=self._fd_peer_draws(len(ts)),
+        rows, flags, draws = list(p.shared_rows()), list(p.stage_flags), list(p.draw)
+        for k in still:
+            rows.insert(k, identity_row(p.num_slots))
+            flags.insert(k, StageFlags(0, 0, False, False, False))
+            draws.insert(k, -1)
+        if final_still:  # no noise on the identity step (its nudge would give sqrt(2e-9) of it)
+            rows[-1] = rows[-1].copy()
+            rows[-1][2] = 0.0
+            flags[-1] = flags[-1]._replace(noise=False)
+            draws[-1] = -1
+        return _Program(rows, flags, draws, p.num_slots, ts, peer_draws=self._fd_peer_draws(len(ts)),
                         **self._fd_fold(begin))
 
     def _fd_peer_draws(self, n):
@@ -62,7 +92,7 @@ class _EulerFamily(_SigmaScheduler):
     _scales_input = True
 
     def _fd_fold(self, begin):
-        sig = self._fd_sig_host[begin:]  # stage k reads sigmas[k] and lands on sigmas[k + 1] (Heun's repeat too)
+        sig = self._fd_sigmas(begin)  # stage k reads sigmas[k] and lands on sigmas[k + 1] (Heun's repeat too)
         a = 1.0 / np.sqrt(1.0 + sig * sig)
         return {"a_in": a[:-1], "a_out": a[1:]}
 
@@ -74,6 +104,8 @@ class EulerDiscreteScheduler(_EulerFamily, _d.EulerDiscreteScheduler):
     """diffusers' Euler (Karras et al. 2022, Algorithm 1 in y) on fastdiff's ``euler`` rows."""
 
     _stateful = False
+    _returns_x0 = True
+    _ready_at_init = True
 
     def _fd_solver(self, begin):
         return "euler", {}
@@ -99,6 +131,8 @@ class EulerAncestralDiscreteScheduler(_EulerFamily, _d.EulerAncestralDiscreteSch
     """diffusers' Euler ancestral on fastdiff's ``euler_ancestral`` rows (eta = 1)."""
 
     _stateful = False
+    _returns_x0 = True
+    _ready_at_init = True
 
     def _fd_solver(self, begin):
         return "euler_ancestral", {"eta": 1.0}
@@ -124,10 +158,12 @@ class HeunDiscreteScheduler(_EulerFamily, _d.HeunDiscreteScheduler):
     """diffusers' Heun (Karras et al. 2022, Algorithm 1) on fastdiff's ``heun`` rows; its timesteps repeat (two
     model calls per step), so per-sample steps take ``step_index=``."""
 
+    _returns_x0 = True
+
     def _fd_grid(self, begin):
         if begin % 2:
             raise ValueError("HeunDiscreteScheduler: begin_index must be even (the first call of a step)")
-        sig = self._fd_sig_host[begin:]  # [s0, s1, s1, ..., s_{n-1}, s_{n-1}, 0]
+        sig = self._fd_sigmas(begin)  # [s0, s1, s1, ..., s_{n-1}, s_{n-1}, 0]
         return np.concatenate([sig[0:-1:2], sig[-1:]])
 
     def _fd_solver(self, begin):
@@ -138,9 +174,18 @@ class HeunDiscreteScheduler(_EulerFamily, _d.HeunDiscreteScheduler):
         return self._fd_step(model_output, timestep, sample, seeds=seeds, step_index=step_index, state=state,
                              return_dict=return_dict)
 
+    def _fd_output(self, prev, x0):
+        return _d.schedulers.scheduling_heun_discrete.HeunDiscreteSchedulerOutput(prev_sample=prev,
+                                                                                 pred_original_sample=x0)
+
+    def _fd_tuple(self, prev, x0):
+        return (prev, x0)
+
 
 class DPMSolverMultistepScheduler(_SigmaScheduler, _d.DPMSolverMultistepScheduler):
     """diffusers' DPM-Solver++ multistep (orders 1-3, midpoint / heun, ODE and SDE) on fastdiff's dpmpp rows."""
+
+    _unknown_timestep_is_last = True
 
     _noise_fp32 = True
 
@@ -179,6 +224,8 @@ class DPMSolverMultistepScheduler(_SigmaScheduler, _d.DPMSolverMultistepSchedule
 class DPMSolverSinglestepScheduler(_SigmaScheduler, _d.DPMSolverSinglestepScheduler):
     """diffusers' singlestep DPM-Solver(++) on fastdiff's ``dpm_solver_singlestep`` rows with diffusers' order list."""
 
+    _unknown_timestep_is_last = True
+
     def _fd_check_config(self):
         c = self.config
         if c.variance_type in ("learned", "learned_range"):
@@ -204,6 +251,8 @@ class DPMSolverSinglestepScheduler(_SigmaScheduler, _d.DPMSolverSinglestepSchedu
 
 class UniPCMultistepScheduler(_SigmaScheduler, _d.UniPCMultistepScheduler):
     """diffusers' UniPC (data prediction, bh1 / bh2, orders 1-3, corrector) on fastdiff's ``unipc`` rows."""
+
+    _unknown_timestep_is_last = True
 
     def _fd_check_config(self):
         c = self.config

@@ -10,23 +10,6 @@ from ...plan import StageFlags, identity_row
 from ...plan import plan as make_plan
 from ._base import PREDICTION, _d, _FastdiffStep, _Program, _unsupported
 
-def _stacked(plans_or_none, num_slots=0):
-    """Rows / flags / draws of one-stage plans laid end to end (None: a step that does nothing)."""
-    rows, flags, draws = [], [], []
-    for k, p in enumerate(plans_or_none):
-        if p is None:
-            rows.append(identity_row(num_slots))
-            flags.append(StageFlags(0, 0, False, False, False))
-            draws.append(-1)
-            continue
-        assert p.num_stages == 1 and p.num_slots == num_slots
-        rows.append(p.shared_rows()[0])
-        flags.append(p.stage_flags[0])
-        draws.append(k + 1 if p.stage_flags[0].noise else -1)
-    return rows, flags, draws
-
-
-
 
 class DDIMScheduler(_FastdiffStep, _d.DDIMScheduler):
     """diffusers' DDIM (eta via ``step(eta=...)``) on fastdiff's ``ddim`` rows; each step goes from t to
@@ -34,20 +17,42 @@ class DDIMScheduler(_FastdiffStep, _d.DDIMScheduler):
 
     _index_by = "timestep"
 
-    def _fd_build(self, begin, variant):
-        eta = variant
+    _returns_x0 = True
+
+    def _fd_stage(self, t: float, eta: float):
+        """(row, flags, alpha') of diffusers' step from t to t - num_train_timesteps // num_inference_steps (below 0:
+        the final alpha_bar, 1 or alpha_bar[0] by set_alpha_to_one); alpha' = sqrt(alpha_bar) at the end."""
         sched = self._fd_schedule()
-        ts = self._fd_ts_host
+        pred = PREDICTION[self.config.prediction_type]
         stride = self.config.num_train_timesteps // self.num_inference_steps
-        end = -1.0 if self.config.set_alpha_to_one else 0.0  # final_alpha_cumprod: 1 or alpha_bar[0]
-        plans, alpha_next = [], []
-        for t in ts:
-            prev = t - stride if t - stride >= 0 else end
-            alpha_next.append(1.0 if prev == -1.0 else math.sqrt(float(sched.alphas_cumprod[int(prev)])))
-            plans.append(None if prev >= t else make_plan(
-                "ddim", sched, prediction=PREDICTION[self.config.prediction_type], boundaries=[t, prev], eta=eta))
-        rows, flags, draws = _stacked(plans)
-        return _Program(rows, flags, draws, 0, ts, peer_draws=[eta > 0] * len(ts), alpha_next=alpha_next)
+        end = -1.0 if self.config.set_alpha_to_one else 0.0
+        prev = t - stride if t - stride >= 0 else end
+        alpha_next = 1.0 if prev == -1.0 else math.sqrt(float(sched.alphas_cumprod[int(prev)]))
+        if prev < t:
+            p = make_plan("ddim", sched, prediction=pred, boundaries=[t, prev], eta=eta)
+            return p.shared_rows()[0], p.stage_flags[0], alpha_next
+        # t = 0 ending on alpha_bar[0]: diffusers' step to the same alpha_bar keeps x, but a clipped x0 still moves
+        # it (raw-eps term) and is returned: keep D's conversion at t, x' = x
+        row = identity_row(0)
+        row[:2] = make_plan("ddim", sched, prediction=pred, boundaries=[t, -1.0]).data_coefs[0]
+        return row, StageFlags(0, 0, True, False, False), alpha_next
+
+    def _fd_build(self, begin, variant):
+        ts = self._fd_ts_host
+        rows, flags, alpha_next = zip(*(self._fd_stage(float(t), variant) for t in ts))
+        draws = [k + 1 if f.noise else -1 for k, f in enumerate(flags)]
+        return _Program(rows, flags, draws, 0, ts, peer_draws=[variant > 0] * len(ts), alpha_next=alpha_next)
+
+    def _fd_off_schedule(self, timestep, variant):
+        """diffusers steps from any timestep t to t - stride: a one-stage program per such t."""
+        t = float(timestep.reshape(-1)[0].item() if hasattr(timestep, "reshape") else timestep)
+        key = ("off schedule", t, variant)
+        prog = self._fd_programs.get(key)
+        if prog is None:
+            row, flags, alpha_next = self._fd_stage(t, variant)
+            prog = self._fd_programs[key] = _Program([row], [flags], [1 if flags.noise else -1], 0, [t],
+                                                     peer_draws=[variant > 0], alpha_next=[alpha_next])
+        return prog, 0
 
     def step(self, model_output, timestep, sample, eta: float = 0.0, use_clipped_model_output: bool = False,
              generator=None, variance_noise=None, return_dict: bool = True, *, seeds=None, step_index=None,
@@ -72,6 +77,8 @@ class DDPMScheduler(_FastdiffStep, _d.DDPMScheduler):
     """diffusers' DDPM (variance_type fixed_small / fixed_large) on fastdiff's ``ddpm`` rows."""
 
     _index_by = "timestep"
+    _returns_x0 = True
+    _ready_at_init = True
 
     def _fd_check_config(self):
         v = self.config.variance_type
