@@ -47,7 +47,7 @@ class _Program:
     """
 
     def __init__(self, rows, flags, draws, num_slots, timesteps, a_in=None, a_out=None, peer_draws=None,
-                 alpha_next=None, extra=None):
+                 alpha_next=None, extra=None, refused=None):
         rows = np.asarray(rows, dtype=np.float64)
         S = rows.shape[0]
         self.rows64 = fold_rows(rows, num_slots, 1.0 if a_in is None else a_in, 1.0 if a_out is None else a_out)
@@ -63,6 +63,7 @@ class _Program:
         self.peer_draws = tuple(bool(v) for v in (peer_draws if peer_draws is not None else [False] * S))
         self.alpha_next = None if alpha_next is None else np.asarray(alpha_next, dtype=np.float64)
         self.extra = extra or {}
+        self.refused = dict(refused or {})  # stage -> why the plan has no row for it (stepping it raises that)
         self._device = {}
 
     def on(self, device, dtype):
@@ -313,6 +314,9 @@ class _FastdiffStep:
         if not per_sample and not 0 <= k < prog.num_stages:
             raise ValueError(f"step {k} is outside the {prog.num_stages} steps of this run: call set_timesteps "
                              "again (or set_begin_index) before a new sampling run")
+        if not per_sample and k in prog.refused:
+            raise ValueError(f"{type(self).__name__} cannot step from timestep {prog.timesteps[k]:g}: "
+                             f"{prog.refused[k]}")
         dev = prog.on(sample.device, sample.dtype)
         reads, writes, use_out, noise, langevin = prog.union if per_sample else prog.flags[k]
         rows = self._fd_gather(prog, dev, "rows", k, B)
@@ -365,6 +369,8 @@ class _FastdiffStep:
         cfg = self.config
         if getattr(cfg, "thresholding", False):
             ratio, max_value = float(cfg.dynamic_thresholding_ratio), float(cfg.sample_max_value)
+            if max_value < 1.0:  # diffusers' clamp(s, min=1, max=max_value) is max_value whatever the quantile
+                return lambda D: D.clamp(-max_value, max_value) / max_value
             return lambda D: ops.apply_threshold(D, ops.threshold_of(D, ratio, max_value))
         if getattr(cfg, "clip_sample", False):
             r = float(cfg.clip_sample_range)

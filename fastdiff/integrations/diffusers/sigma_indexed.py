@@ -12,6 +12,14 @@ from ._base import PREDICTION, _d, _FastdiffStep, _Program, _unsupported
 
 
 
+def _mean_part(config, model_output):
+    """diffusers' DPM-Solvers keep the first 3 channels of a noise prediction whose model also predicts its variance
+    (variance_type "learned" / "learned_range")."""
+    if config.variance_type in ("learned", "learned_range") and config.prediction_type == "epsilon":
+        return model_output[:, :3]
+    return model_output
+
+
 class _SigmaScheduler(_FastdiffStep):
     _stateful = True
 
@@ -43,8 +51,12 @@ class _SigmaScheduler(_FastdiffStep):
             still = still[:-1]
         if still.size:  # the plan skips them; those calls get an identity row
             grid = np.delete(grid, still + 1)
-            if "orders" in opts:
-                opts["orders"] = tuple(np.delete(np.asarray(opts["orders"]), still).tolist())
+            if "orders" in opts:  # singlestep: the groups 1, 2(, 3) of the steps that remain
+                kept = np.delete(np.asarray(opts["orders"]), still).tolist()
+                for j in range(1, len(kept)):
+                    if kept[j] != kept[j - 1] + 1:
+                        kept[j] = 1
+                opts["orders"] = tuple(kept)
         p = make_plan(solver, self._fd_schedule(), prediction=PREDICTION[self.config.prediction_type],
                       sigmas=list(grid), **opts)
         if p.num_stages != len(ts) - still.size or not all(p.calls_model):  # one model call per diffusers step
@@ -186,13 +198,10 @@ class DPMSolverMultistepScheduler(_SigmaScheduler, _d.DPMSolverMultistepSchedule
     """diffusers' DPM-Solver++ multistep (orders 1-3, midpoint / heun, ODE and SDE) on fastdiff's dpmpp rows."""
 
     _unknown_timestep_is_last = True
-
     _noise_fp32 = True
 
     def _fd_check_config(self):
         c = self.config
-        if c.variance_type in ("learned", "learned_range"):
-            _unsupported(f"variance_type={c.variance_type!r}")
         if c.use_flow_sigmas:
             _unsupported("use_flow_sigmas=True")
         if c.algorithm_type == "sde-dpmsolver" and c.solver_order == 3:
@@ -217,6 +226,7 @@ class DPMSolverMultistepScheduler(_SigmaScheduler, _d.DPMSolverMultistepSchedule
 
     def step(self, model_output, timestep, sample, generator=None, variance_noise=None, return_dict: bool = True,
              *, seeds=None, step_index=None, state=None):
+        model_output = _mean_part(self.config, model_output)
         return self._fd_step(model_output, timestep, sample, generator=generator, variance_noise=variance_noise,
                              seeds=seeds, step_index=step_index, state=state, return_dict=return_dict)
 
@@ -228,8 +238,6 @@ class DPMSolverSinglestepScheduler(_SigmaScheduler, _d.DPMSolverSinglestepSchedu
 
     def _fd_check_config(self):
         c = self.config
-        if c.variance_type in ("learned", "learned_range"):
-            _unsupported(f"variance_type={c.variance_type!r}")
         if getattr(c, "use_flow_sigmas", False):
             _unsupported("use_flow_sigmas=True")
 
@@ -245,6 +253,7 @@ class DPMSolverSinglestepScheduler(_SigmaScheduler, _d.DPMSolverSinglestepSchedu
 
     def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True, *, seeds=None,
              step_index=None, state=None):
+        model_output = _mean_part(self.config, model_output)
         return self._fd_step(model_output, timestep, sample, generator=generator, seeds=seeds,
                              step_index=step_index, state=state, return_dict=return_dict)
 

@@ -6,9 +6,48 @@ import math
 
 import numpy as np
 
-from ...plan import StageFlags, identity_row
+from ...plan import StageFlags, identity_row, row_length
 from ...plan import plan as make_plan
 from ._base import PREDICTION, _d, _FastdiffStep, _Program, _unsupported
+
+# A step the plan refuses (a noise prediction has no data estimate where alpha_bar = 0, e.g. a float32 alpha_bar
+# table that underflowed; diffusers' step returns inf / NaN there): a NaN row, and stepping it raises the plan's error.
+_REFUSED_ROW = np.full(row_length(0), np.nan)
+_REFUSED_FLAGS = StageFlags(0, 0, True, False, False)
+
+
+def _numbered_draws(flags):
+    """Noise draw of each stage: 1, 2, ... in order over the stages that draw, -1 for the others."""
+    noise = np.array([f.noise for f in flags], dtype=bool)
+    return np.where(noise, np.cumsum(noise), -1)
+
+
+class _OneStepStages(_FastdiffStep):
+    """Schedulers whose steps each go from one timestep to the next (no history): DDPM and LCM."""
+
+    _index_by = "timestep"
+
+    def _fd_stages(self, solver, **opts):
+        """(rows, flags, draws, refused) of ``solver`` over diffusers' timesteps and the clean point: one plan, or
+        where that plan is refused, one plan per step with the refused ones as NaN rows."""
+        sched, pred = self._fd_schedule(), PREDICTION[self.config.prediction_type]
+        bounds = list(self._fd_ts_host) + [-1.0]
+        try:
+            p = make_plan(solver, sched, prediction=pred, boundaries=bounds, **opts)
+            return p.shared_rows(), p.stage_flags, p.draw, {}
+        except ValueError:
+            pass
+        rows, flags, refused = [], [], {}
+        for k in range(len(bounds) - 1):
+            try:
+                p = make_plan(solver, sched, prediction=pred, boundaries=bounds[k : k + 2], **opts)
+                rows.append(p.shared_rows()[0])
+                flags.append(p.stage_flags[0])
+            except ValueError as e:
+                rows.append(_REFUSED_ROW)
+                flags.append(_REFUSED_FLAGS)
+                refused[k] = str(e)
+        return rows, flags, _numbered_draws(flags), refused
 
 
 class DDIMScheduler(_FastdiffStep, _d.DDIMScheduler):
@@ -39,9 +78,18 @@ class DDIMScheduler(_FastdiffStep, _d.DDIMScheduler):
 
     def _fd_build(self, begin, variant):
         ts = self._fd_ts_host
-        rows, flags, alpha_next = zip(*(self._fd_stage(float(t), variant) for t in ts))
-        draws = [k + 1 if f.noise else -1 for k, f in enumerate(flags)]
-        return _Program(rows, flags, draws, 0, ts, peer_draws=[variant > 0] * len(ts), alpha_next=alpha_next)
+        rows, flags, alpha_next, refused = [], [], [], {}
+        for k, t in enumerate(ts):
+            try:
+                row, f, a = self._fd_stage(float(t), variant)
+            except ValueError as e:
+                row, f, a = _REFUSED_ROW, _REFUSED_FLAGS, np.nan
+                refused[k] = str(e)
+            rows.append(row)
+            flags.append(f)
+            alpha_next.append(a)
+        return _Program(rows, flags, _numbered_draws(flags), 0, ts, peer_draws=[variant > 0] * len(ts),
+                        alpha_next=alpha_next, refused=refused)
 
     def _fd_off_schedule(self, timestep, variant):
         """diffusers steps from any timestep t to t - stride: a one-stage program per such t."""
@@ -73,10 +121,9 @@ class DDIMScheduler(_FastdiffStep, _d.DDIMScheduler):
         return (prev, x0)
 
 
-class DDPMScheduler(_FastdiffStep, _d.DDPMScheduler):
+class DDPMScheduler(_OneStepStages, _d.DDPMScheduler):
     """diffusers' DDPM (variance_type fixed_small / fixed_large) on fastdiff's ``ddpm`` rows."""
 
-    _index_by = "timestep"
     _returns_x0 = True
     _ready_at_init = True
 
@@ -90,9 +137,8 @@ class DDPMScheduler(_FastdiffStep, _d.DDPMScheduler):
     def _fd_build(self, begin, variant):
         ts = self._fd_ts_host
         variance = "fixed_large" if self.config.variance_type == "fixed_large" else "fixed_small"
-        p = make_plan("ddpm", self._fd_schedule(), prediction=PREDICTION[self.config.prediction_type],
-                      boundaries=list(ts) + [-1.0], variance=variance)
-        return _Program(p.shared_rows(), p.stage_flags, p.draw, 0, ts, peer_draws=ts > 0)
+        rows, flags, draws, refused = self._fd_stages("ddpm", variance=variance)
+        return _Program(rows, flags, draws, 0, ts, peer_draws=ts > 0, refused=refused)
 
     def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True, *, seeds=None,
              step_index=None, state=None):
@@ -106,21 +152,18 @@ class DDPMScheduler(_FastdiffStep, _d.DDPMScheduler):
         return (prev, x0)
 
 
-class LCMScheduler(_FastdiffStep, _d.LCMScheduler):
+class LCMScheduler(_OneStepStages, _d.LCMScheduler):
     """diffusers' LCM multistep consistency sampling on fastdiff's ``lcm`` rows; returns ``denoised`` too."""
-
-    _index_by = "timestep"
 
     def _fd_build(self, begin, variant):
         from ...solvers.consistency import boundary_scalings
 
         ts = self._fd_ts_host
         scaling = float(self.config.timestep_scaling)
-        p = make_plan("lcm", self._fd_schedule(), prediction=PREDICTION[self.config.prediction_type],
-                      boundaries=list(ts) + [-1.0], timestep_scaling=scaling)
+        rows, flags, draws, refused = self._fd_stages("lcm", timestep_scaling=scaling)
         c = np.array([boundary_scalings(float(t), scaling) for t in ts]).reshape(-1, 2)
-        return _Program(p.shared_rows(), p.stage_flags, p.draw, 0, ts, peer_draws=np.arange(len(ts)) != len(ts) - 1,
-                        extra={"c_skip": c[:, 0], "c_out": c[:, 1]})
+        return _Program(rows, flags, draws, 0, ts, peer_draws=np.arange(len(ts)) != len(ts) - 1,
+                        extra={"c_skip": c[:, 0], "c_out": c[:, 1]}, refused=refused)
 
     def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True, *, seeds=None,
              step_index=None, state=None):
