@@ -254,3 +254,30 @@ def test_learned_variance_output_uses_its_first_three_channels_like_diffusers(na
 def test_dynamic_thresholding_with_sample_max_value_below_one(name):
     got, ref = both(name, dict(SD, thresholding=True, sample_max_value=0.6, prediction_type="sample"), 5)
     assert_close(f"{name} sample_max_value=0.6", got, ref, FP32_RTOL)
+
+
+# -- use_flow_sigmas: diffusers' multistep solvers on flow times (alpha = 1 - sigma) ------------------------------
+
+
+@pytest.mark.parametrize("name,config", [
+    ("UniPCMultistepScheduler", dict(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0)),
+    ("UniPCMultistepScheduler", dict(use_flow_sigmas=True, use_karras_sigmas=True, solver_order=3)),
+    ("DPMSolverMultistepScheduler", dict(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=2.0)),
+    ("DPMSolverSinglestepScheduler", dict(use_flow_sigmas=True, prediction_type="flow_prediction")),
+])
+def test_flow_sigmas_match_diffusers(name, config):
+    from peers import GaussianMixture, prediction_output
+
+    gm = GaussianMixture(dim=32)
+    pred = {"epsilon": "epsilon", "flow_prediction": "flow"}[config.get("prediction_type", "epsilon")]
+    results = []
+    for mod in (diffusers, fdd):
+        s = getattr(mod, name)(**SD, **config)
+        s.set_timesteps(7)
+        x = x_start()
+        for k, t in enumerate(s.timesteps):
+            sig = float(s.sigmas[k])  # the model at diffusers' flow time (a fixed function of the step on both sides)
+            out = prediction_output(gm, x.double(), 1.0 - sig, sig, pred).to(x.dtype)
+            x = s.step(out, t, x).prev_sample
+        results.append(x)
+    assert_close(f"{name} {config}", results[1], results[0], FP32_RTOL)

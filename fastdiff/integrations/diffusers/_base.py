@@ -18,7 +18,7 @@ except ImportError as e:  # pragma: no cover - diffusers is a test dependency
 
 from ... import ops, rng
 from ...backends import resolve
-from ...plan import StageFlags, fold_rows, x0_input_rows
+from ...plan import StageFlags, fold_rows, row_length, x0_input_rows
 from ...schedules import DiscreteVP
 
 PREDICTION = {"epsilon": "epsilon", "v_prediction": "v", "sample": "x0", "flow_prediction": "flow"}
@@ -31,6 +31,35 @@ def _unsupported(what: str):
 
 def _f64(t) -> np.ndarray:
     return np.asarray(torch.as_tensor(t).detach().to("cpu", torch.float64).numpy(), dtype=np.float64)
+
+
+# A step the plan refuses (a noise prediction has no data estimate where alpha_bar <= 0, e.g. betas above 1; Euler's
+# sigmas that rise): a NaN row, and stepping it raises the plan's error (diffusers' own step returns inf / NaN there).
+_REFUSED_ROW = np.full(row_length(0), np.nan)
+_REFUSED_ROW[2:7] = 0.0  # no noise, no Langevin term: only D and x' are NaN
+_REFUSED_FLAGS = StageFlags(0, 0, True, False, False)
+
+
+def _numbered_draws(flags):
+    """Noise draw of each stage: 1, 2, ... in order over the stages that draw, -1 for the others."""
+    noise = np.array([f.noise for f in flags], dtype=bool)
+    return np.where(noise, np.cumsum(noise), -1)
+
+
+def _stagewise(plan_of, num_stages):
+    """(rows, flags, draws, refused) of one-step schedulers as one one-stage plan per step, ``plan_of(k)``; a step
+    whose plan is refused gets a NaN row, and its error in ``refused`` [stage -> message]."""
+    rows, flags, refused = [], [], {}
+    for k in range(num_stages):
+        try:
+            p = plan_of(k)
+            rows.append(p.shared_rows()[0])
+            flags.append(p.stage_flags[0])
+        except ValueError as e:
+            rows.append(_REFUSED_ROW)
+            flags.append(_REFUSED_FLAGS)
+            refused[k] = str(e)
+    return rows, flags, _numbered_draws(flags), refused
 
 
 # ---------------------------------------------------------------------------------------------------------------

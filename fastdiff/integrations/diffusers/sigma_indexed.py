@@ -8,7 +8,8 @@ import torch
 
 from ...plan import StageFlags, identity_row
 from ...plan import plan as make_plan
-from ._base import PREDICTION, _d, _FastdiffStep, _Program, _unsupported
+from ...schedules import RectifiedFlow
+from ._base import PREDICTION, _d, _FastdiffStep, _Program, _stagewise, _unsupported
 
 
 
@@ -22,6 +23,7 @@ def _mean_part(config, model_output):
 
 class _SigmaScheduler(_FastdiffStep):
     _stateful = True
+    _one_step = False  # each step a plan of its own (no history): Euler, Euler ancestral
 
     def _fd_solver(self, begin):  # -> (solver name, options)  # pragma: no cover - abstract
         raise NotImplementedError
@@ -31,9 +33,20 @@ class _SigmaScheduler(_FastdiffStep):
         carries one more sigma that no step reaches)."""
         return self._fd_sig_host[begin : len(self._fd_ts_host) + 1]
 
+    def _fd_flow(self) -> bool:
+        """use_flow_sigmas: diffusers' sigmas are flow times, alpha = 1 - sigma, sigma_t = sigma."""
+        return bool(getattr(self.config, "use_flow_sigmas", False))
+
+    def _fd_schedule(self):
+        if not self._fd_flow():
+            return super()._fd_schedule()
+        sig = self._fd_sig_host  # t_min below the smallest sigma diffusers reaches
+        return RectifiedFlow(t_min=min(1e-3, float(sig[sig > 0].min())), t_max=max(1.0, float(sig.max())))
+
     def _fd_grid(self, begin):
-        """The plan's k-diffusion sigmas from step ``begin`` on (with the final value)."""
-        return self._fd_sigmas(begin)
+        """The plan's k-diffusion sigmas (sigma / alpha) from step ``begin`` on (with the final value)."""
+        sig = self._fd_sigmas(begin)
+        return sig / (1.0 - sig) if self._fd_flow() else sig
 
     def _fd_build(self, begin, variant):
         grid = np.array(self._fd_grid(begin), dtype=np.float64)
@@ -57,8 +70,18 @@ class _SigmaScheduler(_FastdiffStep):
                     if kept[j] != kept[j - 1] + 1:
                         kept[j] = 1
                 opts["orders"] = tuple(kept)
-        p = make_plan(solver, self._fd_schedule(), prediction=PREDICTION[self.config.prediction_type],
-                      sigmas=list(grid), **opts)
+        sched, pred = self._fd_schedule(), PREDICTION[self.config.prediction_type]
+        try:
+            p = make_plan(solver, sched, prediction=pred, sigmas=list(grid), **opts)
+        except ValueError:
+            if not self._one_step:
+                raise
+            # e.g. the training sigmas of rescale_betas_zero_snr rise from t = 999 (diffusers' alpha_bar = 2**-24
+            # stand-in) to t = 998: those steps are refused, the others run
+            rows, flags, draws, refused = _stagewise(
+                lambda k: make_plan(solver, sched, prediction=pred, sigmas=list(grid[k : k + 2]), **opts), len(ts))
+            return _Program(rows, flags, draws, 0, ts, peer_draws=self._fd_peer_draws(len(ts)), refused=refused,
+                            **self._fd_fold(begin))
         if p.num_stages != len(ts) - still.size or not all(p.calls_model):  # one model call per diffusers step
             raise AssertionError(f"{solver} plan has {p.num_stages} stages for {len(ts)} timesteps")
         rows, flags, draws = list(p.shared_rows()), list(p.stage_flags), list(p.draw)
@@ -94,6 +117,8 @@ class _SigmaScheduler(_FastdiffStep):
         return self._fd_alpha_sigma(sig[idx])
 
     def _fd_alpha_sigma(self, s):
+        if self._fd_flow():
+            return 1.0 - s, s
         a = 1.0 / torch.sqrt(1.0 + s * s)
         return a, s * a
 
@@ -116,6 +141,7 @@ class EulerDiscreteScheduler(_EulerFamily, _d.EulerDiscreteScheduler):
     """diffusers' Euler (Karras et al. 2022, Algorithm 1 in y) on fastdiff's ``euler`` rows."""
 
     _stateful = False
+    _one_step = True
     _returns_x0 = True
     _ready_at_init = True
 
@@ -143,6 +169,7 @@ class EulerAncestralDiscreteScheduler(_EulerFamily, _d.EulerAncestralDiscreteSch
     """diffusers' Euler ancestral on fastdiff's ``euler_ancestral`` rows (eta = 1)."""
 
     _stateful = False
+    _one_step = True
     _returns_x0 = True
     _ready_at_init = True
 
@@ -202,8 +229,6 @@ class DPMSolverMultistepScheduler(_SigmaScheduler, _d.DPMSolverMultistepSchedule
 
     def _fd_check_config(self):
         c = self.config
-        if c.use_flow_sigmas:
-            _unsupported("use_flow_sigmas=True")
         if c.algorithm_type == "sde-dpmsolver" and c.solver_order == 3:
             _unsupported("algorithm_type='sde-dpmsolver' with solver_order=3 (diffusers has no such update)")
 
@@ -236,11 +261,6 @@ class DPMSolverSinglestepScheduler(_SigmaScheduler, _d.DPMSolverSinglestepSchedu
 
     _unknown_timestep_is_last = True
 
-    def _fd_check_config(self):
-        c = self.config
-        if getattr(c, "use_flow_sigmas", False):
-            _unsupported("use_flow_sigmas=True")
-
     def _fd_solver(self, begin):
         c = self.config
         sub = [int(o) for o in self.order_list][begin:]
@@ -269,8 +289,6 @@ class UniPCMultistepScheduler(_SigmaScheduler, _d.UniPCMultistepScheduler):
             _unsupported("predict_x0=False (UniPC with noise prediction)")
         if c.solver_p is not None:
             _unsupported("solver_p (an external predictor)")
-        if getattr(c, "use_flow_sigmas", False):
-            _unsupported("use_flow_sigmas=True")
 
     def _fd_solver(self, begin):
         c = self.config

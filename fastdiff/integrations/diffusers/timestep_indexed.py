@@ -6,21 +6,10 @@ import math
 
 import numpy as np
 
-from ...plan import StageFlags, identity_row, row_length
+from ...plan import StageFlags, identity_row
 from ...plan import plan as make_plan
-from ._base import PREDICTION, _d, _FastdiffStep, _Program, _unsupported
-
-# A step the plan refuses (a noise prediction has no data estimate where alpha_bar = 0, e.g. a float32 alpha_bar
-# table that underflowed; diffusers' step returns inf / NaN there): a NaN row, and stepping it raises the plan's error.
-_REFUSED_ROW = np.full(row_length(0), np.nan)
-_REFUSED_FLAGS = StageFlags(0, 0, True, False, False)
-
-
-def _numbered_draws(flags):
-    """Noise draw of each stage: 1, 2, ... in order over the stages that draw, -1 for the others."""
-    noise = np.array([f.noise for f in flags], dtype=bool)
-    return np.where(noise, np.cumsum(noise), -1)
-
+from ._base import (_REFUSED_FLAGS, _REFUSED_ROW, PREDICTION, _d, _FastdiffStep, _numbered_draws, _Program,
+                    _stagewise, _unsupported)
 
 class _OneStepStages(_FastdiffStep):
     """Schedulers whose steps each go from one timestep to the next (no history): DDPM and LCM."""
@@ -36,18 +25,8 @@ class _OneStepStages(_FastdiffStep):
             p = make_plan(solver, sched, prediction=pred, boundaries=bounds, **opts)
             return p.shared_rows(), p.stage_flags, p.draw, {}
         except ValueError:
-            pass
-        rows, flags, refused = [], [], {}
-        for k in range(len(bounds) - 1):
-            try:
-                p = make_plan(solver, sched, prediction=pred, boundaries=bounds[k : k + 2], **opts)
-                rows.append(p.shared_rows()[0])
-                flags.append(p.stage_flags[0])
-            except ValueError as e:
-                rows.append(_REFUSED_ROW)
-                flags.append(_REFUSED_FLAGS)
-                refused[k] = str(e)
-        return rows, flags, _numbered_draws(flags), refused
+            return _stagewise(lambda k: make_plan(solver, sched, prediction=pred, boundaries=bounds[k : k + 2], **opts),
+                              len(bounds) - 1)
 
 
 class DDIMScheduler(_FastdiffStep, _d.DDIMScheduler):
