@@ -55,6 +55,7 @@ both = [n for n, (o, _) in stock.items() if o == "passed"]
 lost = [n for n in both if dropin.get(n, ("missing",))[0] != "passed"]
 print(f"\nof the {len(both)} tests that pass on stock diffusers, {len(both) - len(lost)} pass with fastdiff's drop-ins")
 for n in lost:
-    print(f"  FAIL {n}: {dropin.get(n, ('missing', ''))[1][:160]}")
+    message = dropin.get(n, ("missing", ""))[1].strip().splitlines() or [""]
+    print(f"  FAIL {n}: {message[0][:200]}")
 PY
 echo "logs: $OUT"

@@ -20,12 +20,21 @@ concurrent sampling runs.
 Euler-type schedulers (Euler, Euler ancestral, Heun) work on diffusers' ``x / alpha``; the rows fold that scaling
 in (``_Program``), so the kernel still makes one pass.  Clipping and Imagen thresholding of the predicted x0
 (``clip_sample``, ``thresholding``) need the x0 of the whole sample first: that path computes it with torch ops
-and hands it to the kernel as the model output of an x0-row.
+and hands it to the kernel as the model output of an x0-row.  Where diffusers' output carries
+``pred_original_sample`` (DDIM, DDPM, Euler, Euler ancestral, Heun), it is formed with torch ops too: one more pass.
+
+The step is found as diffusers finds it: from its counter (set from ``set_begin_index`` or the first timestep,
+the second occurrence of a repeated one) or from the timestep's value; DDIM steps from any timestep t to
+t - num_train_timesteps // num_inference_steps, the multistep solvers take a timestep off the schedule as the last
+step, and DDPM, Euler and Euler ancestral step on the training schedule before ``set_timesteps``.
 
 Differences to diffusers, each a diffusers bug that fastdiff does not copy (pinned in the tests): DDPM with
 ``variance_type="fixed_large"`` adds noise on its final step; DPM-Solver++ SDE order 3 has a sign error in its D2
-coefficient; UniPC bh1 returns NaN with ``final_sigmas_type="zero"``.  Options fastdiff does not implement raise
-``NotImplementedError`` from ``set_timesteps`` naming the option.
+coefficient; UniPC bh1 returns NaN with ``final_sigmas_type="zero"``; a timestep that rounding repeats (DPM-Solver's
+``set_timesteps(1000)``) is a step of length 0, after which diffusers divides by zero (NaN) and fastdiff leaves x
+as is.  Coefficients are float64 (diffusers' float32 ``1 - alpha_bar`` loses digits near t = 0).  A step where a
+noise prediction has no data estimate (alpha_bar <= 0: betas above 1) raises ``ValueError`` where diffusers returns
+inf / NaN.  Options fastdiff does not implement raise ``NotImplementedError`` naming the option.
 """
 
 from __future__ import annotations

@@ -212,6 +212,8 @@ class _FastdiffStep:
     def _fd_schedule(self) -> DiscreteVP:
         """The scheduler's own alpha_bar table (float64 of diffusers' float32 values) as a DiscreteVP."""
         if getattr(self, "_fd_schedule_cache", None) is None:
+            if len(self.alphas_cumprod) < 2:
+                _unsupported(f"num_train_timesteps={len(self.alphas_cumprod)} (a DiscreteVP has at least 2 steps)")
             self._fd_schedule_cache = DiscreteVP(betas=tuple(_betas_of(_f64(self.alphas_cumprod), _f64(self.betas))))
         return self._fd_schedule_cache
 
