@@ -18,7 +18,7 @@ except ImportError as e:  # pragma: no cover - diffusers is a test dependency
 
 from ... import ops, rng
 from ...backends import resolve
-from ...plan import StageFlags, fold_rows, row_length, x0_input_rows
+from ...plan import ROW_HEADER, StageFlags, fold_rows, row_length, x0_input_rows
 from ...schedules import DiscreteVP
 
 PREDICTION = {"epsilon": "epsilon", "v_prediction": "v", "sample": "x0", "flow_prediction": "flow"}
@@ -33,10 +33,19 @@ def _f64(t) -> np.ndarray:
     return np.asarray(torch.as_tensor(t).detach().to("cpu", torch.float64).numpy(), dtype=np.float64)
 
 
+CX, CO, GAIN = (ROW_HEADER.index(name) for name in ("cx", "co", "g"))  # columns of a flat row
+
+
+def data_estimate(rows, x, out):
+    """D = cx x + co out [B, ...] of gathered rows [B|1, R], in the rows' dtype (torch ops: one pass)."""
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    return rows[:, CX].reshape(shape) * x.to(rows.dtype) + rows[:, CO].reshape(shape) * out.to(rows.dtype)
+
+
 # A step the plan refuses (a noise prediction has no data estimate where alpha_bar <= 0, e.g. betas above 1; Euler's
 # sigmas that rise): a NaN row, and stepping it raises the plan's error (diffusers' own step returns inf / NaN there).
 _REFUSED_ROW = np.full(row_length(0), np.nan)
-_REFUSED_ROW[2:7] = 0.0  # no noise, no Langevin term: only D and x' are NaN
+_REFUSED_ROW[GAIN:len(ROW_HEADER)] = 0.0  # no noise, no Langevin term: only D and x' are NaN
 _REFUSED_FLAGS = StageFlags(0, 0, True, False, False)
 
 
@@ -105,7 +114,7 @@ class _Program:
                 return torch.tensor(np.ascontiguousarray(a), dtype=dt, device=device)
 
             hit = dict(rows=t(self.rows64), x0_rows=t(self.x0_rows64), draws=t(self.draws, torch.int64),
-                       gain=t(self.rows64[:, 2]), in_scale=t(self.in_scale), timesteps=t(self.timesteps, torch.float64),
+                       gain=t(self.rows64[:, GAIN]), in_scale=t(self.in_scale), timesteps=t(self.timesteps, torch.float64),
                        alpha_next=None if self.alpha_next is None else t(self.alpha_next))
             hit.update({k: t(v) for k, v in self.extra.items()})
             hit["no_draw"] = torch.full((1,), -1, dtype=torch.int64, device=device)
@@ -349,7 +358,8 @@ class _FastdiffStep:
             raise ValueError(f"{type(self).__name__} cannot step from timestep {prog.timesteps[k]:g}: "
                              f"{prog.refused[k]}")
         dev = prog.on(sample.device, sample.dtype)
-        reads, writes, use_out, noise, langevin = prog.union if per_sample else prog.flags[k]
+        flags = prog.union if per_sample else prog.flags[k]
+        noise = flags.noise
         rows = self._fd_gather(prog, dev, "rows", k, B)
         x = sample.contiguous()
         out = model_output.to(x.dtype).contiguous()
@@ -358,9 +368,7 @@ class _FastdiffStep:
         transform = self._fd_x0_transform()
         if transform is not None or self._returns_x0:
             # the stage's data estimate (pred_original_sample) with torch ops: one more pass over x and out
-            cdt = rows.dtype
-            D_raw = rows[:, 0].reshape(bshape) * x.to(cdt) + rows[:, 1].reshape(bshape) * out.to(cdt)
-            x0 = D_raw
+            x0 = D_raw = data_estimate(rows, x, out)
         if transform is not None:
             # the predicted x0 of the whole sample, clipped / thresholded, is the model output of an x0-row
             x0 = transform(D_raw)
@@ -380,8 +388,8 @@ class _FastdiffStep:
             seeds_t = self._fd_seeds(seeds, B, x.device)
             draws = self._fd_gather(prog, dev, "draws", k, B)
         prev = ops.step(x, out, self._fd_slots(state, prog, x), rows, seeds_t, draws, dev["no_guidance"],
-                        slot_reads=reads, slot_writes=writes,
-                        use_out=use_out, cfg=False, noise=noise, langevin=langevin, kernel=self._fd_kernel(x))
+                        slot_reads=flags.slot_reads, slot_writes=flags.slot_writes, use_out=flags.use_out, cfg=False,
+                        noise=noise, langevin=flags.langevin, kernel=self._fd_kernel(x))
         if external is not None:
             gain = self._fd_gather(prog, dev, "gain", k, B).reshape(bshape)
             prev = (prev + gain * external.to(device=x.device, dtype=gain.dtype)).to(x.dtype)

@@ -9,7 +9,7 @@ import torch
 from ...plan import StageFlags, identity_row
 from ...plan import plan as make_plan
 from ...schedules import RectifiedFlow
-from ._base import PREDICTION, _d, _FastdiffStep, _Program, _stagewise, _unsupported
+from ._base import GAIN, PREDICTION, _d, _FastdiffStep, _Program, _stagewise, _unsupported
 
 
 
@@ -91,7 +91,7 @@ class _SigmaScheduler(_FastdiffStep):
             draws.insert(k, -1)
         if final_still:  # no noise on the identity step (its nudge would give sqrt(2e-9) of it)
             rows[-1] = rows[-1].copy()
-            rows[-1][2] = 0.0
+            rows[-1][GAIN] = 0.0
             flags[-1] = flags[-1]._replace(noise=False)
             draws[-1] = -1
         return _Program(rows, flags, draws, p.num_slots, ts, peer_draws=self._fd_peer_draws(len(ts)),

@@ -8,8 +8,8 @@ import numpy as np
 
 from ...plan import StageFlags, identity_row
 from ...plan import plan as make_plan
-from ._base import (_REFUSED_FLAGS, _REFUSED_ROW, PREDICTION, _d, _FastdiffStep, _numbered_draws, _Program,
-                    _stagewise, _unsupported)
+from ._base import (CO, CX, _REFUSED_FLAGS, _REFUSED_ROW, PREDICTION, _d, _FastdiffStep, _numbered_draws, _Program,
+                    _stagewise, _unsupported, data_estimate)
 
 class _OneStepStages(_FastdiffStep):
     """Schedulers whose steps each go from one timestep to the next (no history): DDPM and LCM."""
@@ -52,7 +52,7 @@ class DDIMScheduler(_FastdiffStep, _d.DDIMScheduler):
         # t = 0 ending on alpha_bar[0]: diffusers' step to the same alpha_bar keeps x, but a clipped x0 still moves
         # it (raw-eps term) and is returned: keep D's conversion at t, x' = x
         row = identity_row(0)
-        row[:2] = make_plan("ddim", sched, prediction=pred, boundaries=[t, -1.0]).data_coefs[0]
+        row[[CX, CO]] = make_plan("ddim", sched, prediction=pred, boundaries=[t, -1.0]).data_coefs[0]
         return row, StageFlags(0, 0, True, False, False), alpha_next
 
     def _fd_build(self, begin, variant):
@@ -155,7 +155,7 @@ class LCMScheduler(_OneStepStages, _d.LCMScheduler):
         rows = self._fd_gather(prog, dev, "rows", k, B)
         cdt = rows.dtype
         if x0 is None:
-            x0 = rows[:, 0].reshape(bshape) * x.to(cdt) + rows[:, 1].reshape(bshape) * model_output.to(cdt)
+            x0 = data_estimate(rows, x, model_output)
         c_skip = self._fd_gather(prog, dev, "c_skip", k, B).reshape(bshape)
         c_out = self._fd_gather(prog, dev, "c_out", k, B).reshape(bshape)
         return (c_skip * x.to(cdt) + c_out * x0).to(x.dtype)
