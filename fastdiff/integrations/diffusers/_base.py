@@ -114,7 +114,8 @@ class _Program:
                 return torch.tensor(np.ascontiguousarray(a), dtype=dt, device=device)
 
             hit = dict(rows=t(self.rows64), x0_rows=t(self.x0_rows64), draws=t(self.draws, torch.int64),
-                       gain=t(self.rows64[:, GAIN]), in_scale=t(self.in_scale), timesteps=t(self.timesteps, torch.float64),
+                       gain=t(self.rows64[:, GAIN]), in_scale=t(self.in_scale),
+                       timesteps=t(self.timesteps, torch.float64),
                        alpha_next=None if self.alpha_next is None else t(self.alpha_next))
             hit.update({k: t(v) for k, v in self.extra.items()})
             hit["no_draw"] = torch.full((1,), -1, dtype=torch.int64, device=device)

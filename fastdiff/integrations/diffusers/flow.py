@@ -7,6 +7,7 @@ from ...schedules import RectifiedFlow
 from ._base import _d, _Program, _unsupported
 from .sigma_indexed import _SigmaScheduler
 
+
 class FlowMatchEulerDiscreteScheduler(_SigmaScheduler, _d.FlowMatchEulerDiscreteScheduler):
     """diffusers' flow-matching Euler (shift, dynamic shifting, Karras / exponential / beta sigmas) on fastdiff's
     ``flow_euler`` rows on a rectified flow x_t = (1 - t) x0 + t noise, t = diffusers' sigma."""

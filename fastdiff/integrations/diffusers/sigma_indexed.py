@@ -12,7 +12,6 @@ from ...schedules import RectifiedFlow
 from ._base import GAIN, PREDICTION, _d, _FastdiffStep, _Program, _stagewise, _unsupported
 
 
-
 def _mean_part(config, model_output):
     """diffusers' DPM-Solvers keep the first 3 channels of a noise prediction whose model also predicts its variance
     (variance_type "learned" / "learned_range")."""

@@ -11,6 +11,7 @@ from ...plan import plan as make_plan
 from ._base import (CO, CX, _REFUSED_FLAGS, _REFUSED_ROW, PREDICTION, _d, _FastdiffStep, _numbered_draws, _Program,
                     _stagewise, _unsupported, data_estimate)
 
+
 class _OneStepStages(_FastdiffStep):
     """Schedulers whose steps each go from one timestep to the next (no history): DDPM and LCM."""
 
