@@ -1,8 +1,8 @@
 """Noise schedules: the Gaussian perturbation ``x_t = alpha(t) * x0 + sigma(t) * n``.
 
 Every schedule is an immutable, hashable object in its own time unit ``t`` (the unit the model is called
-with, see DESIGN §4): DiscreteVP the timestep index in [0, N-1], ContinuousVP / SubVP / VE / RectifiedFlow
-t in (0, 1], EDM t = sigma.  Each gives, in float64 numpy:
+with, see docs/architecture.md): DiscreteVP the timestep index in [0, N-1], ContinuousVP / SubVP / VE /
+RectifiedFlow t in (0, 1], EDM t = sigma.  Each gives, in float64 numpy:
 
 - ``alpha(t)``, ``sigma(t)``: the perturbation coefficients;
 - ``lambda_(t) = log(alpha / sigma)``: half the log-SNR, +inf at the clean point, -inf where alpha = 0;
@@ -22,7 +22,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["Schedule", "DiscreteVP", "ContinuousVP", "SubVP", "VE", "EDM", "RectifiedFlow"]
+from ._names import unknown_name
+
+__all__ = ["Schedule", "DiscreteVP", "ContinuousVP", "SubVP", "VE", "EDM", "RectifiedFlow", "flux_shift"]
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "cosine", "squaredcos_cap_v2")
 
 
 def _f64(t):
@@ -38,6 +42,39 @@ def _log_ratio(alpha, sigma):
     """log(alpha / sigma) with the limits +inf (sigma = 0) and -inf (alpha = 0), no warnings."""
     with np.errstate(divide="ignore"):
         return np.log(alpha) - np.log(sigma)
+
+
+def _real(owner: str, name: str, value) -> float:
+    """``value`` as a float; a ValueError naming ``owner(name=...)`` for non-numbers, NaN and inf."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{owner}({name}={value!r}): {name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{owner}({name}={value!r}): {name} must be finite")
+    return value
+
+
+def _check_range(owner: str, name: str, value, lo=None, hi=None, lo_open=True, hi_open=False) -> float:
+    """Check ``lo < value <= hi`` (bounds open / closed as asked); the error names the parameter and the range."""
+    v = _real(owner, name, value)
+    bad_lo = lo is not None and (v <= lo if lo_open else v < lo)
+    bad_hi = hi is not None and (v >= hi if hi_open else v > hi)
+    if bad_lo or bad_hi:
+        left = "(" if lo_open or lo is None else "["
+        right = ")" if hi_open or hi is None else "]"
+        rng = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
+        raise ValueError(f"{owner}({name}={value!r}): {name} must be in {rng}")
+    return v
+
+
+def _check_interval(owner: str, lo_name: str, lo, hi_name: str, hi):
+    if not lo < hi:
+        raise ValueError(f"{owner}({lo_name}={lo!r}, {hi_name}={hi!r}): {lo_name} must be smaller than {hi_name}")
+
+
+def _check_flag(owner: str, name: str, value):
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{owner}({name}={value!r}): {name} must be True or False")
 
 
 class Schedule:
@@ -132,7 +169,10 @@ class DiscreteVP(Schedule):
         Explicit betas (length N); overrides ``beta_schedule``.
     beta_schedule : {"linear", "scaled_linear", "cosine", "squaredcos_cap_v2"}
     beta_start, beta_end : float
+        The first and last beta of "linear" / "scaled_linear": beta_start in (0, 1), beta_end in (0, 1] (1 is
+        zero terminal SNR).
     num_train_timesteps : int
+        N >= 2.
     rescale_betas_zero_snr : bool
         Rescale to zero terminal SNR (Lin et al. 2023); the last timestep then has alpha = 0 and needs an x0, v or
         flow prediction.
@@ -150,28 +190,13 @@ class DiscreteVP(Schedule):
     t_zero = -1.0
 
     def __post_init__(self):
-        n = int(self.num_train_timesteps)
+        _check_flag("DiscreteVP", "rescale_betas_zero_snr", self.rescale_betas_zero_snr)
         if self.betas is not None:
-            betas = np.asarray(self.betas, dtype=np.float64)
-            # a last beta of 1 is zero terminal SNR given explicitly (alpha_bar = 0 at t = N - 1)
-            if (betas.ndim != 1 or betas.size < 2 or not np.all((betas > 0) & (betas <= 1))
-                    or np.any(betas[:-1] == 1)):
-                raise ValueError("DiscreteVP(betas=...) needs a 1-D sequence of at least 2 values in (0, 1) (the "
-                                 "last may be 1: zero terminal SNR)")
+            betas = self._checked_betas(self.betas)
             object.__setattr__(self, "betas", tuple(float(b) for b in betas))
             object.__setattr__(self, "num_train_timesteps", betas.size)
-            n = betas.size
-        elif self.beta_schedule == "linear":
-            betas = np.linspace(self.beta_start, self.beta_end, n, dtype=np.float64)
-        elif self.beta_schedule == "scaled_linear":
-            betas = np.linspace(self.beta_start**0.5, self.beta_end**0.5, n, dtype=np.float64) ** 2
-        elif self.beta_schedule in ("cosine", "squaredcos_cap_v2"):
-            betas = _betas_for_alpha_bar(n)
         else:
-            raise ValueError(
-                f"unknown beta_schedule {self.beta_schedule!r}; use 'linear', 'scaled_linear', 'cosine' "
-                "(alias 'squaredcos_cap_v2') or pass betas=[...]"
-            )
+            betas = self._named_betas()
         if self.rescale_betas_zero_snr:
             betas = _rescale_zero_terminal_snr(betas)
         alpha_bar = np.cumprod(1.0 - betas)
@@ -179,6 +204,45 @@ class DiscreteVP(Schedule):
         with np.errstate(divide="ignore"):
             lam = 0.5 * (np.log(alpha_bar) - np.log1p(-alpha_bar))
         object.__setattr__(self, "_lam", lam)
+
+    @staticmethod
+    def _checked_betas(values) -> np.ndarray:
+        try:
+            betas = np.asarray(values, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ValueError(f"DiscreteVP(betas=...): betas must be a sequence of numbers, got {values!r}") from None
+        if betas.ndim != 1 or betas.size < 2:
+            raise ValueError(f"DiscreteVP(betas=...): betas must be a 1-D sequence of at least 2 values, got shape "
+                             f"{betas.shape}")
+        # a last beta of 1 is zero terminal SNR given explicitly (alpha_bar = 0 at t = N - 1)
+        bad = ~((betas > 0) & (betas < 1))
+        bad[-1] = not (0 < betas[-1] <= 1)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"DiscreteVP(betas=...): betas[{i}] = {float(betas[i])!r} is outside (0, 1) (only the "
+                             "last beta may be 1: zero terminal SNR)")
+        return betas
+
+    def _named_betas(self) -> np.ndarray:
+        n = self.num_train_timesteps
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 2:
+            raise ValueError(f"DiscreteVP(num_train_timesteps={n!r}): num_train_timesteps must be an integer >= 2")
+        object.__setattr__(self, "num_train_timesteps", int(n))
+        if self.beta_schedule not in BETA_SCHEDULES:
+            raise unknown_name("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
+        if self.beta_schedule in ("cosine", "squaredcos_cap_v2"):
+            return _betas_for_alpha_bar(int(n))
+        lo = _check_range("DiscreteVP", "beta_start", self.beta_start, 0.0, 1.0, hi_open=True)
+        hi = _check_range("DiscreteVP", "beta_end", self.beta_end, 0.0, 1.0)
+        if self.beta_schedule == "linear":
+            return np.linspace(lo, hi, int(n), dtype=np.float64)
+        return np.linspace(lo**0.5, hi**0.5, int(n), dtype=np.float64) ** 2  # scaled_linear
+
+    @classmethod
+    def linear(cls, beta_start=0.0001, beta_end=0.02, num_train_timesteps=1000, **kw):
+        """DDPM's linear betas (Ho et al. 2020; diffusers' ``beta_schedule="linear"``)."""
+        return cls(beta_schedule="linear", beta_start=beta_start, beta_end=beta_end,
+                   num_train_timesteps=num_train_timesteps, **kw)
 
     @classmethod
     def scaled_linear(cls, beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000, **kw):
@@ -278,6 +342,15 @@ class ContinuousVP(Schedule):
     t_min: float = 1e-3
     t_max: float = 1.0
 
+    def __post_init__(self):
+        owner = type(self).__name__
+        _check_range(owner, "beta_min", self.beta_min, 0.0, None, lo_open=False)
+        _check_range(owner, "beta_max", self.beta_max, 0.0, None)
+        _check_interval(owner, "beta_min", self.beta_min, "beta_max", self.beta_max)
+        _check_range(owner, "t_min", self.t_min, 0.0, 1.0, hi_open=True)
+        _check_range(owner, "t_max", self.t_max, 0.0, 1.0)
+        _check_interval(owner, "t_min", self.t_min, "t_max", self.t_max)
+
     def _describe(self):
         return f"beta_min={self.beta_min}, beta_max={self.beta_max}"
 
@@ -341,6 +414,14 @@ class VE(Schedule):
 
     kind = "ve"
 
+    def __post_init__(self):
+        _check_range("VE", "sigma_min", self.sigma_min, 0.0, None)
+        _check_range("VE", "sigma_max", self.sigma_max, 0.0, None)
+        _check_interval("VE", "sigma_min", self.sigma_min, "sigma_max", self.sigma_max)
+        _check_range("VE", "t_min", self.t_min, 0.0, 1.0, lo_open=False, hi_open=True)
+        _check_range("VE", "t_max", self.t_max, 0.0, 1.0)
+        _check_interval("VE", "t_min", self.t_min, "t_max", self.t_max)
+
     def _describe(self):
         return f"sigma_min={self.sigma_min}, sigma_max={self.sigma_max}"
 
@@ -373,6 +454,12 @@ class EDM(Schedule):
 
     kind = "ve"
     default_spacing = "karras"
+
+    def __post_init__(self):
+        _check_range("EDM", "sigma_min", self.sigma_min, 0.0, None)
+        _check_range("EDM", "sigma_max", self.sigma_max, 0.0, None)
+        _check_interval("EDM", "sigma_min", self.sigma_min, "sigma_max", self.sigma_max)
+        _check_range("EDM", "sigma_data", self.sigma_data, 0.0, None)
 
     def _describe(self):
         return f"sigma_min={self.sigma_min}, sigma_max={self.sigma_max}, sigma_data={self.sigma_data}"
@@ -413,8 +500,9 @@ class RectifiedFlow(Schedule):
     With ``sigma_min = 0`` this is rectified flow / SD3's schedule (diffusers' FlowMatchEuler, model time t).
     ``shift`` warps every spacing's times as ``shift t / (1 + (shift - 1) t)`` (SD3's timestep shift); custom
     ``timesteps=`` are not warped.  ``RectifiedFlow.lipman(sigma_min)`` is the optimal-transport path of Lipman et
-    al. 2023 (``004_*.txt``): their time runs from noise (0) to data (1), so the model is called with
+    al. 2023: their time runs from noise (0) to data (1), so the model is called with
     ``1 - t`` and predicts the velocity in that direction (``model_time_rate = -1``).
+    ``RectifiedFlow.for_resolution(image_seq_len)`` sets Flux's resolution-dependent shift (``flux_shift``).
     """
 
     shift: float = 1.0
@@ -426,10 +514,19 @@ class RectifiedFlow(Schedule):
     kind = "flow"
 
     def __post_init__(self):
-        if not (self.shift > 0):
-            raise ValueError(f"RectifiedFlow(shift={self.shift}): shift must be > 0")
-        if not (0.0 <= self.sigma_min < 1.0):
-            raise ValueError(f"RectifiedFlow(sigma_min={self.sigma_min}): sigma_min must be in [0, 1)")
+        _check_range("RectifiedFlow", "shift", self.shift, 0.0, None)
+        _check_range("RectifiedFlow", "sigma_min", self.sigma_min, 0.0, 1.0, lo_open=False, hi_open=True)
+        _check_flag("RectifiedFlow", "lipman_time", self.lipman_time)
+        _check_range("RectifiedFlow", "t_min", self.t_min, 0.0, 1.0, hi_open=True)
+        _check_range("RectifiedFlow", "t_max", self.t_max, 0.0, 1.0)
+        _check_interval("RectifiedFlow", "t_min", self.t_min, "t_max", self.t_max)
+
+    @classmethod
+    def for_resolution(cls, image_seq_len, *, base_seq_len=256, max_seq_len=4096, base_shift=0.5, max_shift=1.15,
+                       **kw):
+        """Flux's schedule for an image of ``image_seq_len`` latent tokens: ``shift = flux_shift(...)``."""
+        return cls(shift=flux_shift(image_seq_len, base_seq_len=base_seq_len, max_seq_len=max_seq_len,
+                                    base_shift=base_shift, max_shift=max_shift), **kw)
 
     @classmethod
     def lipman(cls, sigma_min=1e-4, **kw):
@@ -472,3 +569,25 @@ class RectifiedFlow(Schedule):
         with np.errstate(invalid="ignore"):
             t = (1.0 - self.sigma_min * e) / (1.0 + (1.0 - self.sigma_min) * e)
         return np.where(lam == np.inf, self.t_zero, t)
+
+
+def flux_shift(image_seq_len, *, base_seq_len=256, max_seq_len=4096, base_shift=0.5, max_shift=1.15) -> float:
+    """Flux's resolution-dependent time shift for ``RectifiedFlow(shift=...)``.
+
+    ``mu`` interpolates linearly between ``base_shift`` at ``base_seq_len`` tokens and ``max_shift`` at
+    ``max_seq_len`` tokens (extrapolating beyond them), and the shift is ``exp(mu)``: diffusers' FluxPipeline
+    ``calculate_shift`` with FlowMatchEulerDiscreteScheduler's exponential time shift
+    ``e^mu t / (e^mu t + 1 - t)``, which is ``RectifiedFlow.warp`` with ``shift = e^mu``.
+    ``image_seq_len`` is the number of latent patches, ``(height // 16) * (width // 16)`` for Flux.
+    """
+    n = _check_range("flux_shift", "image_seq_len", image_seq_len, 0.0, None)
+    lo = _check_range("flux_shift", "base_seq_len", base_seq_len, 0.0, None)
+    hi = _check_range("flux_shift", "max_seq_len", max_seq_len, 0.0, None)
+    _check_interval("flux_shift", "base_seq_len", base_seq_len, "max_seq_len", max_seq_len)
+    b = _real("flux_shift", "base_shift", base_shift)
+    m = _real("flux_shift", "max_shift", max_shift)
+    mu = b + (m - b) * (n - lo) / (hi - lo)
+    if mu > 700.0:
+        raise ValueError(f"flux_shift(image_seq_len={image_seq_len!r}): mu = {mu} overflows exp(mu); the sequence "
+                         "length is far beyond what the interpolation was fit on")
+    return math.exp(mu)

@@ -100,7 +100,7 @@ def test_rectified_flow_and_lipman_convention():
     rf = S.RectifiedFlow()
     assert rf.alpha(0.3) == pytest.approx(0.7) and rf.sigma(0.3) == pytest.approx(0.3)
     lip = S.RectifiedFlow.lipman(sigma_min=0.01)
-    t_lipman = 0.8  # 004_*.txt: mu_t = t x1, sigma_t = 1 - (1 - sigma_min) t
+    t_lipman = 0.8  # Lipman et al. 2023: mu_t = t x1, sigma_t = 1 - (1 - sigma_min) t
     t = lip.t_from_model_time(t_lipman)
     assert lip.model_time(t) == pytest.approx(t_lipman)
     assert lip.alpha(t) == pytest.approx(t_lipman)
@@ -108,10 +108,64 @@ def test_rectified_flow_and_lipman_convention():
     assert lip.model_time_rate == -1.0
 
 
-@pytest.mark.parametrize("bad", [dict(beta_schedule="quadratic"), dict(betas=[0.5, 1.5])])
-def test_bad_discrete_schedule(bad):
-    with pytest.raises(ValueError):
-        S.DiscreteVP(**bad)
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: S.EDM(sigma_min=100, sigma_max=1), r"sigma_min=100, sigma_max=1\): sigma_min must be smaller"),
+    (lambda: S.EDM(sigma_min=-1.0), r"sigma_min=-1.0\): sigma_min must be in \(0.0, inf\)"),
+    (lambda: S.EDM(sigma_max=INF), r"sigma_max=inf\): sigma_max must be finite"),
+    (lambda: S.EDM(sigma_data=0), r"sigma_data=0\)"),
+    (lambda: S.EDM(sigma_data=NAN), r"sigma_data=nan\)"),
+    (lambda: S.ContinuousVP(t_min=0.9, t_max=0.1), r"t_min=0.9, t_max=0.1\): t_min must be smaller than t_max"),
+    (lambda: S.ContinuousVP(beta_min=-0.1), r"beta_min=-0.1\): beta_min must be in \[0.0, inf\)"),
+    (lambda: S.ContinuousVP(beta_min=20.0, beta_max=0.1), r"beta_min must be smaller than beta_max"),
+    (lambda: S.ContinuousVP(t_max=1.5), r"t_max=1.5\): t_max must be in \(0.0, 1.0\]"),
+    (lambda: S.SubVP(t_min=0.0), r"SubVP\(t_min=0.0\)"),
+    (lambda: S.SubVP(beta_max="20"), r"beta_max='20'\): beta_max must be a real number"),
+    (lambda: S.VE(sigma_min=0), r"VE\(sigma_min=0\): sigma_min must be in \(0.0, inf\)"),
+    (lambda: S.VE(sigma_min=50.0, sigma_max=0.01), r"sigma_min must be smaller than sigma_max"),
+    (lambda: S.VE(t_max=NAN), r"t_max=nan"),
+    (lambda: S.RectifiedFlow(t_max=2), r"RectifiedFlow\(t_max=2\): t_max must be in \(0.0, 1.0\]"),
+    (lambda: S.RectifiedFlow(t_min=0.5, t_max=0.5), r"t_min must be smaller than t_max"),
+    (lambda: S.RectifiedFlow(shift=0), r"shift=0\): shift must be in \(0.0, inf\)"),
+    (lambda: S.RectifiedFlow(shift=INF), r"shift=inf"),
+    (lambda: S.RectifiedFlow(sigma_min=1.0), r"sigma_min=1.0\): sigma_min must be in \[0.0, 1.0\)"),
+    (lambda: S.RectifiedFlow(lipman_time=1), r"lipman_time=1\): lipman_time must be True or False"),
+    (lambda: S.DiscreteVP(betas=[0.5, 1.5]), r"betas\[1\] = 1.5 is outside \(0, 1\)"),
+    (lambda: S.DiscreteVP(betas=[0.0, 0.5]), r"betas\[0\] = 0.0"),
+    (lambda: S.DiscreteVP(betas=[0.1, 1.0, 0.5]), r"betas\[1\] = 1.0"),
+    (lambda: S.DiscreteVP(betas=[0.1, NAN, 0.5]), r"betas\[1\] = nan"),
+    (lambda: S.DiscreteVP(betas=[0.1]), r"at least 2 values"),
+    (lambda: S.DiscreteVP(betas=["a", "b"]), r"betas must be a sequence of numbers"),
+    (lambda: S.DiscreteVP(num_train_timesteps=0), r"num_train_timesteps=0\): num_train_timesteps must be an int"),
+    (lambda: S.DiscreteVP(num_train_timesteps=1), r"num_train_timesteps=1\)"),
+    (lambda: S.DiscreteVP(num_train_timesteps=10.5), r"num_train_timesteps=10.5\)"),
+    (lambda: S.DiscreteVP(beta_start=-1e-4), r"beta_start=-0.0001\): beta_start must be in \(0.0, 1.0\)"),
+    (lambda: S.DiscreteVP(beta_start=1.0), r"beta_start=1.0\): beta_start must be in \(0.0, 1.0\)"),
+    (lambda: S.DiscreteVP(beta_end=2.0), r"beta_end=2.0\): beta_end must be in \(0.0, 1.0\]"),
+    (lambda: S.DiscreteVP.scaled_linear(beta_end=NAN), r"beta_end=nan"),
+    (lambda: S.DiscreteVP(rescale_betas_zero_snr="yes"), r"rescale_betas_zero_snr='yes'\)"),
+])
+def test_invalid_schedules_are_rejected_naming_the_parameter(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_unknown_beta_schedule_suggests_the_closest_name():
+    with pytest.raises(ValueError, match=r"unknown beta_schedule 'scaled-linear'; did you mean 'scaled_linear'"):
+        S.DiscreteVP(beta_schedule="scaled-linear")
+    with pytest.raises(ValueError, match="beta_schedule 'quadratic'"):
+        S.DiscreteVP(beta_schedule="quadratic")
+
+
+def test_linear_betas_are_ddpm_and_diffusers_linear():
+    diffusers = pytest.importorskip("diffusers")
+    sch = S.DiscreteVP.linear()
+    np.testing.assert_allclose(sch.alphas_cumprod, np.cumprod(1 - np.linspace(1e-4, 0.02, 1000)), rtol=1e-12)
+    theirs = diffusers.DDPMScheduler(beta_schedule="linear").alphas_cumprod.double().numpy()
+    np.testing.assert_allclose(sch.alphas_cumprod, theirs, rtol=2e-5, atol=1e-7)  # diffusers keeps float32
+    assert S.DiscreteVP.linear(num_train_timesteps=50).t_max == 49.0
 
 
 def test_schedules_are_hashable_values():
