@@ -14,9 +14,11 @@ import inspect
 
 import torch
 
+from . import adams as _adams
 from . import consistency as _consistency
 from . import ddpm as _ddpm
 from . import dpm_solver as _dpm
+from . import exponential as _exponential
 from . import flow as _flow
 from . import ode as _ode
 from . import sde as _sde
@@ -50,6 +52,14 @@ REFERENCES = {
     "lcm": _consistency.lcm,
     "flow_euler": _flow.flow_euler,
     "flow_heun": _flow.flow_heun,
+    "ipndm": _adams.ipndm,
+    "ipndm_v": _adams.ipndm_v,
+    "deis": _adams.deis,
+    "plms": _adams.plms,
+    "pndm": _adams.pndm,
+    "res_multistep": _exponential.res_multistep,
+    "res_multistep_ancestral": _exponential.res_multistep_ancestral,
+    "dpm_fast": _exponential.dpm_fast,
 }
 
 _SPACING_OPTIONS = ("rho", "steps_offset")
