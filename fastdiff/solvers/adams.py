@@ -5,8 +5,11 @@ s = sigma / alpha) in a history ring and combine them with Adams-Bashforth weigh
 
 - ``ipndm`` (Zhang & Chen 2023, improved PNDM): fixed-step AB weights of order min(max_order, i + 1) on dy/ds,
   y' = y + (s' - s) sum_j c_j d_{i-j}, whatever the step sizes (as ComfyUI's sample_ipndm).
-- ``ipndm_v``: the variable-step weights of ComfyUI's sample_ipndm_v (exact variable-step AB at order 2; at orders
-  3-4 they reduce to the fixed-step weights on a uniform grid and keep the step's order on smooth grids).
+- ``ipndm_v``: the variable-step weights of ComfyUI's sample_ipndm_v, kept as practitioners get them: exact
+  variable-step AB at order 2; at order 3 AB3 on equal steps but not the variable-step AB3 weights elsewhere; the
+  order-4 weights are (57, -65, 43, -11) / 24 on equal steps (AB4: (55, -59, 37, -9) / 24) and sum to 1 only where
+  the last steps are in geometric progression (log-SNR-uniform grids), so with the default max_order=4 the step is
+  inconsistent on other grids.  The exact variable-step Adams-Bashforth in sigma is ``lms``.
 - ``deis`` (Zhang & Chen 2023, DEIS "tAB"): the noise estimate is extrapolated by a polynomial in DEIS' VP time tau
   and integrated exactly in s: y' = y + sum_j C_j d_{i-j}, C_j = int_{s_i}^{s_{i+1}} L_j(tau(s)) ds, L_j the
   Lagrange basis on tau_i, tau_{i-1}, ...  tau(s) is the time of the VP-SDE fitted to s = 0.002 at tau = 1e-3 and
