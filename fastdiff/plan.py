@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
+from collections import OrderedDict
 from typing import NamedTuple
 
 import numpy as np
 
+from ._names import unknown_name
 from .schedules import Schedule
-from .solvers import SOLVERS, build
+from .solvers import MAX_STAGES, SOLVERS, build
 from .solvers.builder import PREDICTIONS, Builder, Lin, conversion  # noqa: F401  (the solver language; old home)
 from .solvers.registry import alpha_zero_error
 from .timesteps import custom_times, timesteps
@@ -129,7 +132,7 @@ class Plan:
     times, alphas, sigmas : ndarray, float64 [steps + 1]
         Step boundaries from start to end; with ``final="zero"`` the last is the clean point (alpha 1, sigma 0).
     init_scale : float
-        Std of the prior noise x_T = init_scale * n.
+        Std of the prior noise x_T = init_scale * n at the plan's first time (``prior_std``).
     nfe : int
         Model evaluations (one batched call each, also with guidance).
     model_times : ndarray [nfe]
@@ -162,7 +165,7 @@ class Plan:
         if final == "zero":
             alphas[-1], sigmas[-1] = 1.0, 0.0
         self.alphas, self.sigmas = _ro(alphas), _ro(sigmas)
-        self.init_scale = float(schedule.init_scale)
+        self.init_scale = prior_std(schedule, float(times[0]))
         self.num_slots = K = int(num_slots)
 
         S = len(stages)
@@ -286,6 +289,17 @@ class Plan:
         object.__setattr__(self, "_frozen", True)
 
 
+def prior_std(schedule: Schedule, t: float) -> float:
+    """Std of the prior x ~ N(0, std^2) a plan starting at time ``t`` draws from: the schedule's ``init_scale``
+    convention evaluated at t.  VE / EDM: sigma(t) (k-diffusion's sigmas[0]; the data variance is neglected next to
+    sigma^2); VP: 1 (alpha^2 + sigma^2 = 1 for unit-variance data); flows: sqrt(alpha^2 + sigma^2), 1 at t_max."""
+    if schedule.kind == "ve":
+        return float(schedule.sigma(t))
+    if schedule.kind == "flow":
+        return float(math.hypot(schedule.alpha(t), schedule.sigma(t)))
+    return float(schedule.init_scale)
+
+
 def _drop_dead_writes(upd, writes):
     """Remove slot writes that no later stage reads before overwriting them (saves a store per element)."""
     S, K = writes.shape
@@ -311,10 +325,53 @@ def _ro(a):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _freeze(v):
+MAX_STEPS = MAX_STAGES  # a plan has at least one stage per step
+MAX_CACHED_PLANS = 256
+MAX_CACHE_BYTES = 256 << 20  # the cached plans' arrays together
+FINALS = ("zero", "t_min")
+_SPACING_OPTIONS = ("rho", "steps_offset")  # options of the spacing, not of the solver
+
+
+def _freeze_grid(name, v):
+    """A custom grid as a hashable tuple of floats; ValueError naming ``name`` for anything else."""
+    if v is None:
+        return None
+    if isinstance(v, (str, bytes)):
+        raise ValueError(f"{name}= must be a sequence of numbers, got the string {v!r}")
+    try:
+        arr = np.asarray(v, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}= must be a sequence of numbers, got {v!r}") from None
+    if arr.ndim != 1:
+        raise ValueError(f"{name}= must be a 1-D sequence of numbers, got shape {arr.shape}")
+    if len(arr) > MAX_STEPS + 1:
+        raise ValueError(f"{name}= has {len(arr)} entries; a plan takes at most {MAX_STEPS} steps")
+    return tuple(float(x) for x in arr)
+
+
+def _freeze_option(name, v):
+    """An option value as a hashable key: sequences become tuples (of floats when numeric); ValueError otherwise."""
     if isinstance(v, (list, tuple, np.ndarray)):
-        return tuple(float(x) for x in np.asarray(v, dtype=np.float64).ravel())
+        try:
+            return tuple(float(x) for x in np.asarray(v, dtype=np.float64).ravel())
+        except (TypeError, ValueError):
+            raise ValueError(f"option {name}={v!r}: a sequence option must hold numbers") from None
+    if isinstance(v, np.generic):
+        return v.item()
+    try:
+        hash(v)
+    except TypeError:
+        raise ValueError(f"option {name}={v!r}: solver options must be numbers, strings, booleans or sequences of "
+                         "numbers") from None
     return v
+
+
+def _check_count(name, v, cap):
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer >= 1, got {v!r} ({type(v).__name__})")
+    if not 1 <= v <= cap:
+        raise ValueError(f"{name} must be an integer >= 1 and <= {cap} (the cap on one plan), got {v!r}")
+    return int(v)
 
 
 def plan(solver: str, schedule: Schedule, steps: int | None = None, prediction: str = "epsilon",
@@ -328,7 +385,7 @@ def plan(solver: str, schedule: Schedule, steps: int | None = None, prediction: 
         One of ``fastdiff.SOLVERS``.
     schedule : Schedule
     steps : int
-        Solver steps (>= 1). Implied by ``timesteps`` / ``sigmas`` when those are given.
+        Solver steps (1 .. ``MAX_STEPS``). Implied by ``timesteps`` / ``sigmas`` when those are given.
     prediction : {"epsilon", "x0", "v", "score", "flow"}
         What the model outputs.
     spacing : str, optional
@@ -340,32 +397,82 @@ def plan(solver: str, schedule: Schedule, steps: int | None = None, prediction: 
         themselves, ending on ``schedule.t_zero`` (the clean point) or a time >= t_min.
     **options
         Solver options (``eta``, ``s_churn``, ``order``, ...); ``fastdiff.solver_options(name)`` lists them.
+
+    Every bad argument raises a ValueError that names it.  A plan has at most ``MAX_STAGES`` stages.
     """
     if not isinstance(solver, str) or solver not in SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(sorted(SOLVERS))}")
+        raise unknown_name("solver", solver, SOLVERS)
     if not isinstance(schedule, Schedule):
         raise ValueError(f"schedule must be a fastdiff.schedules.Schedule, got {type(schedule).__name__}")
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"unknown prediction {prediction!r}; choose one of {', '.join(PREDICTIONS)}")
-    key = (solver, schedule, steps, prediction, spacing, final, _freeze(timesteps), _freeze(sigmas),
-           _freeze(boundaries), tuple(sorted((k, _freeze(v)) for k, v in options.items())))
-    try:
-        return _cached_plan(key)
-    except TypeError as e:  # an unhashable option value
-        raise ValueError(f"solver options must be numbers, strings or sequences: {e}") from None
+    if not isinstance(prediction, str) or prediction not in PREDICTIONS:
+        raise unknown_name("prediction", prediction, PREDICTIONS)
+    if not isinstance(final, str) or final not in FINALS:
+        raise unknown_name("final", final, FINALS)
+    if spacing is not None and not isinstance(spacing, str):
+        raise ValueError(f"spacing must be a string (one of fastdiff.SPACINGS) or None, got {spacing!r}")
+    if steps is not None:
+        steps = _check_count("steps", steps, MAX_STEPS)
+    grids = {n: _freeze_grid(n, v) for n, v in (("timesteps", timesteps), ("sigmas", sigmas),
+                                                ("boundaries", boundaries))}
+    key = (solver, schedule, steps, prediction, spacing, final, grids["timesteps"], grids["sigmas"],
+           grids["boundaries"], tuple(sorted((k, _freeze_option(k, v)) for k, v in options.items())))
+    return _cached_plan(key)
 
 
-@functools.lru_cache(maxsize=256)
+_CACHE: OrderedDict = OrderedDict()  # key -> Plan, least recently used first
+_CACHE_LOCK = threading.Lock()
+
+
+def _plan_bytes(p: Plan) -> int:
+    return sum(v.nbytes for v in vars(p).values() if isinstance(v, np.ndarray))
+
+
 def _cached_plan(key) -> Plan:
+    """The plan of ``key`` from the LRU cache (at most MAX_CACHED_PLANS plans and MAX_CACHE_BYTES of arrays)."""
+    with _CACHE_LOCK:
+        hit = _CACHE.get(key)
+        if hit is not None:
+            _CACHE.move_to_end(key)
+            return hit
+    p = _build_plan(key)
+    with _CACHE_LOCK:
+        _CACHE[key] = p
+        total = sum(_plan_bytes(q) for q in _CACHE.values())
+        while len(_CACHE) > 1 and (len(_CACHE) > MAX_CACHED_PLANS or total > MAX_CACHE_BYTES):
+            _, old = _CACHE.popitem(last=False)
+            total -= _plan_bytes(old)
+    return p
+
+
+def cache_clear():
+    """Empty the plan cache."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
+
+
+def _check_spacing_options(schedule, opts):
+    rho = opts.get("rho", 7.0)
+    if not (isinstance(rho, (int, float)) and not isinstance(rho, bool) and math.isfinite(rho) and rho > 0):
+        raise ValueError(f"rho (the karras spacing's exponent) must be a finite number > 0, got {rho!r}")
+    off = opts.get("steps_offset", 0)
+    n = getattr(schedule, "num_train_timesteps", None)
+    if isinstance(off, bool) or not isinstance(off, int) or off < 0 or (n is not None and off >= n):
+        raise ValueError(f"steps_offset must be an integer >= 0{f' and < {n}' if n else ''}, got {off!r}")
+
+
+def _build_plan(key) -> Plan:
     solver, schedule, steps, prediction, spacing, final, ts, sg, bd, options = key
     spacing_opts = {}
     opts = dict(options)
-    for name in ("rho", "steps_offset"):
+    for name in _SPACING_OPTIONS:
         if name in opts:
             spacing_opts[name] = opts.pop(name)
     if ts is not None or sg is not None or bd is not None:
         if spacing is not None:
             raise ValueError("give either spacing= or a custom timesteps= / sigmas= / boundaries=, not both")
+        if spacing_opts:
+            raise ValueError(f"{', '.join(spacing_opts)} shape a spacing; a custom timesteps= / sigmas= / "
+                             "boundaries= grid takes none")
         times = custom_times(schedule, timesteps=ts, sigmas=sg, boundaries=bd, final=final)
         if steps is not None and steps != len(times) - 1:
             raise ValueError(f"steps={steps} disagrees with the {len(times) - 1} steps of the custom sequence")
@@ -376,8 +483,13 @@ def _cached_plan(key) -> Plan:
             final = "zero" if bd[-1] == schedule.t_zero else "t_min"
     else:
         if steps is None:
-            raise ValueError("plan() needs steps= (or a custom timesteps= / sigmas=)")
+            raise ValueError("plan() needs steps= (or a custom timesteps= / sigmas= / boundaries=)")
+        _check_spacing_options(schedule, spacing_opts)
         times = timesteps(schedule, steps, spacing, final=final, **spacing_opts)
+        if times[0] > schedule.t_max:
+            raise ValueError(f"the spacing starts at t={times[0]:g}, above the schedule's t_max={schedule.t_max:g}"
+                             + (f" (steps_offset={spacing_opts['steps_offset']})" if "steps_offset" in spacing_opts
+                                else ""))
     stages, num_slots, opts_used = build(solver, schedule, prediction, times, final, opts)
     return Plan(key=key, solver=solver, schedule=schedule, steps=int(steps), prediction=prediction,
                 spacing=spacing or (None if ts is not None or sg is not None or bd is not None

@@ -3,9 +3,11 @@
 import ast
 import math
 import pathlib
+import sys
 
 import numpy as np
 import pytest
+import torch
 
 import fastdiff as fd
 from fastdiff import schedules as S
@@ -128,3 +130,69 @@ def test_rk4_on_a_flow_says_which_solvers_work_there():
     assert "nan" not in msg.split("(")[0]
     # below the alpha = 0 end it runs
     fd.plan("rk4", S.RectifiedFlow(), prediction="flow", timesteps=np.linspace(0.99, 0.01, 8).tolist())
+
+
+# ---- the prior matches the plan's first time -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("solver,sigmas", [
+    ("heun", [10, 5, 2, 1, 0.5, 0.2, 0]),
+    ("dpmpp_2m", list(np.geomspace(10.0, 0.01, 40)) + [0.0]),
+])
+def test_custom_sigmas_start_from_the_prior_at_their_first_sigma(solver, sigmas):
+    """Unit-variance Gaussian data, exact denoiser: the PF-ODE maps N(0, 1 + s0^2) at s0 to N(0, 1); with the prior
+    N(0, s0^2) the exact answer is std s0 / sqrt(1 + s0^2) (the same closed form as GaussianMixture's docstring)."""
+    from fastdiff.models import GaussianMixture
+
+    edm = S.EDM()
+    p = fd.plan(solver, edm, sigmas=sigmas)
+    s0 = float(sigmas[0])
+    assert p.init_scale == pytest.approx(s0, rel=1e-12)  # not the schedule's sigma_max = 80
+    model = GaussianMixture([0.0], [1.0]).model(edm, "epsilon")
+    x = fd.sample(model, p, shape=(32, 255), seeds=list(range(32)), backend="torch", dtype=torch.float64)
+    exact = s0 / math.sqrt(1.0 + s0 * s0)
+    tol = 0.1 if len(sigmas) < 10 else 0.01  # the first plan has 6 steps: its ODE error shows
+    sample_err = 3.0 / math.sqrt(x.numel())  # std of a sample std, times 3
+    assert abs(x.std().item() - exact) < tol + exact * sample_err, x.std().item()
+
+
+def test_init_scale_keeps_each_schedules_convention_at_t_max():
+    for sch in (S.VE(), S.EDM(), S.DiscreteVP(), S.ContinuousVP(), S.SubVP(), S.RectifiedFlow()):
+        assert fd.plan("euler", sch, 6, prediction="v").init_scale == sch.init_scale
+    flow = S.RectifiedFlow()
+    p = fd.plan("flow_euler", flow, prediction="flow", timesteps=[0.6, 0.3])
+    assert p.init_scale == pytest.approx(math.hypot(0.4, 0.6))  # x = (1 - t) x0 + t n with unit-variance data
+    assert fd.plan("ddim", S.DiscreteVP(), timesteps=[500, 250]).init_scale == 1.0
+
+
+# ---- bounded cost ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("solver,kw,match", [
+    ("euler", dict(steps=10**6), "steps must be an integer >= 1 and <= 100000"),
+    ("pc", dict(steps=10, corrector_steps=10**9), "corrector_steps must be an integer in 1..100000"),
+    ("pc", dict(steps=100, corrector_steps=5000), "more than 100000 stages"),
+    ("annealed_langevin", dict(steps=2000, corrector_steps=100), "more than 100000 stages"),
+    ("unipc", dict(steps=10, order=10**9), "order must be 1, 2, 3 or 4"),
+    ("lms", dict(steps=10, order=50), "order must be an integer in 1..6"),
+    ("euler", dict(sigmas=np.linspace(80.0, 0.0, 10**6)), "sigmas= has 1000000 entries"),
+])
+def test_huge_requests_fail_fast_with_the_cap(solver, kw, match):
+    with pytest.raises(ValueError, match=match):
+        fd.plan(solver, S.EDM(), **kw)
+
+
+def test_plan_cache_is_bounded_in_bytes(monkeypatch):
+    plan_module = sys.modules["fastdiff.plan"]  # the module (fastdiff.plan is the function)
+    plan_module.cache_clear()
+    one = fd.plan("dpmpp_3m", S.EDM(), 50)
+    size = plan_module._plan_bytes(one)
+    assert size > 50 * one.rows().shape[1] * 8  # the rows alone
+    monkeypatch.setattr(plan_module, "MAX_CACHE_BYTES", int(2.5 * size))
+    plans = [fd.plan("dpmpp_3m", S.EDM(), 50, spacing="karras", rho=7.0 + k) for k in range(6)]
+    cached = list(plan_module._CACHE.values())
+    assert len(cached) <= 2 and sum(plan_module._plan_bytes(p) for p in cached) <= 2.5 * size
+    assert cached[-1] is plans[-1] and fd.plan("dpmpp_3m", S.EDM(), 50, spacing="karras", rho=12.0) is plans[-1]
+    assert fd.plan("dpmpp_3m", S.EDM(), 50) is not one  # evicted: rebuilt, equal
+    assert fd.plan("dpmpp_3m", S.EDM(), 50) == one
+    plan_module.cache_clear()

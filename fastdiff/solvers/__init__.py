@@ -22,6 +22,7 @@ def build(name, schedule, prediction, times, final, opts):
     grid = Grid(schedule, times, final)
     b = Builder(schedule, prediction, max_stages=MAX_STAGES)
     try:
+        b.expect(grid.steps)
         with np.errstate(all="ignore"):  # infinities are caught by Plan's finiteness check with a clear message
             spec.fn(b, grid, **used)
     except StageLimit:

@@ -137,6 +137,11 @@ class Builder:
         """Allocate a ring of ``size`` slots for the last ``size`` values of ``name``."""
         return History(self, name, [self.slot(f"{name}[{j}]") for j in range(max(int(size), 0))])
 
+    def expect(self, stages: int):
+        """Fail fast (``StageLimit``) when the solver knows it will need more than ``max_stages`` stages."""
+        if self.max_stages is not None and stages > self.max_stages:
+            raise StageLimit(self.max_stages)
+
     def steps(self, n: int, start: int = 0):
         """Iterate the solver's steps, recording which step each stage belongs to (``Plan.stage_step``)."""
         for i in range(start, start + n):

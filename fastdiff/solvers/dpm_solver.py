@@ -227,6 +227,9 @@ def singlestep_orders(steps, order, lower_order_final, final_zero):
 def _check_orders(orders, steps):
     if len(orders) != steps:
         raise ValueError(f"dpm_solver_singlestep: orders= has {len(orders)} entries for {steps} steps")
+    if any(o not in (1, 2, 3) for o in orders):
+        raise ValueError(f"dpm_solver_singlestep: orders={list(orders)} must hold step orders 1, 2 or 3")
+    orders = [int(o) for o in orders]
     for k, o in enumerate(orders):
         # order o at step k continues the group that started (order 1) at step k - o + 1
         if o not in (1, 2, 3) or any(k - j < 0 or orders[k - j] != o - j for j in range(1, o)):
@@ -251,9 +254,13 @@ def dpm_solver_singlestep(b, g, order, algorithm, solver_type, lower_order_final
     """
     x_s_slot = b.slot("x_s")
     group = [b.slot("m1"), b.slot("m2")]  # the group's earlier model outputs
-    orders = [int(o) for o in orders] if orders else singlestep_orders(g.steps, order, lower_order_final,
-                                                                       bool(g.zero[-1]))
-    _check_orders(orders, g.steps)
+    if orders:
+        _check_orders(orders, g.steps)
+        orders = [int(o) for o in orders]
+        if g.zero[-1]:
+            orders[-1] = 1  # a step to the clean point is first order (as in the default order list)
+    else:
+        orders = singlestep_orders(g.steps, order, lower_order_final, bool(g.zero[-1]))
     data = algorithm != "dpmsolver"
     sde = algorithm == "sde-dpmsolver++"
     for k in b.steps(g.steps):

@@ -9,7 +9,7 @@ The last step returns the mean (Song's noise removal); a step to the clean point
 
 import math
 
-from .registry import Option, _count, _one_of, _positive, solver
+from .registry import MAX_STAGES, Option, _count, _one_of, _positive, solver
 
 
 def drift_diffusion(schedule, t):
@@ -47,9 +47,10 @@ def langevin_stage(b, t, alpha, sigma, snr, r):
         predictor=Option("reverse_diffusion", _one_of("reverse_diffusion", "euler_maruyama"),
                          "predictor must be 'reverse_diffusion' or 'euler_maruyama'"),
         snr=Option(0.16, _positive, "snr must be > 0"),
-        corrector_steps=Option(1, _count, "corrector_steps must be an integer >= 1"))
+        corrector_steps=Option(1, _count, f"corrector_steps must be an integer in 1..{MAX_STAGES}"))
 def pc(b, g, predictor, snr, corrector_steps):
     """Predictor-corrector: Langevin corrector steps at t_i, then a predictor step t_i -> t_{i+1}."""
+    b.expect(g.steps * (corrector_steps + 1))
     for i in b.steps(g.steps):
         a, s, a2, s2 = g.alpha[i], g.sigma[i], g.alpha[i + 1], g.sigma[i + 1]
         r = (a / a2) ** 2  # Song's alpha_i = 1 - beta_i for VP (= alpha_bar_i / alpha_bar_{i-1}); 1 for VE
@@ -74,12 +75,13 @@ def pc(b, g, predictor, snr, corrector_steps):
 
 @solver("annealed_langevin", alpha_zero=True,
         step_size=Option(2e-5, _positive, "step_size (epsilon of NCSN) must be > 0"),
-        corrector_steps=Option(100, _count, "corrector_steps (T of NCSN) must be an integer >= 1"))
+        corrector_steps=Option(100, _count, f"corrector_steps (T of NCSN) must be an integer in 1..{MAX_STAGES}"))
 def annealed_langevin(b, g, step_size, corrector_steps):
     """NCSN: T Langevin steps at each level t_1..t_N with alpha_i = eps sigma_i^2 / sigma_L^2.
 
     Step i moves the sample to level t_{i+1}; a final clean point is one denoising call at the last level.
     """
+    b.expect((g.steps - 1) * corrector_steps + 1)
     levels = [i for i in range(1, g.steps + 1) if not g.zero[i]]
     sigma_L = g.sigma[levels[-1]] if levels else 1.0
     for i in b.steps(g.steps, start=1):
