@@ -37,7 +37,8 @@ SOLVERS = [s for s in fastdiff.SOLVERS if s != "unipc"]  # unipc is checked agai
 MULTISTEP = ("dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "dpmpp_3m_sde", "lms")
 # solvers whose steps divide by alpha at the step start (x / alpha, f = alpha'/alpha): no step from alpha = 0
 DIVIDE_BY_ALPHA = ("dpm_solver_singlestep", "dpm_solver_multistep", "heun", "dpm_2", "rk4", "lms", "dpm_solver_1", "dpm_solver_2", "dpm_solver_3", "euler_maruyama",
-                   "ipndm", "ipndm_v", "deis", "plms", "pndm", "res_multistep", "res_multistep_ancestral", "dpm_fast")
+                   "ipndm", "ipndm_v", "deis", "plms", "pndm", "res_multistep", "res_multistep_ancestral", "dpm_fast",
+                   "sa_solver", "sa_solver_pece")
 # options that keep the long inner loops short
 FAST = {"annealed_langevin": {"corrector_steps": 3}}
 

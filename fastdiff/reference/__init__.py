@@ -20,6 +20,7 @@ from . import ddpm as _ddpm
 from . import dpm_solver as _dpm
 from . import exponential as _exponential
 from . import flow as _flow
+from . import sa_solver as _sa_solver
 from . import ode as _ode
 from . import sde as _sde
 from ._common import Grid, Run
@@ -60,6 +61,8 @@ REFERENCES = {
     "res_multistep": _exponential.res_multistep,
     "res_multistep_ancestral": _exponential.res_multistep_ancestral,
     "dpm_fast": _exponential.dpm_fast,
+    "sa_solver": _sa_solver.sa_solver,
+    "sa_solver_pece": _sa_solver.sa_solver_pece,
 }
 
 _SPACING_OPTIONS = ("rho", "steps_offset")
