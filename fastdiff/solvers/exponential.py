@@ -47,7 +47,8 @@ def _res_multistep(b, g, eta, s_noise):
             h = math.log(s_i / down)
             # c2 = (lambda(sigma_{i-1}) - lambda(previous sigma_down)) / h, lambda = -log sigma; it is -inf (b2 = 0)
             # where the previous D is infinitely far: sigma_down = 0 or sigma_{i-1} = inf (alpha = 0)
-            b2 = _phi2(-h) * h / math.log(prev_down / g.s[i - 1]) if 0 < prev_down and math.isfinite(g.s[i - 1]) else 0.0
+            far = prev_down == 0 or not math.isfinite(g.s[i - 1])
+            b2 = 0.0 if far else _phi2(-h) * h / math.log(prev_down / g.s[i - 1])
             b1 = _phi1(-h) - b2
             y_next = (down / s_i) * (X / g.alpha[i]) + h * (b1 * D + b2 * D_prev)
             b.update(x=a_next * y_next, slots={D_prev: D}, noise=noise)

@@ -28,7 +28,7 @@ _GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(10)
 
 def sa_weights(nodes, lam_s, lam_t, tau):
     """b_j = int_{lam_s}^{lam_t} c e^{c (lam - lam_t)} L_j(lam) dlam, c = 1 + tau^2, L_j the Lagrange basis on
-    ``nodes``: composite Gauss-Legendre with pieces of length <= 1 / c (the exponential is then resolved to rounding)."""
+    ``nodes``: composite Gauss-Legendre over pieces of length <= 1 / c (resolves the exponential to rounding)."""
     c = 1.0 + tau * tau
     h = lam_t - lam_s
     pieces = max(1, math.ceil(c * h))
