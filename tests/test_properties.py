@@ -51,7 +51,7 @@ from fastdiff.timesteps import SPACING_OPTIONS
 pytestmark = pytest.mark.filterwarnings("error:invalid value encountered:RuntimeWarning")
 
 _HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
-settings.register_profile("ci", max_examples=200, derandomize=True, deadline=None, suppress_health_check=_HEALTH,
+settings.register_profile("ci", max_examples=300, derandomize=True, deadline=None, suppress_health_check=_HEALTH,
                           database=None, print_blob=True)
 settings.register_profile("long", max_examples=5000, deadline=None, suppress_health_check=_HEALTH,
                           print_blob=True)
@@ -319,7 +319,7 @@ def test_plan_refuses_clearly_or_samples_finite(req, dtype, backend):
         assert torch.isfinite(x).all(), f"{p!r} gave {x} in {dtype} on {backend}"
 
 
-@_few(60)
+@_few(100)
 @given(req=plan_requests())
 def test_cpu_backend_equals_torch_backend(req):
     kw, poisoned = req
