@@ -209,7 +209,12 @@ def _step_kernel(x_ptr, out_ptr, slots_ptr, rows_ptr, seeds_ptr, draws_ptr, guid
         if (SLOT_WRITES >> j) & 1:
             sp = slots_ptr + (b.to(tl.int64) + j * B) * N + e
             tl.store(sp, _to_storage(news[j], slots_ptr), mask=mask)
-    tl.store(x_out_ptr + base + e, _to_storage(acc, x_out_ptr), mask=mask)
+    xs = _to_storage(acc, x_out_ptr)
+    tl.store(x_out_ptr + base + e, xs, mask=mask)
+    if FLAG:
+        xf = xs.to(tl.float32)
+        bad = tl.max(tl.ravel(tl.where(mask & ((xf - xf) != 0.0), 1, 0)), axis=0)  # a [BLOCK/4, 4] tile
+        tl.atomic_or(flag_ptr + b, bad.to(tl.int32))
 
 
 @triton.jit

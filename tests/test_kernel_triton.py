@@ -433,6 +433,11 @@ class TestCUDA:
     def test_in_place(self, dtype):
         check_in_place(self.device, dtype)
 
+    @pytest.mark.parametrize("noise", [False, True], ids=["affine", "noisy"])
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    def test_nonfinite_flags(self, dtype, noise):
+        check_nonfinite_flags(tb.step, self.device, dtype, noise)
+
     def test_float64_rows(self):
         check_float64_rows(self.device)
 
