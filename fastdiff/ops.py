@@ -443,10 +443,6 @@ _CPU_NO_GUIDANCE = torch.zeros(1)  # the default guidance weight on CPU (read on
 _CHECKED_LAYOUTS: set = set()
 
 
-def _layout(t):
-    return None if t is None else (t.shape, t.dtype, t.device, t.is_contiguous())
-
-
 def step(x, out, slots, rows, seeds, draws, guidance=None, *, slot_reads=None, slot_writes=0, use_out=True,
          cfg=False, noise=True, langevin=False, backend="torch", thresholds=None, z=None, x_out=None, nonfinite=None,
          kernel=None) -> torch.Tensor:
@@ -483,18 +479,17 @@ def step(x, out, slots, rows, seeds, draws, guidance=None, *, slot_reads=None, s
         slot_reads = (1 << slots.shape[0]) - 1
     args = (x, out, slots, rows, seeds, draws, guidance, int(slot_reads), int(slot_writes), bool(use_out), bool(cfg),
             bool(noise), bool(langevin))
-    if _traced(x, out, slots, rows, seeds, draws, guidance, thresholds, z, x_out, nonfinite):  # fake / compile
+    tensors = (x, out, slots, rows, seeds, draws, guidance, thresholds, z, x_out, nonfinite)
+    if torch.compiler.is_compiling() or any([type(t) is not torch.Tensor for t in tensors if t is not None]):
+        # fake / functional tensors, compile (and non-tensor arguments, which the checks name)
         _check_step_args(*args[:11], thresholds, z, backend, x_out, nonfinite)
         x_new = _step_op(*args, backend, thresholds, z)
         if nonfinite is not None:
             nonfinite.bitwise_or_((~torch.isfinite(x_new).reshape(x.shape[0], -1).all(1)).to(nonfinite.dtype))
         return x_new if x_out is None else x_out.copy_(x_new)
-    try:
-        layout = (backend,) + tuple(_layout(t) for t in (x, out, slots, rows, seeds, draws, guidance, thresholds, z,
-                                                         x_out, nonfinite)) + args[7:11]
-    except AttributeError:  # a non-tensor argument: the checks say which
-        layout = None
-    if layout is None or layout not in _CHECKED_LAYOUTS:
+    layout = (backend, args[7], args[8], args[9], args[10], *[
+        None if t is None else (t.shape, t.dtype, t.device, t.is_contiguous()) for t in tensors])
+    if layout not in _CHECKED_LAYOUTS:
         _check_step_args(*args[:11], thresholds, z, backend, x_out, nonfinite)
         if len(_CHECKED_LAYOUTS) >= 256:
             _CHECKED_LAYOUTS.clear()
