@@ -17,6 +17,9 @@ assert fd.models.GaussianMixture is not None
 assert fd.thresholding.threshold_of is fd.ops.threshold_of
 for n in names:
     assert getattr(fd, n).__name__ == "fastdiff." + n
+assert "diffusers" not in sys.modules  # fd.integrations alone does not import diffusers
+assert fd.integrations.k_diffusion.sample_euler is not None
+assert "diffusers" in dir(fd.integrations) and "diffusers" not in sys.modules
 try:
     fd.no_such_name
 except AttributeError as e:

@@ -53,3 +53,14 @@ def test_bench_quick_smoke(tmp_path, capsys):
     providers = {r["provider"] for r in step["rows"]}
     assert {"torch-eager", "diffusers"} <= providers
     assert all(r["refcheck_rel_err"] <= 1e-4 for r in step["rows"])
+
+
+def test_readme_tour_runs_verbatim(capsys):
+    """The README's tour is run as written (its first python block after '## A short tour')."""
+    text = (ROOT / "README.md").read_text()
+    tour = text[text.index("## A short tour"):]
+    code = tour[tour.index("```python\n") + len("```python\n"):]
+    code = code[: code.index("```")]
+    exec(compile(code, "README.md tour", "exec"), {})
+    out = capsys.readouterr().out
+    assert out.startswith("20 [999. 949. 899.] 0.0"), out
