@@ -36,7 +36,8 @@ try:
 except ImportError:
     from ._common import loadavg, source_version, time_interleaved, write
 
-SHAPES = {"sd-1x4x64x64": (1, 4, 64, 64), "1x16x128x128": (1, 16, 128, 128), "video-1x16x21x60x104": (1, 16, 21, 60, 104)}
+SHAPES = {"sd-1x4x64x64": (1, 4, 64, 64), "1x16x128x128": (1, 16, 128, 128),
+          "video-1x16x21x60x104": (1, 16, 21, 60, 104)}
 STEPS = [1, 4, 25]
 BANDWIDTH_SIZES = {"4M": 1 << 22, "32M": 1 << 25}
 BANDWIDTH_SOLVERS = ["ddim", "dpmpp_2m", "euler_ancestral"]

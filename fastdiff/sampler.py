@@ -382,6 +382,7 @@ class _Workspace:
         self.slots = torch.empty((plan.num_slots,) + tuple(shape), dtype=dtype, device=device)
         self.x2 = torch.empty((2 * batch,) + tuple(shape[1:]), dtype=dtype, device=device) if guided else None
         self.nonfinite = torch.zeros(batch, dtype=torch.int32, device=device)
+        self.no_guidance = torch.zeros(1, dtype=cdt, device=device)  # the step's guidance argument without cfg
         self.busy = False
         stages, written, unset = [], 0, 0
         for k in range(plan.num_stages):
@@ -447,9 +448,8 @@ def _loop(model, plan, x, seeds_t, backend, w, kwargs, ws: _Workspace, callback=
     (dynamic thresholding included: its reduction pass is device-side torch ops).
     """
     guided = w is not None
-    cdt = ops.compute_dtype(x.dtype)
     slots, flags = ws.slots, ws.begin(check_finite)
-    w_t = w if guided else torch.zeros(1, dtype=cdt, device=x.device)
+    w_t = w if guided else ws.no_guidance
     x = x.contiguous()
     first_call, last = True, len(ws.stages) - 1
     for i, (k, reads, writes, use_out, noise, langevin, row, draw, t) in enumerate(ws.stages):

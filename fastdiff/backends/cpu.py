@@ -7,8 +7,9 @@ the compiler and its flags, and the host CPU's instruction sets (the code is com
 every later process with the same sources reuses it, while two checkouts or environments never overwrite each
 other's build; a file lock keeps concurrent first builds from racing.  ``OPS`` has the signatures of
 ``fastdiff.ops.step_reference`` / ``add_noise_reference`` / ``_randn_reference``; ``step`` also takes ``x_out``
-(e.g. ``x_out=x`` for an in-place update) and ``nonfinite`` (per-sample flags raised as x' is written).  Arguments are validated by ``fastdiff.ops``; the extension checks only
-its own limits (CPU tensors, storage dtypes, contiguity, at most 8 slots).
+(e.g. ``x_out=x`` for an in-place update) and ``nonfinite`` (per-sample flags raised as x' is written), ``randn``
+an ``out`` buffer.  Arguments are validated by ``fastdiff.ops``; the extension checks only its own limits (CPU
+tensors, storage dtypes, contiguity, at most 8 slots).
 """
 
 from __future__ import annotations
