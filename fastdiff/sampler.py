@@ -11,6 +11,12 @@ guidance combined inside the step, Philox noise drawn inside the step from a see
 (``_loop``) runs either eagerly or, on CUDA kernel backends, captured whole (prior draw included) in one CUDA graph
 per (plan, shape, dtype, device, guidance on/off, conditioning shapes) and replayed; new seeds, x_T, guidance
 weight or conditioning values are copied into static buffers, so they need no re-capture.
+
+The eager loop allocates nothing per step: each thread keeps a few workspaces (``_Workspace``: the state buffer
+the steps update in place, the history slots, the [uncond; cond] input, the model-time tensors and coefficient row
+views of every stage) keyed by (plan, shape, dtype, device, guidance), and only the result is a new tensor.  The
+kernels raise a per-sample flag when they store a NaN / Inf, so ``check_finite`` costs no extra pass.  The model
+must not keep its input x after it returns (the next stage overwrites it); callbacks get tensors of their own.
 """
 
 from __future__ import annotations
