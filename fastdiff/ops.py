@@ -40,7 +40,11 @@ import torch
 from . import rng
 from ._names import unknown_name
 from .backends import BACKENDS
-from .thresholding import apply_threshold, dynamic_threshold, threshold_of, threshold_options  # noqa: F401 (re-exported)
+from .estimate import broadcast_column as _bcast
+from .estimate import compute_dtype, guided_output  # noqa: F401 (public here too)
+from .estimate import data_estimate as _data_estimate
+from .thresholding import apply_threshold, threshold_of, threshold_options  # noqa: F401 (re-exported)
+from .thresholding import dynamic_threshold as _dynamic_threshold
 
 KERNELS = BACKENDS  # old name of the backend list
 ROW_HEAD = 7  # cx, co, g, snr, r, lsx, lsD
@@ -50,16 +54,6 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 def row_length(num_slots: int) -> int:
     """Length of a flat coefficient row for ``num_slots`` history slots: 7 + (1+K)(2+K)."""
     return ROW_HEAD + (1 + num_slots) * (2 + num_slots)
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype a step computes in for data of ``dtype``: float64 for float64, float32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _bcast(col: torch.Tensor, ndim: int) -> torch.Tensor:
-    """[B|1] -> [B|1, 1, ...] for broadcasting against [B, *S]."""
-    return col.reshape((-1,) + (1,) * (ndim - 1))
 
 
 def per_sample_norm(t: torch.Tensor) -> torch.Tensor:
@@ -72,20 +66,20 @@ def per_sample_norm(t: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def guided_output(out: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
-    """Classifier-free guidance on a [uncond; cond] batch [2B, ...]: out_u + w (out_c - out_u), in out's dtype."""
-    B = out.shape[0] // 2
-    return out[:B] + _bcast(guidance.to(out.dtype), out.dim()) * (out[B:] - out[:B])
-
-
-def _data_estimate(x, out, rows, guidance, cfg: bool) -> torch.Tensor:
-    """D = cx x + co out (out guided with ``cfg``) in the compute dtype; no checks."""
-    cdt = compute_dtype(x.dtype)
-    c = rows.to(cdt)
-    o = out.to(cdt)
+def _check_estimate_args(x, out, rows, guidance, cfg):
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
+        raise ValueError(f"x must be a floating-point tensor [B, ...], got {_describe(x)}")
+    B = x.shape[0]
+    _check_tensor_arg("out", out, (2 * B if cfg else B,) + tuple(x.shape[1:]), x.device, floating=True,
+                      what="[uncond; cond]" if cfg else "x's shape")
+    if not isinstance(rows, torch.Tensor) or rows.dim() != 2 or rows.shape[0] not in (1, B) or rows.shape[1] < 2:
+        raise ValueError(f"rows must be [B or 1, R] coefficient rows, got {_describe(rows)}")
+    _same_device_as_x("rows", rows, x)
     if cfg:
-        o = guided_output(o, guidance)
-    return _bcast(c[:, 0], x.dim()) * x.to(cdt) + _bcast(c[:, 1], x.dim()) * o
+        if not isinstance(guidance, torch.Tensor) or guidance.dim() != 1 or guidance.shape[0] not in (1, B):
+            raise ValueError(f"with cfg, guidance must be a [B or 1] tensor of guidance weights, got "
+                             f"{_describe(guidance)}")
+        _same_device_as_x("guidance", guidance, x)
 
 
 def data_estimate(x, out, rows, guidance=None, cfg: bool = False) -> torch.Tensor:
@@ -102,20 +96,15 @@ def data_estimate(x, out, rows, guidance=None, cfg: bool = False) -> torch.Tenso
     -------
     Tensor [B, *S] in float32 (float64 for float64 x)
     """
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
-        raise ValueError(f"x must be a floating-point tensor [B, ...], got {_describe(x)}")
-    B = x.shape[0]
-    _check_tensor_arg("out", out, (2 * B if cfg else B,) + tuple(x.shape[1:]), x.device, floating=True,
-                      what="[uncond; cond]" if cfg else "x's shape")
-    if not isinstance(rows, torch.Tensor) or rows.dim() != 2 or rows.shape[0] not in (1, B) or rows.shape[1] < 2:
-        raise ValueError(f"rows must be [B or 1, R] coefficient rows, got {_describe(rows)}")
-    _same_device_as_x("rows", rows, x)
-    if cfg:
-        if not isinstance(guidance, torch.Tensor) or guidance.dim() != 1 or guidance.shape[0] not in (1, B):
-            raise ValueError(f"with cfg, guidance must be a [B or 1] tensor of guidance weights, got "
-                             f"{_describe(guidance)}")
-        _same_device_as_x("guidance", guidance, x)
+    _check_estimate_args(x, out, rows, guidance, cfg)
     return _data_estimate(x, out, rows, guidance, cfg)
+
+
+def dynamic_threshold(x, out, rows, guidance=None, cfg: bool = False, ratio=0.995, max_value=1.0) -> torch.Tensor:
+    """``fastdiff.thresholding.dynamic_threshold`` with its arguments checked (as ``data_estimate`` checks them):
+    the per-sample thresholds [B] that ``step(..., thresholds=)`` takes for this stage."""
+    _check_estimate_args(x, out, rows, guidance, cfg)
+    return _dynamic_threshold(x, out, rows, guidance, cfg, ratio, max_value)
 
 
 def step_reference(x, out, slots, rows, seeds, draws, guidance, slot_reads: int, slot_writes: int, use_out: bool,

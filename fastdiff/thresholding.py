@@ -12,6 +12,8 @@ import numbers
 
 import torch
 
+from .estimate import data_estimate
+
 
 def threshold_options(ratio, max_value) -> tuple[float, float]:
     """Check dynamic thresholding's options: (ratio in [0, 1], max_value >= 1) as floats, else ValueError."""
@@ -94,6 +96,4 @@ def dynamic_threshold(x, out, rows, guidance=None, cfg=False, ratio=0.995, max_v
     -------
     Tensor [B]: float32 (float64 for float64 x), each >= 1
     """
-    from .ops import data_estimate  # here, not at the top: fastdiff.ops re-exports this module's names
-
     return threshold_of(data_estimate(x, out, rows, guidance, cfg), ratio, max_value)
