@@ -38,7 +38,9 @@ class FixedNoise:
 CASES = [("sample_euler", {}), ("sample_heun", {}), ("sample_dpm_2", {}), ("sample_lms", {}),
          ("sample_dpmpp_2m", {}), ("sample_euler_ancestral", {"eta": 1.0}), ("sample_euler_ancestral", {"eta": 0.5}),
          ("sample_dpmpp_2s_ancestral", {}), ("sample_dpmpp_2m_sde", {}),
-         ("sample_dpmpp_2m_sde", {"solver_type": "heun", "eta": 0.7}), ("sample_dpmpp_3m_sde", {})]
+         ("sample_dpmpp_2m_sde", {"solver_type": "heun", "eta": 0.7}), ("sample_dpmpp_3m_sde", {}),
+         ("sample_dpm_2_ancestral", {}), ("sample_dpm_2_ancestral", {"eta": 0.5, "s_noise": 0.9}),
+         ("sample_dpmpp_sde", {}), ("sample_dpmpp_sde", {"eta": 0.6, "r": 0.3})]
 
 
 @pytest.mark.parametrize("n", [2, 5, 12])
