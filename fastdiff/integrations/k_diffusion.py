@@ -57,7 +57,7 @@ def _run(solver, model, x, sigmas, extra_args, callback, disable, noise_sampler=
         if noise_args == "dpmpp_sde":
             noise_fn = _dpmpp_sde_noise(plan, sig_t, noise_sampler, options["r"])
         elif noise_args == "stage":
-            times = torch.as_tensor(plan.stage_times, dtype=sig_t.dtype)
+            times = torch.tensor(plan.stage_times, dtype=sig_t.dtype)
 
             def noise_fn(k):
                 i = int(steps[k])
