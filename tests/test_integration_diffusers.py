@@ -1,4 +1,4 @@
-"""fastdiff.integrations.diffusers: drop-in schedulers equal diffusers' own (issue 7).
+"""fastdiff.integrations.diffusers: drop-in schedulers equal diffusers' own.
 
 Each case runs diffusers' standard loop twice on the same fixed nonlinear model (the exact Gaussian-mixture denoiser
 of ``peers.py`` as a function of the model's (x, t)), once with the stock scheduler and once with fastdiff's class of
@@ -365,10 +365,10 @@ def test_unsupported_options_and_bad_calls_raise_clearly():
     with pytest.raises(NotImplementedError, match="sde-dpmsolver"):
         fdd.DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver", solver_order=3,
                                         final_sigmas_type="sigma_min").set_timesteps(5)
-    s = fdd.EulerDiscreteScheduler(**SD)
     x = x_start()
-    with pytest.raises(ValueError, match="set_timesteps"):
-        s.step(x, 999, x)
+    with pytest.raises(ValueError, match="set_timesteps"):  # diffusers' DDIM has no schedule before it either
+        fdd.DDIMScheduler(**SD).step(x, 999, x)
+    s = fdd.EulerDiscreteScheduler(**SD)
     s.set_timesteps(4)
     t = s.timesteps[0]
     with pytest.raises(NotImplementedError, match="s_churn"):
@@ -379,9 +379,9 @@ def test_unsupported_options_and_bad_calls_raise_clearly():
     a.set_timesteps(4)
     with pytest.raises(ValueError, match="one entry per sample"):
         a.step(x, a.timesteps[0], x, seeds=[1, 2])
-    d = fdd.DDIMScheduler(**SD)
+    d = fdd.DDPMScheduler(**SD)
     d.set_timesteps(4)
-    with pytest.raises(ValueError, match="not one of"):
+    with pytest.raises(ValueError, match="not one of"):  # diffusers' DDPM cannot step from it either
         d.step(x, 998, x)
     m = fdd.DPMSolverMultistepScheduler(**SD)
     m.set_timesteps(4)

@@ -1,4 +1,4 @@
-"""Peer equivalence with diffusers' schedulers (DESIGN §6.3).
+"""Peer equivalence with diffusers' schedulers.
 
 Each diffusers scheduler is built from its constructor (no hub download) and run with the standard loop
 

@@ -36,7 +36,9 @@ SCHEDULES = {
 SOLVERS = [s for s in fastdiff.SOLVERS if s != "unipc"]  # unipc is checked against diffusers (test_peers_*)
 MULTISTEP = ("dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "dpmpp_3m_sde", "lms")
 # solvers whose steps divide by alpha at the step start (x / alpha, f = alpha'/alpha): no step from alpha = 0
-DIVIDE_BY_ALPHA = ("dpm_solver_singlestep", "dpm_solver_multistep", "heun", "dpm_2", "rk4", "lms", "dpm_solver_1", "dpm_solver_2", "dpm_solver_3", "euler_maruyama")
+DIVIDE_BY_ALPHA = ("dpm_solver_singlestep", "dpm_solver_multistep", "heun", "dpm_2", "rk4", "lms", "dpm_solver_1", "dpm_solver_2", "dpm_solver_3", "euler_maruyama",
+                   "ipndm", "ipndm_v", "deis", "plms", "pndm", "res_multistep", "res_multistep_ancestral", "dpm_fast",
+                   "sa_solver", "sa_solver_pece")
 DIVIDE_BY_ALPHA += ("dpm_2_ancestral", "dpmpp_sde", "heunpp2", "seeds_2", "seeds_3", "er_sde")
 # options that keep the long inner loops short
 FAST = {"annealed_langevin": {"corrector_steps": 3}}
@@ -160,6 +162,12 @@ def _tolerance(solver, schedule, final):
     # from rounding alone.
     if solver == "pc" and isinstance(schedule, SubVP) and final == "zero":
         return 1e-8
+    # PNDM's one pseudo Runge-Kutta step from sub-VP's t = 1 (alpha = 0.0066) to t_min: the transfers scale x by
+    # alpha_t / alpha_s = 152 and the fourth call's eps = (x - alpha D) / sigma divides by sigma = 1.1e-4, so the step
+    # amplifies rounding ~1e6-fold; the plan (D first, eps from it) and the reference (eps from the output) differ by
+    # ~2e-10 relative.
+    if solver == "pndm" and isinstance(schedule, SubVP) and final == "t_min":
+        return 1e-9
     return RTOL
 
 

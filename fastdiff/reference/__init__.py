@@ -14,13 +14,16 @@ import inspect
 
 import torch
 
+from . import adams as _adams
 from . import ancestral as _ancestral
 from . import consistency as _consistency
 from . import ddpm as _ddpm
 from . import dpm_solver as _dpm
 from . import exp_sde as _exp_sde
+from . import exponential as _exponential
 from . import flow as _flow
 from . import ode as _ode
+from . import sa_solver as _sa_solver
 from . import sde as _sde
 from . import sigma_ode as _sigma_ode
 from ..timesteps import SPACING_OPTIONS as _SPACING_OPTIONS
@@ -63,6 +66,16 @@ REFERENCES = {
     "er_sde": _exp_sde.er_sde,
     "heunpp2": _sigma_ode.heunpp2,
     "gradient_estimation": _sigma_ode.gradient_estimation,
+    "ipndm": _adams.ipndm,
+    "ipndm_v": _adams.ipndm_v,
+    "deis": _adams.deis,
+    "plms": _adams.plms,
+    "pndm": _adams.pndm,
+    "res_multistep": _exponential.res_multistep,
+    "res_multistep_ancestral": _exponential.res_multistep_ancestral,
+    "dpm_fast": _exponential.dpm_fast,
+    "sa_solver": _sa_solver.sa_solver,
+    "sa_solver_pece": _sa_solver.sa_solver_pece,
 }
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import consistency, ddpm, dpm_solver, flow, ode, sde, unipc  # noqa: F401  (register the families)
+from . import adams, consistency, ddpm, dpm_solver, exponential, flow, ode, sa_solver, sde, unipc  # noqa: F401  (register)
 from . import ancestral, exp_sde, sigma_ode  # noqa: F401
 from .builder import Builder, Grid, OutOfRange, StageLimit
 from .registry import (MAX_STAGES, SOLVERS, alpha_zero_error, alpha_zero_solvers, check_options,  # noqa: F401

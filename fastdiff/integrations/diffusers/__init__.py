@@ -1,0 +1,51 @@
+"""diffusers drop-in schedulers whose ``step`` is a fastdiff plan row in the fused step kernel.
+
+Each class subclasses the diffusers scheduler of the same name, so configuration (``from_config``, ``save_config``,
+``config``), ``set_timesteps`` (timesteps and noise levels exactly as diffusers computes them, every spacing and
+sigma option included), ``init_noise_sigma``, ``order`` and the output classes are diffusers' own and pipelines
+accept the scheduler unchanged.  What is replaced is the arithmetic:
+
+- ``set_timesteps`` compiles diffusers' noise levels into a fastdiff ``Plan`` (the solver math lives in
+  ``fastdiff.solvers``, once) and moves its coefficient rows to the device;
+- ``step`` executes one row with ``fastdiff.ops.step``: one memory pass, coefficients read from device memory, no
+  host sync (usable inside CUDA-graph capture), per-sample timesteps in one call (``timestep`` a [B] tensor, or
+  ``step_index=`` a [B] tensor), Philox noise per sample (``seeds=``) unless a ``generator`` or ``variance_noise``
+  is given, in which case the noise is drawn exactly as diffusers draws it;
+- ``scale_model_input`` and ``add_noise`` / ``scale_noise`` gather their factors on the device.
+
+Stateless use (threads): ``state = scheduler.new_state()`` after ``set_timesteps``; ``step(..., state=state)`` then
+reads and writes only ``state`` (its counter and history), never the scheduler, so one scheduler serves many
+concurrent sampling runs.
+
+Euler-type schedulers (Euler, Euler ancestral, Heun) work on diffusers' ``x / alpha``; the rows fold that scaling
+in (``_Program``), so the kernel still makes one pass.  Clipping and Imagen thresholding of the predicted x0
+(``clip_sample``, ``thresholding``) need the x0 of the whole sample first: that path computes it with torch ops
+and hands it to the kernel as the model output of an x0-row.  Where diffusers' output carries
+``pred_original_sample`` (DDIM, DDPM, Euler, Euler ancestral, Heun), it is formed with torch ops too: one more pass.
+
+The step is found as diffusers finds it: from its counter (set from ``set_begin_index`` or the first timestep,
+the second occurrence of a repeated one) or from the timestep's value; DDIM steps from any timestep t to
+t - num_train_timesteps // num_inference_steps, the multistep solvers take a timestep off the schedule as the last
+step, and DDPM, Euler and Euler ancestral step on the training schedule before ``set_timesteps``.
+
+Differences to diffusers, each a diffusers bug that fastdiff does not copy (pinned in the tests): DDPM with
+``variance_type="fixed_large"`` adds noise on its final step; DPM-Solver++ SDE order 3 has a sign error in its D2
+coefficient; UniPC bh1 returns NaN with ``final_sigmas_type="zero"``; a timestep that rounding repeats (DPM-Solver's
+``set_timesteps(1000)``) is a step of length 0, after which diffusers divides by zero (NaN) and fastdiff leaves x
+as is.  Coefficients are float64 (diffusers' float32 ``1 - alpha_bar`` loses digits near t = 0).  A step where a
+noise prediction has no data estimate (alpha_bar <= 0: betas above 1) raises ``ValueError`` where diffusers returns
+inf / NaN.  Options fastdiff does not implement raise ``NotImplementedError`` naming the option.
+"""
+
+from __future__ import annotations
+
+from ._base import StepState
+from .flow import FlowMatchEulerDiscreteScheduler
+from .sigma_indexed import (DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler, EulerAncestralDiscreteScheduler,
+                            EulerDiscreteScheduler, HeunDiscreteScheduler, UniPCMultistepScheduler)
+from .timestep_indexed import DDIMScheduler, DDPMScheduler, LCMScheduler
+
+__all__ = ["DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
+           "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
+           "UniPCMultistepScheduler", "FlowMatchEulerDiscreteScheduler", "LCMScheduler", "StepState"]
+

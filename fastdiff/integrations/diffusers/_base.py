@@ -1,0 +1,509 @@
+"""The shared machinery of fastdiff's diffusers drop-in schedulers: the compiled program of one ``set_timesteps``
+call (``_Program``), the per-run state (``StepState``) and the step / scale_model_input / add_noise mixin
+(``_FastdiffStep``) that each scheduler class puts before diffusers' class in its bases."""
+
+from __future__ import annotations
+
+import functools
+import threading
+
+import numpy as np
+import torch
+
+try:
+    import diffusers as _d
+    from diffusers.utils.torch_utils import randn_tensor
+except ImportError as e:  # pragma: no cover - diffusers is a test dependency
+    raise ImportError("fastdiff.integrations.diffusers needs diffusers: pip install diffusers") from e
+
+from ... import ops, rng, thresholding
+from ...backends import resolve
+from ...plan import ROW_HEADER, StageFlags, fold_rows, row_length, x0_input_rows
+from ...schedules import DiscreteVP
+
+PREDICTION = {"epsilon": "epsilon", "v_prediction": "v", "sample": "x0", "flow_prediction": "flow"}
+
+
+def _unsupported(what: str):
+    raise NotImplementedError(f"fastdiff's drop-in scheduler does not implement {what}; use diffusers' own scheduler "
+                              "for it")
+
+
+def _f64(t) -> np.ndarray:
+    return np.asarray(torch.as_tensor(t).detach().to("cpu", torch.float64).numpy(), dtype=np.float64)
+
+
+CX, CO, GAIN = (ROW_HEADER.index(name) for name in ("cx", "co", "g"))  # columns of a flat row
+
+
+def data_estimate(rows, x, out):
+    """D = cx x + co out [B, ...] of gathered rows [B|1, R], in the rows' dtype (torch ops: one pass)."""
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    return rows[:, CX].reshape(shape) * x.to(rows.dtype) + rows[:, CO].reshape(shape) * out.to(rows.dtype)
+
+
+# A step the plan refuses (a noise prediction has no data estimate where alpha_bar <= 0, e.g. betas above 1; Euler's
+# sigmas that rise): a NaN row, and stepping it raises the plan's error (diffusers' own step returns inf / NaN there).
+_REFUSED_ROW = np.full(row_length(0), np.nan)
+_REFUSED_ROW[GAIN:len(ROW_HEADER)] = 0.0  # no noise, no Langevin term: only D and x' are NaN
+_REFUSED_FLAGS = StageFlags(0, 0, True, False, False)
+
+
+def _numbered_draws(flags):
+    """Noise draw of each stage: 1, 2, ... in order over the stages that draw, -1 for the others."""
+    noise = np.array([f.noise for f in flags], dtype=bool)
+    return np.where(noise, np.cumsum(noise), -1)
+
+
+def _stagewise(plan_of, num_stages):
+    """(rows, flags, draws, refused) of one-step schedulers as one one-stage plan per step, ``plan_of(k)``; a step
+    whose plan is refused gets a NaN row, and its error in ``refused`` [stage -> message]."""
+    rows, flags, refused = [], [], {}
+    for k in range(num_stages):
+        try:
+            p = plan_of(k)
+            rows.append(p.shared_rows()[0])
+            flags.append(p.stage_flags[0])
+        except ValueError as e:
+            rows.append(_REFUSED_ROW)
+            flags.append(_REFUSED_FLAGS)
+            refused[k] = str(e)
+    return rows, flags, _numbered_draws(flags), refused
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The compiled program of one set_timesteps call
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _Program:
+    """Rows of every diffusers ``step`` call (stage k = the k-th call), folded for the scheduler's sample space.
+
+    The plan computes in x = alpha y; a scheduler whose sample is y (``a_in`` / ``a_out`` != 1) gets rows with the
+    x columns scaled by ``a_in`` and the output row divided by ``a_out``.  ``rows`` are ``Plan.shared_rows()``
+    (identity on unwritten slots), so per-sample rows of different stages run with the union of the slot masks.
+    """
+
+    def __init__(self, rows, flags, draws, num_slots, timesteps, a_in=None, a_out=None, peer_draws=None,
+                 alpha_next=None, extra=None, refused=None):
+        rows = np.asarray(rows, dtype=np.float64)
+        S = rows.shape[0]
+        self.rows64 = fold_rows(rows, num_slots, 1.0 if a_in is None else a_in, 1.0 if a_out is None else a_out)
+        self.x0_rows64 = x0_input_rows(self.rows64)  # the model output replaced by a clipped / thresholded x0
+        self.flags = tuple(StageFlags(*f) for f in flags)
+        self.union = StageFlags.union(*self.flags)  # per-sample rows of different stages in one launch
+        self.draws = np.asarray(draws, dtype=np.int64)
+        self.num_slots = num_slots
+        self.num_stages = S
+        self.timesteps = np.asarray(timesteps, dtype=np.float64)
+        self.timesteps_unique = len(np.unique(self.timesteps)) == len(self.timesteps)  # a timestep names a step
+        self.in_scale = np.ones(S) if a_in is None else np.asarray(a_in, dtype=np.float64)
+        self.peer_draws = tuple(bool(v) for v in (peer_draws if peer_draws is not None else [False] * S))
+        self.alpha_next = None if alpha_next is None else np.asarray(alpha_next, dtype=np.float64)
+        self.extra = extra or {}
+        self.refused = dict(refused or {})  # stage -> why the plan has no row for it (stepping it raises that)
+        self._device = {}
+
+    def on(self, device, dtype):
+        """Device tensors (rows, x0 rows, draws, noise gain, input scale, timesteps, alpha_next), cached."""
+        cdt = torch.float64 if dtype == torch.float64 else torch.float32
+        key = (str(device), cdt)
+        hit = self._device.get(key)
+        if hit is None:
+            def t(a, dt=cdt):
+                return torch.tensor(np.ascontiguousarray(a), dtype=dt, device=device)
+
+            hit = dict(rows=t(self.rows64), x0_rows=t(self.x0_rows64), draws=t(self.draws, torch.int64),
+                       gain=t(self.rows64[:, GAIN]), in_scale=t(self.in_scale),
+                       timesteps=t(self.timesteps, torch.float64),
+                       alpha_next=None if self.alpha_next is None else t(self.alpha_next))
+            hit.update({k: t(v) for k, v in self.extra.items()})
+            hit["no_draw"] = torch.full((1,), -1, dtype=torch.int64, device=device)
+            hit["no_guidance"] = torch.zeros(1, dtype=torch.float32, device=device)
+            self._device[key] = hit
+        return hit
+
+
+_PROGRAMS: dict = {}  # programs by (class, config, begin/eta, timesteps, sigmas), oldest first
+_PROGRAMS_LOCK = threading.Lock()
+_KERNELS: dict = {}
+
+
+class StepState:
+    """Per-run state of a scheduler: the step counter and the history slots (one per concurrent sampling run).
+
+    ``scheduler.new_state(begin_index=0)`` binds one to the scheduler's current ``set_timesteps``; ``step(...,
+    state=s)`` then touches nothing else, so runs on different threads do not interfere.
+    """
+
+    def __init__(self, scheduler, begin_index: int = 0):
+        if getattr(scheduler, "_fd_programs", None) is None:
+            raise ValueError("call set_timesteps(...) before new_state()")
+        self.scheduler_programs = scheduler._fd_programs
+        self.step_index = int(begin_index)
+        self.begin_index = int(begin_index)
+        self.slots = None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The shared step machinery
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _FastdiffStep:
+    """Mixed into each diffusers scheduler class (before it in the MRO)."""
+
+    _stateful = False  # multistep / multistage: history slots carry between calls, programs start at a begin index
+    _index_by = "counter"  # "counter": diffusers' step counter names the step; "timestep": the timestep value does
+    _scales_input = False  # Euler-type: scale_model_input divides by sqrt(sigma^2 + 1)
+    _noise_fp32 = False  # diffusers draws its generator noise in float32 (else in the model output's dtype)
+    _returns_x0 = False  # diffusers' output has pred_original_sample (the stage's data estimate D)
+    _ready_at_init = False  # diffusers' __init__ holds the training schedule and its step may run on it
+    _unknown_timestep_is_last = False  # diffusers treats a timestep off the schedule as the last step
+    backend = "auto"  # fastdiff backend for step: "auto", "cpu", "cuda", "triton" or "torch"
+
+    # -- what each scheduler provides --------------------------------------------------------------------------
+
+    def _fd_build(self, begin: int, eta) -> _Program:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _fd_check_config(self):
+        pass
+
+    def _fd_output(self, prev, x0):
+        return _d.schedulers.scheduling_utils.SchedulerOutput(prev_sample=prev)
+
+    def _fd_tuple(self, prev, x0):
+        return (prev,)
+
+    def _fd_off_schedule(self, timestep, eta):
+        """(program, stage) for a host timestep that is not on the schedule; by default an error."""
+        ts = self._fd_ts_host
+        raise ValueError(f"timestep {timestep} is not one of this scheduler's timesteps (set_timesteps gave "
+                         f"{ts[:4].tolist()}...)")
+
+    def _fd_extra(self, prog, dev, k, B, x, model_output, x0):
+        return None
+
+    # -- set_timesteps ------------------------------------------------------------------------------------------
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        stock = next((b for b in cls.__mro__ if b.__module__.startswith("diffusers.")), None)
+        if stock is None or "set_timesteps" in cls.__dict__ or not cls.__module__.startswith(__package__):
+            return  # an intermediate mixin, or a class that defines its own
+
+        # diffusers' own signature (timesteps= / sigmas= / mu= ...): its retrieve_timesteps inspects it
+        @functools.wraps(stock.set_timesteps)
+        def set_timesteps(self, *args, **kwargs):
+            self._fd_check_config()
+            stock.set_timesteps(self, *args, **kwargs)
+            self._fd_take_schedule()
+
+        cls.set_timesteps = set_timesteps
+
+    def _fd_take_schedule(self):
+        """Host copies of the timesteps and noise levels, taken once per schedule, so that no later step copies
+        from the device (a sync); programs are built from them on first use."""
+        self._fd_ts_host = _f64(self.timesteps)
+        self._fd_sig_host = _f64(self.sigmas) if hasattr(self, "sigmas") else np.zeros(0)
+        self._fd_programs = {}  # (begin index, eta) -> _Program, built on first use
+        self._fd_slots_own = None
+        self._fd_begin = 0
+
+    def _fd_programs_or_init(self):
+        programs = getattr(self, "_fd_programs", None)
+        if programs is None and self._ready_at_init:
+            self._fd_check_config()
+            self._fd_take_schedule()  # the training schedule diffusers' __init__ set up
+            programs = self._fd_programs
+        return programs
+
+    def _fd_schedule(self) -> DiscreteVP:
+        """The scheduler's own alpha_bar table (float64 of diffusers' float32 values) as a DiscreteVP."""
+        if getattr(self, "_fd_schedule_cache", None) is None:
+            if len(self.alphas_cumprod) < 2:
+                _unsupported(f"num_train_timesteps={len(self.alphas_cumprod)} (a DiscreteVP has at least 2 steps)")
+            self._fd_schedule_cache = DiscreteVP(betas=tuple(_betas_of(_f64(self.alphas_cumprod), _f64(self.betas))))
+        return self._fd_schedule_cache
+
+    def _fd_program(self, begin: int, eta=None) -> _Program:
+        programs = self._fd_programs_or_init()
+        if programs is None:
+            raise ValueError("call set_timesteps(...) before step(...)")
+        key = (begin if self._stateful else 0, eta)
+        prog = programs.get(key)
+        if prog is None:
+            # the same configuration and timesteps give the same program: shared across set_timesteps calls
+            gkey = (type(self).__name__, tuple(sorted((k, repr(v)) for k, v in self.config.items())), key,
+                    self._fd_ts_host.tobytes(), self._fd_sig_host.tobytes())
+            with _PROGRAMS_LOCK:
+                prog = _PROGRAMS.get(gkey)
+            if prog is None:
+                prog = self._fd_build(key[0], eta)
+                with _PROGRAMS_LOCK:
+                    if len(_PROGRAMS) >= 128:
+                        _PROGRAMS.pop(next(iter(_PROGRAMS)))
+                    _PROGRAMS[gkey] = prog
+            programs[key] = prog
+        return prog
+
+    def new_state(self, begin_index: int = 0) -> StepState:
+        """A fresh per-run state for ``step(..., state=...)`` (thread-safe sampling with one scheduler)."""
+        return StepState(self, begin_index)
+
+    # -- which step: an int (host) or ("device", timesteps) / ("index", indices) resolved on the device ----------
+
+    def _fd_host_index(self, timestep):
+        """Index of a host timestep in ``self.timesteps`` as diffusers' ``index_for_timestep`` picks it (the second
+        of a repeated timestep: Heun's first call of a step; off the schedule: the last step where diffusers says
+        so, else None), or the string "device" when the timestep lives on an accelerator."""
+        if isinstance(timestep, torch.Tensor):
+            if timestep.device.type != "cpu":
+                return "device"
+            timestep = timestep.reshape(-1)[0].item()
+        ts = self._fd_ts_host
+        hit = np.flatnonzero(ts == float(timestep))
+        if hit.size == 0:
+            return len(ts) - 1 if self._unknown_timestep_is_last else None
+        return int(hit[1] if hit.size > 1 else hit[0])
+
+    def _fd_where(self, timestep, step_index, state, eta=None):
+        """(program, k) with k the stage of the program: int, or a device-side selector for per-sample steps."""
+        if self._fd_programs_or_init() is None:
+            raise ValueError("call set_timesteps(...) before step(...) / scale_model_input(...)")
+        if state is not None and state.scheduler_programs is not getattr(self, "_fd_programs", None):
+            raise ValueError("this state belongs to an earlier set_timesteps call: make a new one with new_state()")
+        if step_index is not None:
+            prog = self._fd_program(0, eta)
+            return prog, (("index", step_index) if isinstance(step_index, torch.Tensor) else int(step_index))
+        if isinstance(timestep, torch.Tensor) and timestep.numel() > 1:
+            return self._fd_program(0, eta), ("device", timestep)
+        if self._index_by == "timestep":
+            host = self._fd_host_index(timestep)
+            if host is None:
+                return self._fd_off_schedule(timestep, eta)
+            return self._fd_program(0, eta), (("device", timestep) if host == "device" else host)
+        if state is not None:
+            k, begin = state.step_index, state.begin_index
+        else:
+            k, begin = self._fd_counter(timestep), self._fd_begin
+        prog = self._fd_program(begin, eta)
+        return prog, k - (begin if self._stateful else 0)
+
+    def _fd_counter(self, timestep):
+        """diffusers' step counter: set on the first call from the begin index, else from the timestep (a host
+        lookup; on an accelerator the run is taken to start at step 0, as pipelines that start later call
+        set_begin_index)."""
+        if self._step_index is None:
+            start = self._begin_index
+            if start is None:
+                start = self._fd_host_index(timestep)
+                if start is None:
+                    self._fd_off_schedule(timestep, None)
+                start = 0 if start == "device" else start
+            self._step_index = self._fd_begin = int(start)
+        return self._step_index
+
+    def _fd_gather(self, prog, dev, name, k, batch):
+        if isinstance(k, int):
+            return dev[name][k : k + 1]
+        kind, v = k
+        if kind == "device":
+            if not prog.timesteps_unique:
+                raise ValueError(f"{type(self).__name__} repeats timesteps, so a timestep does not name a step: "
+                                 "pass step_index= (an int or a [B] tensor)")
+            t = torch.as_tensor(v, device=dev["timesteps"].device).to(torch.float64).reshape(-1)
+            idx = (dev["timesteps"][None, :] == t[:, None]).to(torch.int8).argmax(dim=1)
+            idx = idx.expand(batch) if idx.numel() == 1 else idx
+        else:
+            idx = v.to(dev[name].device).long().reshape(-1)
+        if idx.numel() != batch:
+            raise ValueError(f"per-sample timesteps / step_index must have one entry per sample ({batch}), got "
+                             f"{idx.numel()}")
+        return dev[name][idx]
+
+    # -- scale_model_input / step -------------------------------------------------------------------------------
+
+    def scale_model_input(self, sample: torch.Tensor, timestep=None, *args, step_index=None, state=None, **kwargs):
+        """``sample`` times 1/sqrt(sigma^2 + 1) for Euler-type schedulers (gathered on the device), else as is."""
+        if not self._scales_input:
+            return sample
+        self.is_scale_input_called = True
+        prog, k = self._fd_where(timestep, step_index, state)
+        if isinstance(k, int):  # a host constant: no gather
+            return sample * float(prog.in_scale[k])
+        dev = prog.on(sample.device, sample.dtype)
+        scale = self._fd_gather(prog, dev, "in_scale", k, sample.shape[0])
+        return (sample * scale.reshape((-1,) + (1,) * (sample.dim() - 1))).to(sample.dtype)
+
+    def _fd_step(self, model_output, timestep, sample, *, generator=None, variance_noise=None, seeds=None,
+                 step_index=None, state=None, return_dict=True, eta=None, raw_eps=False):
+        if not isinstance(sample, torch.Tensor) or not isinstance(model_output, torch.Tensor):
+            raise ValueError("model_output and sample must be tensors")
+        if model_output.shape != sample.shape:
+            raise ValueError(f"model_output has shape {tuple(model_output.shape)} but sample has "
+                             f"{tuple(sample.shape)}: the model must predict one value per sample element (learned "
+                             "variance outputs are not supported)")
+        if model_output.device != sample.device:
+            raise ValueError(f"model_output is on {model_output.device} but sample on {sample.device}")
+        if variance_noise is not None and generator is not None:
+            raise ValueError("pass either generator or variance_noise, not both")
+        B = sample.shape[0]
+        prog, k = self._fd_where(timestep, step_index, state, eta)
+        per_sample = not isinstance(k, int)
+        if not per_sample and not 0 <= k < prog.num_stages:
+            raise ValueError(f"step {k} is outside the {prog.num_stages} steps of this run: call set_timesteps "
+                             "again (or set_begin_index) before a new sampling run")
+        if not per_sample and k in prog.refused:
+            raise ValueError(f"{type(self).__name__} cannot step from timestep {prog.timesteps[k]:g}: "
+                             f"{prog.refused[k]}")
+        dev = prog.on(sample.device, sample.dtype)
+        flags = prog.union if per_sample else prog.flags[k]
+        noise = flags.noise
+        rows = self._fd_gather(prog, dev, "rows", k, B)
+        x = sample.contiguous()
+        out = model_output.to(x.dtype).contiguous()
+        bshape = (-1,) + (1,) * (x.dim() - 1)
+        x0 = D_raw = None
+        transform = self._fd_x0_transform()
+        if transform is not None or self._returns_x0:
+            # the stage's data estimate (pred_original_sample) with torch ops: one more pass over x and out
+            x0 = D_raw = data_estimate(rows, x, out)
+        if transform is not None:
+            # the predicted x0 of the whole sample, clipped / thresholded, is the model output of an x0-row
+            x0 = transform(D_raw)
+            if not raw_eps:
+                rows = self._fd_gather(prog, dev, "x0_rows", k, B)
+                out = x0.to(x.dtype).contiguous()
+        # noise: diffusers' own draw when a generator or variance_noise is given, else Philox per sample
+        external = variance_noise
+        if external is None and generator is not None and (per_sample or prog.peer_draws[k]):
+            ndt = torch.float32 if self._noise_fp32 else model_output.dtype
+            external = randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=ndt)
+        if external is not None or not noise:
+            seeds_t = self._fd_seeds(None, B, x.device)  # not read: no stage draws
+            draws = dev["no_draw"]
+            noise = False
+        else:
+            seeds_t = self._fd_seeds(seeds, B, x.device)
+            draws = self._fd_gather(prog, dev, "draws", k, B)
+        prev = ops.step(x, out, self._fd_slots(state, prog, x), rows, seeds_t, draws, dev["no_guidance"],
+                        slot_reads=flags.slot_reads, slot_writes=flags.slot_writes, use_out=flags.use_out, cfg=False,
+                        noise=noise, langevin=flags.langevin, kernel=self._fd_kernel(x))
+        if external is not None:
+            gain = self._fd_gather(prog, dev, "gain", k, B).reshape(bshape)
+            prev = (prev + gain * external.to(device=x.device, dtype=gain.dtype)).to(x.dtype)
+        if transform is not None and raw_eps:
+            # DDIM without use_clipped_model_output keeps the raw eps: x' = row(x, D_raw) + alpha' (x0 - D_raw)
+            a = self._fd_gather(prog, dev, "alpha_next", k, B).reshape(bshape)
+            prev = (prev.to(a.dtype) + a * (x0 - D_raw)).to(x.dtype)
+        self._fd_advance(state, per_sample or step_index is not None)
+        extra = self._fd_extra(prog, dev, k, B, x, model_output, x0)
+        x0_out = extra if extra is not None else (None if x0 is None else x0.to(x.dtype))
+        if not self._returns_x0 and extra is None:
+            x0_out = None
+        return self._fd_output(prev, x0_out) if return_dict else self._fd_tuple(prev, x0_out)
+
+    def _fd_x0_transform(self):
+        cfg = self.config
+        if getattr(cfg, "thresholding", False):
+            ratio, max_value = float(cfg.dynamic_thresholding_ratio), float(cfg.sample_max_value)
+            if max_value < 1.0:  # diffusers' clamp(s, min=1, max=max_value) is max_value whatever the quantile
+                return lambda D: D.clamp(-max_value, max_value) / max_value
+            return lambda D: thresholding.apply_threshold(D, thresholding.threshold_of(D, ratio, max_value))
+        if getattr(cfg, "clip_sample", False):
+            r = float(cfg.clip_sample_range)
+            return lambda D: D.clamp(-r, r)
+        return None
+
+    def _fd_kernel(self, x):
+        if x.dtype == torch.float64 and self.backend == "auto":
+            return "torch"
+        key = (self.backend, x.device.type)
+        kernel = _KERNELS.get(key)
+        if kernel is None:
+            kernel = _KERNELS[key] = resolve(self.backend, x.device.type)
+        return kernel
+
+    def _fd_slots(self, state, prog, x):
+        holder, attr = (state, "slots") if state is not None else (self, "_fd_slots_own")
+        slots = getattr(holder, attr, None)
+        shape = (prog.num_slots,) + tuple(x.shape)
+        if slots is None or tuple(slots.shape) != shape or slots.dtype != x.dtype or slots.device != x.device:
+            slots = torch.zeros(shape, dtype=x.dtype, device=x.device)
+            setattr(holder, attr, slots)
+        return slots
+
+    def _fd_advance(self, state, explicit):
+        if explicit or self._index_by == "timestep":
+            return
+        if state is not None:
+            state.step_index += 1
+        else:
+            self._step_index += 1
+
+    _ARANGE: dict = {}
+
+    def _fd_seeds(self, seeds, batch, device):
+        if seeds is None:  # default seeds 0 .. B-1 (cached: a step allocates nothing it need not)
+            key = (batch, str(device))
+            hit = self._ARANGE.get(key)
+            if hit is None:
+                hit = self._ARANGE[key] = torch.arange(batch, dtype=torch.int64, device=device)
+            return hit
+        if isinstance(seeds, torch.Tensor):
+            if seeds.shape != (batch,):
+                raise ValueError(f"seeds must have one entry per sample ({batch}), got shape {tuple(seeds.shape)}")
+            return seeds.to(device=device, dtype=torch.int64)
+        seeds = list(seeds)
+        if len(seeds) != batch:
+            raise ValueError(f"seeds must have one entry per sample ({batch}), got {len(seeds)}")
+        return rng.seeds_tensor(seeds, device=device)
+
+    # -- forward process --------------------------------------------------------------------------------------------
+
+    def _fd_levels_for(self, timesteps, device):
+        """(alpha, sigma) [B] of the forward process at integer ``timesteps`` (overridden for sigma schedulers)."""
+        ab = self._fd_table("alphas_cumprod", lambda: _f64(self.alphas_cumprod), device)
+        idx = torch.as_tensor(timesteps, device=device).long().reshape(-1)
+        a = ab[idx]
+        return a.sqrt(), (1.0 - a).sqrt()
+
+    def _fd_table(self, name, host, device):
+        """A float64 table on ``device``, copied once per set_timesteps (add_noise copies nothing per call)."""
+        cache = self.__dict__.setdefault("_fd_tables", {})
+        key = (name, str(device), id(getattr(self, "_fd_programs", None)))
+        hit = cache.get(key)
+        if hit is None:
+            if len(cache) > 16:
+                cache.clear()
+            hit = cache[key] = torch.as_tensor(host(), dtype=torch.float64, device=device)
+        return hit
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
+        """x_t = alpha_t x0 + sigma_t noise with per-sample timesteps, gathered on the device (no host sync)."""
+        a, s = self._fd_levels_for(timesteps, original_samples.device)
+        B = original_samples.shape[0]
+        shape = (-1,) + (1,) * (original_samples.dim() - 1)
+        a = a.expand(B) if a.numel() == 1 else a
+        s = s.expand(B) if s.numel() == 1 else s
+        cdt = torch.float64 if original_samples.dtype == torch.float64 else torch.float32
+        x = a.to(cdt).reshape(shape) * original_samples.to(cdt) + s.to(cdt).reshape(shape) * noise.to(cdt)
+        return x.to(original_samples.dtype)
+
+
+def _betas_of(alphas_cumprod: np.ndarray, betas: np.ndarray) -> np.ndarray:
+    """Betas [N] whose cumulative product is diffusers' float32 alpha_bar table, in float64.
+
+    Where that table has underflowed to 0 (or went negative for betas > 1), the ratio of neighbours is 0/0 or out of
+    (0, 1): there the configured betas stand in, clipped into (0, 1) (diffusers' own step gives inf / NaN there).
+    A last beta of 1 (zero terminal SNR) is kept.
+    """
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = 1.0 - alphas_cumprod / np.concatenate([[1.0], alphas_cumprod[:-1]])
+    out = np.where(out <= 0.0, 1e-300, out)  # float32 ties: alpha_bar did not move
+    ok = out < 1.0  # False for NaN
+    ok[-1] |= out[-1] == 1.0
+    out[~ok] = np.clip(betas[~ok], 1e-300, 1.0 - 2.0**-52)
+    return out
