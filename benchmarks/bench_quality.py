@@ -87,6 +87,7 @@ def ring_quality(quick):
     truth = data.sample(n, generator=torch.Generator().manual_seed(1)).numpy()
     rows = []
     for solver in deterministic_solvers(SCH):
+        print(f"ring: {solver}", flush=True)
         for spacing in QUICK_SPACINGS if quick else SPACINGS:
             for nfe in QUICK_NFES if quick else NFES:
                 plan = plan_for(solver, SCH, spacing, nfe)
@@ -126,6 +127,7 @@ def digits_quality(quick, solvers):
         ref = fd.plan("rk4", sch, 10 if quick else 100, prediction=pred, spacing="logsnr")
         exact = fd.sample(unet, ref, x_T=x_T * ref.init_scale, **guided).numpy()
         for solver in solvers:
+            print(f"digits: {solver}", flush=True)
             for spacing in dict.fromkeys([sch.default_spacing] + ([] if quick else ["ays", "karras"])):
                 for nfe in [4] if quick else NFES:
                     plan = plan_for(solver, sch, spacing, nfe, pred)
