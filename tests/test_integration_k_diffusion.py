@@ -95,7 +95,11 @@ def test_one_step_sde_works_where_k_diffusion_crashes():
 # (what is checked is the wrapper's plumbing: sigmas -> plan, extra_args, seeds, callback, noise_sampler).
 COMFY = [("sample_heunpp2", "heunpp2", {}), ("sample_gradient_estimation", "gradient_estimation", {"ge_gamma": 2.5}),
          ("sample_er_sde", "er_sde", {"max_stage": 2}), ("sample_seeds_2", "seeds_2", {"eta": 0.8}),
-         ("sample_seeds_3", "seeds_3", {})]
+         ("sample_seeds_3", "seeds_3", {}), ("sample_ipndm", "ipndm", {"max_order": 3}),
+         ("sample_ipndm_v", "ipndm_v", {}), ("sample_deis", "deis", {}), ("sample_res_multistep", "res_multistep", {}),
+         ("sample_res_multistep_ancestral", "res_multistep_ancestral", {"eta": 0.7}),
+         ("sample_sa_solver", "sa_solver", {"eta": 0.8, "predictor_order": 2}),
+         ("sample_sa_solver_pece", "sa_solver_pece", {})]
 
 
 def fd_reference(solver, sigmas, x, seeds, shift, noise=None, **options):
@@ -153,3 +157,36 @@ def test_unsupported_options_name_the_argument():
         fk.sample_gradient_estimation(denoiser, x, sigmas, cfg_pp=True)
     with pytest.raises(ValueError, match="noise_scaler"):
         fk.sample_er_sde(denoiser, x, sigmas, noise_scaler=lambda v: v)
+    with pytest.raises(ValueError, match="tau_func"):
+        fk.sample_sa_solver(denoiser, x, sigmas, tau_func=lambda s: 1.0)
+    with pytest.raises(ValueError, match="deis_mode"):
+        fk.sample_deis(denoiser, x, sigmas, deis_mode="rhoab")
+    with pytest.raises(ValueError, match="sigma_min"):
+        fk.sample_dpm_fast(denoiser, x, 0.0, 80.0, 6)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.6])
+@pytest.mark.parametrize("n", [2, 6, 10])
+def test_dpm_fast_matches_k_diffusion(n, eta):
+    """k-diffusion builds its log-sigma steps in torch's default dtype: float64 here on both sides."""
+    x = 80.0 * torch.randn(3, 12, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    ours_noise, theirs_noise = FixedNoise(x.shape), FixedNoise(x.shape)
+    ours_cb, theirs_cb = [], []
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        ours = fk.sample_dpm_fast(denoiser, x, 0.002, 80.0, n, extra_args={"shift": 0.01}, disable=True, eta=eta,
+                                  noise_sampler=ours_noise, callback=ours_cb.append)
+        theirs = kd[0].sample_dpm_fast(denoiser, x, 0.002, 80.0, n, extra_args={"shift": 0.01}, disable=True, eta=eta,
+                                       noise_sampler=theirs_noise, callback=theirs_cb.append)
+    finally:
+        torch.set_default_dtype(default)
+    # k-diffusion asks for noise at every step and multiplies it by su = 0 where there is none (eta = 0, and the
+    # last step, whose sigma_down is clamped to sigma_min); fastdiff asks only where su > 0
+    assert ours_noise.calls == (theirs_noise.calls[:-1] if eta else [])
+    torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-9)
+    assert [d["i"] for d in ours_cb] == [d["i"] for d in theirs_cb]
+    for a, b in zip(ours_cb, theirs_cb):
+        assert set(a) == set(b)
+        for key in ("x", "denoised", "sigma", "t"):
+            torch.testing.assert_close(torch.as_tensor(a[key]), torch.as_tensor(b[key]), rtol=1e-9, atol=1e-9)

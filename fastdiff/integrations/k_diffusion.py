@@ -9,6 +9,10 @@ from the given ``sigmas``.  Differences from k-diffusion, by design:
   ``seeds=`` (one per sample) fixes the Philox noise; by default seeds are drawn from torch's global generator;
 - a step to sigma = 0 is never a special case in the loop (it is decided when the plan is built);
 - ``sample_dpmpp_2m_sde`` / ``sample_dpmpp_3m_sde`` also work with a single step.
+
+Samplers k-diffusion 0.1.1 lacks (heunpp2, gradient_estimation, er_sde, seeds_2/3, ipndm(_v), deis, res_multistep
+(_ancestral), sa_solver(_pece)) take ComfyUI's signatures; ComfyUI options fastdiff has no rows for (a custom
+``noise_scaler`` / ``tau_func``, ``cfg_pp``, ``deis_mode="rhoab"``) raise a ValueError that says so.
 Churn noise of ``sample_heun`` / ``sample_dpm_2`` is Philox (k-diffusion uses ``torch.randn_like`` there).
 """
 
@@ -28,7 +32,8 @@ _SCHEDULE = EDM()
 __all__ = ["sample_euler", "sample_heun", "sample_dpm_2", "sample_lms", "sample_euler_ancestral", "sample_dpmpp_2m",
            "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde", "sample_dpmpp_2s_ancestral", "sample_dpm_2_ancestral",
            "sample_dpmpp_sde", "sample_heunpp2", "sample_gradient_estimation", "sample_er_sde", "sample_seeds_2",
-           "sample_seeds_3"]
+           "sample_seeds_3", "sample_dpm_fast", "sample_ipndm", "sample_ipndm_v", "sample_deis", "sample_res_multistep",
+           "sample_res_multistep_ancestral", "sample_sa_solver", "sample_sa_solver_pece"]
 
 
 def _run(solver, model, x, sigmas, extra_args, callback, disable, noise_sampler=None, seeds=None, noise_args="step",
@@ -259,3 +264,60 @@ def sample_seeds_3(model, x, sigmas, extra_args=None, callback=None, disable=Non
     """SEEDS-3 (Gonzalez et al. 2023, ComfyUI's sample_seeds_3); noise_sampler as in ``sample_seeds_2``."""
     return _run("seeds_3", model, x, sigmas, extra_args, callback, disable, noise_sampler, seeds, noise_args="stage",
                 eta=float(eta), s_noise=float(s_noise), r_1=float(r_1), r_2=float(r_2))
+
+
+def sample_ipndm(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=4, seeds=None):
+    """Improved PNDM (Zhang & Chen 2023; ComfyUI's sample_ipndm): fixed-step Adams-Bashforth on the noise
+    estimate, of order min(max_order, step + 1)."""
+    return _run("ipndm", model, x, sigmas, extra_args, callback, disable, seeds=seeds, max_order=int(max_order))
+
+
+def sample_ipndm_v(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=4, seeds=None):
+    """iPNDM with ComfyUI's variable-step weights (sample_ipndm_v)."""
+    return _run("ipndm_v", model, x, sigmas, extra_args, callback, disable, seeds=seeds, max_order=int(max_order))
+
+
+def sample_deis(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=3, deis_mode="tab",
+                seeds=None):
+    """DEIS tAB (Zhang & Chen 2023; ComfyUI's sample_deis); only ``deis_mode="tab"``."""
+    if deis_mode != "tab":
+        raise ValueError(f"sample_deis with deis_mode={deis_mode!r} is not available; use deis_mode='tab'")
+    return _run("deis", model, x, sigmas, extra_args, callback, disable, seeds=seeds, max_order=int(max_order))
+
+
+def sample_res_multistep(model, x, sigmas, extra_args=None, callback=None, disable=None, s_noise=1.0,
+                         noise_sampler=None, seeds=None):
+    """RES second-order multistep (ComfyUI's sample_res_multistep).  Deterministic: ``s_noise`` and
+    ``noise_sampler`` are accepted for ComfyUI's signature and, as there (eta = 0), unused."""
+    return _run("res_multistep", model, x, sigmas, extra_args, callback, disable, seeds=seeds)
+
+
+def sample_res_multistep_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0,
+                                   s_noise=1.0, noise_sampler=None, seeds=None):
+    """RES multistep with ancestral noise (ComfyUI's sample_res_multistep_ancestral)."""
+    return _run("res_multistep_ancestral", model, x, sigmas, extra_args, callback, disable, noise_sampler, seeds,
+                eta=float(eta), s_noise=float(s_noise))
+
+
+def sample_sa_solver(model, x, sigmas, extra_args=None, callback=None, disable=None, tau_func=None, s_noise=1.0,
+                     noise_sampler=None, predictor_order=3, corrector_order=4, use_pece=False, simple_order_2=False,
+                     eta=1.0, sde_start_percent=0.2, sde_end_percent=0.8, seeds=None):
+    """SA-Solver (Xue et al. 2023; ComfyUI's sample_sa_solver).  The stochasticity window is given by ``eta``,
+    ``sde_start_percent`` and ``sde_end_percent`` (the options of ComfyUI's SamplerSASolver node, which builds
+    ``tau_func`` from them); a custom ``tau_func`` is not supported.  ``use_pece=True`` is sample_sa_solver_pece."""
+    if tau_func is not None:
+        raise ValueError("sample_sa_solver with a custom tau_func is not available; pass tau_func=None and set eta, "
+                         "sde_start_percent, sde_end_percent")
+    return _run("sa_solver_pece" if use_pece else "sa_solver", model, x, sigmas, extra_args, callback, disable,
+                noise_sampler, seeds, eta=float(eta), sde_start_percent=float(sde_start_percent),
+                sde_end_percent=float(sde_end_percent), s_noise=float(s_noise), predictor_order=int(predictor_order),
+                corrector_order=int(corrector_order), simple_order_2=bool(simple_order_2))
+
+
+def sample_sa_solver_pece(model, x, sigmas, extra_args=None, callback=None, disable=None, tau_func=None,
+                          s_noise=1.0, noise_sampler=None, predictor_order=3, corrector_order=4, simple_order_2=False,
+                          eta=1.0, sde_start_percent=0.2, sde_end_percent=0.8, seeds=None):
+    """SA-Solver predict-evaluate-correct-evaluate (ComfyUI's sample_sa_solver_pece)."""
+    return sample_sa_solver(model, x, sigmas, extra_args, callback, disable, tau_func, s_noise, noise_sampler,
+                            predictor_order, corrector_order, True, simple_order_2, eta, sde_start_percent,
+                            sde_end_percent, seeds)
