@@ -4,7 +4,7 @@
     deterministic solver of ``fastdiff.SOLVERS`` (one draw, the start noise, with default options) x the spacings
     below x NFE 4..20: RMS and max error to the probability-flow ODE solution from the same start (RK4, 400 steps
     in log-SNR), and the sliced Wasserstein-1 distance of 1000 samples to as many exact data samples (its sampling
-    floor is 0.05-0.09: compare it between solvers only well above that).
+    floor is about 0.04-0.09: compare it between solvers only well above that).
 (b) Digits: the trained class-conditional UNet (guidance 2) on a smaller grid: the ring's best solvers x the
     schedule's default spacing, "ays" and "karras": RMS error to the guided ODE solution (RK4, 40 steps), classifier
     accuracy and Frechet distance of 50 samples (too few for a Frechet distance to rank close solvers).
