@@ -119,9 +119,12 @@ def data_estimate(x, out, rows, guidance=None, cfg: bool = False) -> torch.Tenso
 
 
 def step_reference(x, out, slots, rows, seeds, draws, guidance, slot_reads: int, slot_writes: int, use_out: bool,
-                   cfg: bool, noise: bool, langevin: bool, thresholds=None, z=None) -> torch.Tensor:
+                   cfg: bool, noise: bool, langevin: bool, thresholds=None, z=None, x_out=None,
+                   nonfinite=None) -> torch.Tensor:
     """The step contract in plain torch, in float32 (float64 for float64 x): the torch backend and the oracle every
-    kernel is tested against.  Mutates ``slots``; ``z`` (unit noise [B, *S]) replaces the Philox draw."""
+    kernel is tested against.  Mutates ``slots``; ``z`` (unit noise [B, *S]) replaces the Philox draw; ``x_out``
+    receives x' (it may be x); ``nonfinite`` (int32 [B]) gets 1 OR-ed in for every sample whose stored x' has NaN /
+    Inf.  This oracle allocates freely: only the kernels promise a step without temporaries."""
     B, K = x.shape[0], slots.shape[0]
     cdt = compute_dtype(x.dtype)
     nd = x.dim()
@@ -161,7 +164,12 @@ def step_reference(x, out, slots, rows, seeds, draws, guidance, slot_reads: int,
     new = {i: combo(1 + i) for i in range(K) if (slot_writes >> i) & 1}
     for i, v in new.items():
         slots[i].copy_(v.to(slots.dtype))
-    return x_new.to(x.dtype)
+    x_new = x_new.to(x.dtype)
+    if nonfinite is not None:
+        nonfinite.bitwise_or_((~torch.isfinite(x_new).reshape(B, -1).all(1)).to(nonfinite.dtype))
+    if x_out is not None:
+        return x_out.copy_(x_new)
+    return x_new
 
 
 def add_noise_reference(x0, alpha, sigma, seeds, draws) -> torch.Tensor:
@@ -226,14 +234,18 @@ def _backend_arg(backend, kernel) -> str:
     return backend
 
 
-def _call_step(backend, args, thresholds, z):
-    """The backend's step on the contract's 13 arguments; thresholds and z as keywords, only when given (only the
-    torch backend takes z)."""
+def _call_step(backend, args, thresholds, z, x_out=None, nonfinite=None):
+    """The backend's step on the contract's 13 arguments; thresholds, z, x_out and nonfinite as keywords, only when
+    given (only the torch backend takes z)."""
     extra = {}
     if thresholds is not None:
         extra["thresholds"] = thresholds
     if z is not None:
         extra["z"] = z
+    if x_out is not None:
+        extra["x_out"] = x_out
+    if nonfinite is not None:
+        extra["nonfinite"] = nonfinite
     return _impl(backend, "step")(*args, **extra)
 
 
@@ -336,7 +348,7 @@ def _check_x(name, x):
 
 
 def _check_step_args(x, out, slots, rows, seeds, draws, guidance, slot_reads, slot_writes, use_out, cfg, thresholds,
-                     z, backend):
+                     z, backend, x_out=None, nonfinite=None):
     _check_x("x", x)
     B, dev = x.shape[0], x.device
     if not isinstance(slots, torch.Tensor) or slots.dim() != x.dim() + 1 or tuple(slots.shape[1:]) != tuple(x.shape):
@@ -381,6 +393,33 @@ def _check_step_args(x, out, slots, rows, seeds, draws, guidance, slot_reads, sl
         _check_tensor_arg("z", z, tuple(x.shape), dev, floating=True, what="unit noise of x's shape")
     if not x.is_contiguous() or (use_out and not out.is_contiguous()):
         raise ValueError("x and out must be contiguous (call .contiguous() first): kernels stream them linearly")
+    if x_out is not None:
+        _check_tensor_arg("x_out", x_out, tuple(x.shape), dev, what="x's shape")
+        if x_out.dtype != x.dtype or not x_out.is_contiguous():
+            raise ValueError(f"x_out must be a contiguous {x.dtype} tensor of x's shape (it receives x'), got "
+                             f"{_describe(x_out)}")
+        _check_x_out_aliasing(x, out, slots, use_out, x_out)
+    if nonfinite is not None:
+        if (not isinstance(nonfinite, torch.Tensor) or nonfinite.dtype != torch.int32
+                or tuple(nonfinite.shape) != (B,) or not nonfinite.is_contiguous()):
+            raise ValueError(f"nonfinite must be a contiguous int32 tensor with one flag per sample ([{B}], e.g. "
+                             f"torch.zeros({B}, dtype=torch.int32)), got {_describe(nonfinite)}")
+        _check_tensor_arg("nonfinite", nonfinite, None, dev)
+
+
+def _check_x_out_aliasing(x, out, slots, use_out, x_out):
+    if (x_out.data_ptr() != x.data_ptr() and _overlap(x_out, x)) or _overlap(x_out, slots) or (
+            use_out and _overlap(x_out, out)):
+        raise ValueError("x_out must be x itself (an in-place step) or memory of its own: it overlaps x, out or "
+                         "slots")
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the storage spans of two tensors intersect (a conservative test)."""
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -404,12 +443,8 @@ _CPU_NO_GUIDANCE = torch.zeros(1)  # the default guidance weight on CPU (read on
 _CHECKED_LAYOUTS: set = set()
 
 
-def _layout(t):
-    return None if t is None else (t.shape, t.dtype, t.device, t.is_contiguous())
-
-
 def step(x, out, slots, rows, seeds, draws, guidance=None, *, slot_reads=None, slot_writes=0, use_out=True,
-         cfg=False, noise=True, langevin=False, backend="torch", thresholds=None, z=None,
+         cfg=False, noise=True, langevin=False, backend="torch", thresholds=None, z=None, x_out=None, nonfinite=None,
          kernel=None) -> torch.Tensor:
     """Execute one stage for a batch: returns x' and updates ``slots`` in place (see the module docstring).
 
@@ -428,6 +463,11 @@ def step(x, out, slots, rows, seeds, draws, guidance=None, *, slot_reads=None, s
         e.g. from ``dynamic_threshold`` on the same x, out, rows and guidance.
     z : Tensor [B, *S], optional
         Unit noise used in place of the Philox draw (torch backend only; the kernels draw their own noise).
+    x_out : Tensor [B, *S], optional
+        Receives x' and is returned (x itself for an in-place step, or a buffer of its own): no allocation.
+    nonfinite : int32 Tensor [B], optional
+        Per-sample flags: the step ORs in 1 for every sample whose stored x' has a NaN or Inf, as it writes (no
+        extra pass, no host sync; read them when convenient, e.g. once after a loop).
     """
     backend = _backend_arg(backend, kernel)
     if not isinstance(x, torch.Tensor) or not isinstance(slots, torch.Tensor):
@@ -439,20 +479,24 @@ def step(x, out, slots, rows, seeds, draws, guidance=None, *, slot_reads=None, s
         slot_reads = (1 << slots.shape[0]) - 1
     args = (x, out, slots, rows, seeds, draws, guidance, int(slot_reads), int(slot_writes), bool(use_out), bool(cfg),
             bool(noise), bool(langevin))
-    if _traced(x, out, slots, rows, seeds, draws, guidance, thresholds, z):  # fake / functional tensors, compile
-        _check_step_args(*args[:11], thresholds, z, backend)
-        return _step_op(*args, backend, thresholds, z)
-    try:
-        layout = (backend,) + tuple(_layout(t) for t in (x, out, slots, rows, seeds, draws, guidance, thresholds, z)) \
-            + args[7:11]
-    except AttributeError:  # a non-tensor argument: the checks say which
-        layout = None
-    if layout is None or layout not in _CHECKED_LAYOUTS:
-        _check_step_args(*args[:11], thresholds, z, backend)
+    tensors = (x, out, slots, rows, seeds, draws, guidance, thresholds, z, x_out, nonfinite)
+    if torch.compiler.is_compiling() or any([type(t) is not torch.Tensor for t in tensors if t is not None]):
+        # fake / functional tensors, compile (and non-tensor arguments, which the checks name)
+        _check_step_args(*args[:11], thresholds, z, backend, x_out, nonfinite)
+        x_new = _step_op(*args, backend, thresholds, z)
+        if nonfinite is not None:
+            nonfinite.bitwise_or_((~torch.isfinite(x_new).reshape(x.shape[0], -1).all(1)).to(nonfinite.dtype))
+        return x_new if x_out is None else x_out.copy_(x_new)
+    layout = (backend, args[7], args[8], args[9], args[10], *[
+        None if t is None else (t.shape, t.dtype, t.device, t.is_contiguous()) for t in tensors])
+    if layout not in _CHECKED_LAYOUTS:
+        _check_step_args(*args[:11], thresholds, z, backend, x_out, nonfinite)
         if len(_CHECKED_LAYOUTS) >= 256:
             _CHECKED_LAYOUTS.clear()
         _CHECKED_LAYOUTS.add(layout)
-    return _call_step(backend, args, thresholds, z)
+    elif x_out is not None and x_out is not x:  # aliasing depends on addresses, not on the layout
+        _check_x_out_aliasing(x, out, slots, use_out, x_out)
+    return _call_step(backend, args, thresholds, z, x_out, nonfinite)
 
 
 def _seeds_arg(seeds, B, device) -> torch.Tensor:
@@ -518,7 +562,8 @@ def add_noise(x0, alpha, sigma, seeds, draws=None, *, backend="torch", kernel=No
     return _impl(backend, "add_noise")(x0, alpha, sigma, seeds, draws)
 
 
-def randn(shape, seeds, draw=0, *, dtype=torch.float32, device=None, backend="torch", kernel=None) -> torch.Tensor:
+def randn(shape, seeds, draw=0, *, dtype=torch.float32, device=None, backend="torch", out=None,
+          kernel=None) -> torch.Tensor:
     """Philox normals of ``shape`` (batch first), one seed per sample, bitwise batch-invariant.
 
     Parameters
@@ -529,6 +574,8 @@ def randn(shape, seeds, draw=0, *, dtype=torch.float32, device=None, backend="to
     dtype : float32, float16, bfloat16 (float64 on the torch backend)
     device : the output's device (default: the seeds tensor's, else CPU)
     backend : {"torch", "cpu", "triton", "cuda"} (``kernel=`` is its old name)
+    out : Tensor ``shape`` of ``dtype``, contiguous, optional
+        Receives the normals and is returned (the cpu kernel draws straight into it; other backends copy).
 
     Returns
     -------
@@ -552,6 +599,14 @@ def randn(shape, seeds, draw=0, *, dtype=torch.float32, device=None, backend="to
     device = device if device is not None else torch.device("cpu")
     seeds = _seeds_arg(seeds, shape[0], device)
     draws = _draws_arg(draw, shape[0], seeds.device)
+    if out is not None:
+        if (not isinstance(out, torch.Tensor) or list(out.shape) != shape or out.dtype != dtype
+                or not out.is_contiguous() or not _same_device(out.device, seeds.device)):
+            raise ValueError(f"out must be a contiguous {dtype} tensor of shape {tuple(shape)} on {seeds.device}, "
+                             f"got {_describe(out)}")
+        if backend == "cpu" and not _traced(seeds, draws, out):
+            return _impl(backend, "randn")(seeds, draws, shape, dtype, out=out)
+        return out.copy_(randn(shape, seeds, draws, dtype=dtype, backend=backend))
     if _traced(seeds, draws):
         return _randn_op(seeds, draws, shape, dtype, backend)
     return _impl(backend, "randn")(seeds, draws, shape, dtype)

@@ -11,6 +11,12 @@ guidance combined inside the step, Philox noise drawn inside the step from a see
 (``_loop``) runs either eagerly or, on CUDA kernel backends, captured whole (prior draw included) in one CUDA graph
 per (plan, shape, dtype, device, guidance on/off, conditioning shapes) and replayed; new seeds, x_T, guidance
 weight or conditioning values are copied into static buffers, so they need no re-capture.
+
+The eager loop allocates nothing per step: each thread keeps a few workspaces (``_Workspace``: the state buffer
+the steps update in place, the history slots, the [uncond; cond] input, the model-time tensors and coefficient row
+views of every stage) keyed by (plan, shape, dtype, device, guidance), and only the result is a new tensor.  The
+kernels raise a per-sample flag when they store a NaN / Inf, so ``check_finite`` costs no extra pass.  The model
+must not keep its input x after it returns (the next stage overwrites it); callbacks get tensors of their own.
 """
 
 from __future__ import annotations
@@ -249,11 +255,6 @@ def _check_strengths(strength, batch) -> list:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _model_time(plan, k, batch, x):
-    t = float(plan.schedule.model_time(plan.stage_times[k]))  # a host constant: no sync, graph-safe
-    return torch.full((batch,), t, dtype=ops.compute_dtype(x.dtype), device=x.device)
-
-
 def _output_tensor(out):
     """The output tensor of a model call: a tensor as is, the ``.sample`` tensor of an output object (diffusers'
     ``UNet2DOutput``, ``Transformer2DModelOutput``), the first element of a tuple / list; else ``out`` unchanged."""
@@ -267,12 +268,13 @@ def _output_tensor(out):
     return out
 
 
-def _call_model(model, plan, k, x, guided, kwargs, first: bool):
-    """The model output of stage k ([uncond; cond] with guidance) in x's dtype, contiguous."""
+def _call_model(model, x, t, x2, kwargs, first: bool):
+    """The model output of one stage ([uncond; cond] with guidance: ``x2`` is the [2B] input buffer, ``t`` the
+    stage's model times [B] or [2B]) in x's dtype, contiguous."""
     batch = x.shape[0]
-    t = _model_time(plan, k, batch, x)
+    guided = x2 is not None
     try:
-        out = model(torch.cat([x, x]), torch.cat([t, t]), **kwargs) if guided else model(x, t, **kwargs)
+        out = model(torch.cat([x, x], out=x2), t, **kwargs) if guided else model(x, t, **kwargs)
     except TypeError as e:
         if not first:
             raise
@@ -326,11 +328,13 @@ def _progress(total, enabled):
     return tqdm(total=total, desc="sampling", unit="step", leave=False)
 
 
-def _check_stage(x, out, plan, k, w):
-    """After stage k (check_finite="step"): raise FloatingPointError naming what made NaN / Inf."""
-    if torch.isfinite(x).all():
+def _check_stage(x, out, plan, k, w, samples=None):
+    """After stage k (check_finite="step"): raise FloatingPointError naming what made NaN / Inf (``samples``: the
+    indices of the samples flagged, when known)."""
+    if samples is None and torch.isfinite(x).all():
         return
-    where = f"non-finite values after stage {k} (t={plan.stage_times[k]:g}) of {plan.solver!r}"
+    which = f" in sample{'s' if len(samples) > 1 else ''} {', '.join(map(str, samples))}" if samples else ""
+    where = f"non-finite values{which} after stage {k} (t={plan.stage_times[k]:g}) of {plan.solver!r}"
     if out is not None and not torch.isfinite(out).all():
         raise FloatingPointError(f"{where}: the model output has NaN or Inf (check the model and its inputs)")
     if out is not None and w is not None:
@@ -353,53 +357,158 @@ def _denoised_row(plan, k, row):
     return r
 
 
-def _loop(model, plan, x, seeds_t, backend, w, kwargs, callback=None, check_finite="off", bar=None, noise_fn=None,
-          threshold=None):
-    """Run every stage with ``fastdiff.ops.step``. ``x``: the start state; ``w``: guidance tensor [1] or None;
-    ``threshold``: (ratio, max_value) of dynamic thresholding or None; returns the sample.
+class _Stage(NamedTuple):
+    """What one stage needs that does not depend on the data, precomputed once per workspace."""
 
+    k: int
+    reads: int
+    writes: int
+    use_out: bool
+    noise: bool
+    langevin: bool
+    row: torch.Tensor  # [1, R] coefficient row (compute dtype, on the device)
+    draw: torch.Tensor  # int64 [1] Philox draw index
+    t: Optional[torch.Tensor]  # model times [B] ([2B] with guidance), None without a model call
+
+
+class _Workspace:
+    """The buffers and per-stage constants of one loop shape: (plan, shape, dtype, device, guided).
+
+    ``state`` holds x between stages (the steps update it in place), ``slots`` the solver's history, ``x2`` the
+    [uncond; cond] model input with guidance, ``nonfinite`` int32 [B] flags raised by the kernels.  Reused across
+    calls of one thread (``_workspace``), so a loop allocates nothing per step; only the slots that a stage reads
+    before any stage wrote them are zeroed per call.
+    """
+
+    def __init__(self, plan, shape, dtype, device, guided):
+        cdt = ops.compute_dtype(dtype)
+        batch = shape[0]
+        rows, draws = device_rows(plan, device, cdt)
+        self.state = torch.empty(shape, dtype=dtype, device=device)
+        self.slots = torch.empty((plan.num_slots,) + tuple(shape), dtype=dtype, device=device)
+        self.x2 = torch.empty((2 * batch,) + tuple(shape[1:]), dtype=dtype, device=device) if guided else None
+        self.nonfinite = torch.zeros(batch, dtype=torch.int32, device=device)
+        self.no_guidance = torch.zeros(1, dtype=cdt, device=device)  # the step's guidance argument without cfg
+        self.busy = False
+        stages, written, unset = [], 0, 0
+        for k in range(plan.num_stages):
+            reads, writes, use_out, noise, langevin = plan.stage_flags[k]
+            unset |= reads & ~written
+            written |= writes
+            t = None
+            if use_out:  # a host constant: no sync, graph-safe
+                t = torch.full((2 * batch if guided else batch,), float(plan.schedule.model_time(plan.stage_times[k])),
+                               dtype=cdt, device=device)
+            stages.append(_Stage(k, reads, writes, use_out, noise, langevin, rows[k : k + 1], draws[k : k + 1], t))
+        self.stages = tuple(stages)
+        self.unset_slots = [i for i in range(plan.num_slots) if (unset >> i) & 1]
+
+    def begin(self, check_finite):
+        """Reset what a call must find clean; returns the flags tensor to pass to the steps (None: no checks)."""
+        for i in self.unset_slots:
+            self.slots[i].zero_()
+        if check_finite == "off":
+            return None
+        self.nonfinite.zero_()
+        return self.nonfinite
+
+
+_WORKSPACES = threading.local()  # per thread: OrderedDict key -> _Workspace (the thread-safety guarantee)
+_MAX_WORKSPACES = 4  # per thread: a bound on the memory kept between calls
+
+
+def _workspace(plan, shape, dtype, device, guided) -> _Workspace:
+    """This thread's workspace for a loop shape (a private one while the cached one is in use: a callback or model
+    that samples again)."""
+    cache = getattr(_WORKSPACES, "cache", None)
+    if cache is None:
+        cache = _WORKSPACES.cache = collections.OrderedDict()
+    key = (plan, tuple(shape), dtype, str(device), guided)
+    ws = cache.get(key)
+    if ws is None:
+        ws = _Workspace(plan, shape, dtype, device, guided)
+        cache[key] = ws
+        while len(cache) > _MAX_WORKSPACES:
+            cache.popitem(last=False)
+    elif ws.busy:
+        return _Workspace(plan, shape, dtype, device, guided)
+    cache.move_to_end(key)
+    return ws
+
+
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
+
+
+def _loop(model, plan, x, seeds_t, backend, w, kwargs, ws: _Workspace, callback=None, check_finite="off", bar=None,
+          noise_fn=None, threshold=None):
+    """Run every stage with ``fastdiff.ops.step``. ``x``: the start state (the caller's, or ``ws.state`` holding the
+    prior); ``w``: guidance tensor [1] or None; ``threshold``: (ratio, max_value) of dynamic thresholding or None;
+    ``ws``: the loop's buffers; returns the sample, a new tensor (x itself without stages).
+
+    Every stage but the last writes x' into ``ws.state`` in place; the last writes a fresh tensor, the result.  With
+    a callback every x' is a fresh tensor (a callback may keep what it is given).  The kernels raise per-sample
+    non-finite flags as they write: ``check_finite="step"`` reads them after every stage, ``"end"`` once, here.
     With ``check_finite="off"`` and no callback this does no host sync, so it can be captured in a CUDA graph
     (dynamic thresholding included: its reduction pass is device-side torch ops).
     """
     guided = w is not None
-    cdt = ops.compute_dtype(x.dtype)
-    rows, draws = device_rows(plan, x.device, cdt)
-    slots = torch.zeros((plan.num_slots,) + tuple(x.shape), dtype=x.dtype, device=x.device)
-    w_t = w if guided else torch.zeros(1, dtype=cdt, device=x.device)
+    slots, flags = ws.slots, ws.begin(check_finite)
+    w_t = w if guided else ws.no_guidance
     x = x.contiguous()
-    first_call = True
-    for k in range(plan.num_stages):
-        reads, writes, use_out, noise, langevin = plan.stage_flags[k]
-        row, cfg = rows[k : k + 1], guided and use_out
+    first_call, last = True, len(ws.stages) - 1
+    for i, (k, reads, writes, use_out, noise, langevin, row, draw, t) in enumerate(ws.stages):
+        cfg = guided and use_out
         out = None
         if use_out:
-            out = _call_model(model, plan, k, x, guided, kwargs, first_call)
+            out = _call_model(model, x, t, ws.x2, kwargs, first_call)
             first_call = False
         # thresholding clamps the data estimate; a Langevin stage's D register is the score, not a data estimate
         thr = (dynamic_threshold(x, out, row, w_t, cfg, *threshold)
                if threshold is not None and use_out and not langevin else None)
         z = _unit_noise(noise_fn, k, x) if noise_fn is not None and (noise or langevin) else None
-        x_new = ops.step(x, x if out is None else out, slots, row, seeds_t, draws[k : k + 1], w_t, slot_reads=reads,
+        if i == last or callback is not None or (use_out and _overlaps(out, ws.state)):
+            dst = torch.empty_like(x)  # the result; or kept by a callback; or the model returned (a view of) x
+        else:
+            dst = ws.state
+        x_new = ops.step(x, x if out is None else out, slots, row, seeds_t, draw, w_t, slot_reads=reads,
                          slot_writes=writes, use_out=use_out, cfg=cfg, noise=noise, langevin=langevin,
-                         backend=backend, thresholds=thr, z=z)
+                         backend=backend, thresholds=thr, z=z, x_out=dst, nonfinite=flags)
         if callback is not None and use_out:
             D = ops.data_estimate(x, out, _denoised_row(plan, k, row), w_t, cfg)
             callback(k, x_new, (D if thr is None else apply_threshold(D, thr)).to(x.dtype))
-        if check_finite == "step":
-            _check_stage(x_new, out, plan, k, w if cfg else None)
+        if check_finite == "step" and bool(flags.any()):
+            _check_stage(x_new, out, plan, k, w if cfg else None, _flagged(flags))
         if bar is not None:
             bar.update(1)
         x = x_new
+    if check_finite == "end" and ws.stages and bool(flags.any()):
+        raise FloatingPointError(f"the sample has NaN or Inf in {_samples_text(_flagged(flags))} ({plan.solver!r}, "
+                                 f"{plan.nfe} model calls): rerun with check_finite='step' to find the stage and "
+                                 "whether the model output, the guidance combination or the step made them")
     return x
 
 
-def _prior(plan, x_T, shape, dtype, device, seeds_t, backend):
+def _flagged(flags) -> list:
+    return flags.nonzero().flatten().tolist()
+
+
+def _samples_text(samples) -> str:
+    return f"sample{'s' if len(samples) > 1 else ''} {', '.join(map(str, samples))}"
+
+
+def _prior(plan, x_T, ws, seeds_t, backend):
+    """The start state: the caller's x_T, or the prior drawn straight into ``ws.state``."""
     if x_T is not None:
         return x_T
-    return plan.init_scale * ops.randn(shape, seeds_t, 0, dtype=dtype, device=device, backend=backend)
+    x = ops.randn(tuple(ws.state.shape), seeds_t, 0, dtype=ws.state.dtype, device=ws.state.device, backend=backend,
+                  out=ws.state)
+    return x.mul_(plan.init_scale)
 
 
 def _check_end(x, plan, check_finite):
+    """The end check of a plan without stages (the loop's flags cover every stage's output)."""
     if check_finite != "off" and not torch.isfinite(x).all():
         raise FloatingPointError(f"the sample has NaN or Inf ({plan.solver!r}, {plan.nfe} model calls): rerun with "
                                  "check_finite='step' to find the stage and whether the model output, the guidance "
@@ -484,14 +593,20 @@ class Sampler:
             show = self.progress if self.progress is not None else (
                 req.device.type == "cpu" and plan.num_stages * req.shape[0] >= 200 and sys.stderr.isatty())
             bar = _progress(plan.num_stages, show)
+            ws = _workspace(plan, req.shape, req.dtype, req.device, req.guidance is not None)
+            ws.busy = True
             try:
-                x = _prior(plan, req.x_T, req.shape, req.dtype, req.device, req.seeds, req.backend)
-                x = _loop(model, plan, x, req.seeds, req.backend, req.guidance, req.cond, callback, check_finite, bar,
-                          req.noise_fn, self._threshold)
+                x = _prior(plan, req.x_T, ws, req.seeds, req.backend)
+                x = _loop(model, plan, x, req.seeds, req.backend, req.guidance, req.cond, ws, callback, check_finite,
+                          bar, req.noise_fn, self._threshold)
+                if x is ws.state:  # a plan without stages: the drawn prior is the sample
+                    x = x.clone()
             finally:
+                ws.busy = False
                 if bar is not None:
                     bar.close()
-        _check_end(x, plan, check_finite)
+        if plan.num_stages == 0:
+            _check_end(x, plan, check_finite)
         return x
 
     # -- img2img -------------------------------------------------------------------------------------------------
@@ -567,6 +682,7 @@ class _GraphEntry:
         self.w = None if req.guidance is None else torch.empty_like(req.guidance)
         self.cond = {k: torch.empty_like(v) for k, v in req.cond.items()}
         self.lock = threading.Lock()
+        self.ws = _Workspace(plan, req.shape, req.dtype, req.device, req.guidance is not None)  # this graph's own
         self._fill(req)
         device = req.device
         side = torch.cuda.Stream(device)
@@ -589,8 +705,9 @@ class _GraphEntry:
             self.cond[k].copy_(v)
 
     def _run(self):
-        x = _prior(self.plan, self.x, self.shape, self.dtype, self.device, self.seeds, self.backend)
-        return _loop(self.model, self.plan, x, self.seeds, self.backend, self.w, self.cond, threshold=self.threshold)
+        x = _prior(self.plan, self.x, self.ws, self.seeds, self.backend)
+        return _loop(self.model, self.plan, x, self.seeds, self.backend, self.w, self.cond, self.ws,
+                     threshold=self.threshold)
 
     def replay(self, req: _Request):
         with self.lock:

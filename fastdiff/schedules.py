@@ -547,9 +547,13 @@ class RectifiedFlow(Schedule):
         return 1.0 - tau if self.lipman_time else tau
 
     def warp(self, t):
-        """SD3's timestep shift; identity for shift = 1."""
+        """SD3's timestep shift ``shift t / (1 + (shift - 1) t)``; identity for shift = 1.
+
+        Written as ``t / (t + (1 - t) / shift)``, which maps 0 and 1 to exactly 0 and 1 (the other form rounds 1 to
+        1 + 2^-52 for some shifts: alpha = 1 - t turns negative, or a tiny non-zero alpha where it is exactly 0).
+        """
         t = _f64(t)
-        return t if self.shift == 1.0 else self.shift * t / (1.0 + (self.shift - 1.0) * t)
+        return t if self.shift == 1.0 else t / (t + (1.0 - t) / self.shift)
 
     def _alpha(self, t):
         return 1.0 - t

@@ -142,13 +142,14 @@ def _model_out(out_ptr, guid_ptr, b, B, N, e, mask, guid_stride, CFG: tl.constex
 
 @triton.jit
 def _step_kernel(x_ptr, out_ptr, slots_ptr, rows_ptr, seeds_ptr, draws_ptr, guid_ptr, eps_ptr, thr_ptr, x_out_ptr,
-                 B, N, row_stride, draw_stride, guid_stride,
+                 flag_ptr, B, N, row_stride, draw_stride, guid_stride,
                  K: tl.constexpr, SLOT_READS: tl.constexpr, SLOT_WRITES: tl.constexpr, USE_OUT: tl.constexpr,
                  CFG: tl.constexpr, NOISE: tl.constexpr, LANGEVIN: tl.constexpr, THRESHOLD: tl.constexpr,
-                 BLOCK_SIZE: tl.constexpr):
+                 FLAG: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     """One stage for BLOCK_SIZE elements of sample b: D = cx x + co out (thresholded with THRESHOLD);
     x' = M[0].[x, D, S] + g z (+ Langevin); S_i = M[1+i].[x, D, S] for the slots in SLOT_WRITES.  Every load
-    precedes every store (in-place safe)."""
+    precedes every store (in-place safe).  With FLAG, 1 is OR-ed into flag_ptr[b] when a stored x' value is NaN /
+    Inf (v - v is 0 only for finite v)."""
     b = tl.program_id(1)
     blk, lane, e, mask = _tile(tl.program_id(0), N, BLOCK_SIZE)
     base = b.to(tl.int64) * N
@@ -208,7 +209,12 @@ def _step_kernel(x_ptr, out_ptr, slots_ptr, rows_ptr, seeds_ptr, draws_ptr, guid
         if (SLOT_WRITES >> j) & 1:
             sp = slots_ptr + (b.to(tl.int64) + j * B) * N + e
             tl.store(sp, _to_storage(news[j], slots_ptr), mask=mask)
-    tl.store(x_out_ptr + base + e, _to_storage(acc, x_out_ptr), mask=mask)
+    xs = _to_storage(acc, x_out_ptr)
+    tl.store(x_out_ptr + base + e, xs, mask=mask)
+    if FLAG:
+        xf = xs.to(tl.float32)
+        bad = tl.max(tl.ravel(tl.where(mask & ((xf - xf) != 0.0), 1, 0)), axis=0)  # a [BLOCK/4, 4] tile
+        tl.atomic_or(flag_ptr + b, bad.to(tl.int32))
 
 
 @triton.jit
@@ -376,11 +382,12 @@ def langevin_eps(x, out, rows, seeds, draws, guidance, use_out: bool, cfg: bool,
 
 
 def step_forward(x, out, slots, rows, seeds, draws, guidance, slot_reads: int, slot_writes: int, use_out: bool,
-                 cfg: bool, noise: bool, langevin: bool, x_out=None, *, thresholds=None, block_size=None,
-                 num_warps=None):
+                 cfg: bool, noise: bool, langevin: bool, x_out=None, *, thresholds=None, nonfinite=None,
+                 block_size=None, num_warps=None):
     """Launch one stage (see ``fastdiff.ops.step_reference``); writes ``x_out`` (default: a new tensor; may be
     ``x`` itself) and the slots in ``slot_writes``.  One launch, or three with ``langevin``.  ``thresholds``:
-    float32 [B] dynamic thresholds applied to D, or None."""
+    float32 [B] dynamic thresholds applied to D, or None; ``nonfinite``: int32 [B] flags set to 1 for a sample
+    whose stored x' has NaN / Inf, or None."""
     if x_out is None:
         x_out = torch.empty_like(x)
     B = x.shape[0]
@@ -397,15 +404,18 @@ def step_forward(x, out, slots, rows, seeds, draws, guidance, slot_reads: int, s
     meta = dict(K=K, SLOT_READS=reads, SLOT_WRITES=writes, USE_OUT=bool(use_out), CFG=bool(cfg), NOISE=bool(noise),
                 LANGEVIN=bool(langevin), THRESHOLD=thresholds is not None and bool(use_out))
     strides = (_stride0(rows), _stride0(draws), _stride0(guidance))
+    flag = nonfinite is not None
 
-    def run(block, warps, x_dst=x_out, s_dst=slots_t):
-        _step_kernel[_grid(N, block, B)](x, out_t, s_dst, rows, seeds, draws, guidance, eps, thr, x_dst, B, N,
-                                         *strides, **meta, BLOCK_SIZE=block, num_warps=warps, enable_fp_fusion=False)
+    def run(block, warps, x_dst=x_out, s_dst=slots_t, f_dst=nonfinite if flag else seeds):
+        _step_kernel[_grid(N, block, B)](x, out_t, s_dst, rows, seeds, draws, guidance, eps, thr, x_dst, f_dst, B,
+                                         N, *strides, **meta, FLAG=flag, BLOCK_SIZE=block, num_warps=warps,
+                                         enable_fp_fusion=False)
 
     if block_size is None:
         def make_run():  # tuning writes to scratch copies, never to the caller's tensors
             x_dst, s_dst = torch.empty_like(x), (slots_t.clone() if writes else slots_t)
-            return lambda block, warps: run(block, warps, x_dst, s_dst)
+            f_dst = nonfinite.clone() if flag else seeds
+            return lambda block, warps: run(block, warps, x_dst, s_dst, f_dst)
 
         block, warps = _config(("step", N, x.dtype, tuple(sorted(meta.items()))), N, make_run)
     else:

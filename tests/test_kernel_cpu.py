@@ -17,7 +17,8 @@ import fastdiff as fd
 from fastdiff import ops, rng
 from fastdiff import schedules as S
 from fastdiff.backends import cpu
-from kernel_checks import DTYPES, KAT, M32, assert_like_torch, assert_verbose_close, per_sample_scale
+from kernel_checks import (DTYPES, KAT, M32, assert_like_torch, assert_verbose_close, check_nonfinite_flags,
+                           per_sample_scale)
 
 _ok, _why = cpu.available()
 if not _ok:
@@ -559,14 +560,14 @@ def test_step_rejects_what_the_kernel_cannot_run(change, match):
     (dict(out=torch.zeros(2, 3, 4)), "out has shape"),
     (dict(out=torch.zeros(2, 3, 5), cfg=True), r"out has shape .*\[uncond; cond\]"),
     (dict(out=torch.zeros(2, 3, 5, dtype=torch.float64)), "cast the model output"),
-    (dict(slots=torch.zeros(1, 2, 3, 5, dtype=torch.float16)), "slots must be .* in x's dtype"),
+    (dict(slots=torch.zeros(1, 2, 3, 5, dtype=torch.float16)), "slots are .* keep the history slots in x's dtype"),
     (dict(slots=torch.zeros(1, 2, 3, 4)), "slots must be"),
     (dict(rows=torch.zeros(1, 5)), "rows must be"),
     (dict(rows=torch.zeros(3, 13)), "rows must be"),
     (dict(seeds=rng.seeds_tensor([1])), "seeds must be an int64 tensor with one entry per sample"),
     (dict(seeds=torch.tensor([1.0, 2.0])), "seeds must be an int64"),
-    (dict(draws=torch.tensor([1.0])), "draws must be int64"),
-    (dict(draws=torch.tensor([1, 2, 3])), "draws must be int64"),
+    (dict(draws=torch.tensor([1.0])), "draws must be an int64"),
+    (dict(draws=torch.tensor([1, 2, 3])), "draws must be an int64"),
     (dict(guidance=torch.zeros(3)), "guidance must be"),
 ])
 def test_ops_step_validates_before_the_kernel(change, match):
@@ -586,7 +587,7 @@ def test_x_out_must_not_overlap_out():
 
 
 def test_randn_and_add_noise_errors():
-    with pytest.raises(ValueError, match="2 entries but the batch has 3"):
+    with pytest.raises(ValueError, match=r"one entry per sample \(\[3\]"):
         ops.randn((3, 4), rng.seeds_tensor([1, 2]), kernel="cpu")
     with pytest.raises(ValueError, match="dtype must be"):
         cpu.OPS["randn"](rng.seeds_tensor([1]), torch.tensor([0]), (1, 4), torch.int64)
@@ -602,3 +603,36 @@ def test_empty_batch():
     x = torch.zeros(0, 4)
     assert call(STEP, x, x, torch.zeros(0, 0, 4), rows, torch.zeros(0, dtype=torch.int64), draws,
                 **flags).shape == (0, 4)
+
+
+@pytest.mark.parametrize("noise", [False, True], ids=["affine", "noisy"])
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+def test_nonfinite_flags(dtype, noise):
+    """The kernel flags exactly the samples whose stored x' has NaN / Inf (fp16 overflow included), OR-ed."""
+    check_nonfinite_flags(cpu.step, "cpu", dtype, noise)
+
+
+def test_nonfinite_flags_across_tiles_and_threads():
+    """A NaN in the last tile of a sample big enough to run on several threads flags that sample only."""
+    B, N = 3, 3 * 4096 + 5
+    x = torch.randn(B, N)
+    out = torch.randn(B, N)
+    out[2, N - 1] = float("nan")
+    rows = torch.tensor([[0.0, 1.0, 0, 0, 0, 0, 0, 0.5, 0.5]])
+    flags = torch.zeros(B, dtype=torch.int32)
+    old = cpu.ext().set_parallel_min(1)
+    try:
+        cpu.step(x, out, torch.zeros(0, B, N), rows, torch.arange(B), torch.tensor([0]), torch.zeros(1), 0, 0, True,
+                 False, False, False, nonfinite=flags)
+    finally:
+        cpu.ext().set_parallel_min(old)
+    assert flags.tolist() == [0, 0, 1]
+
+
+def test_randn_into_out_buffer():
+    seeds = rng.seeds_tensor([5, 2**64 - 3])
+    buf = torch.empty(2, 3, 5)
+    got = ops.randn((2, 3, 5), seeds, 0, backend="cpu", out=buf)
+    assert got.data_ptr() == buf.data_ptr()
+    assert torch.equal(got, ops.randn((2, 3, 5), seeds, 0, backend="cpu"))
+    torch.testing.assert_close(got, ops.randn((2, 3, 5), seeds, 0, backend="torch"))  # the oracle, to a few ulp

@@ -31,7 +31,7 @@ from fastdiff import schedules as S
 from fastdiff.backends import cuda as cb
 from threshold_ref import CASES as THRESHOLD_CASES
 from threshold_ref import check_thresholded_stage
-from kernel_checks import DTYPES, KAT, M32, assert_like_torch, assert_verbose_close
+from kernel_checks import DTYPES, KAT, M32, assert_like_torch, assert_verbose_close, check_nonfinite_flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
@@ -247,6 +247,7 @@ static inline float __uint_as_float(unsigned int u) { float f; memcpy(&f, &u, 4)
 static inline unsigned int __float_as_uint(float f) { unsigned int u; memcpy(&u, &f, 4); return u; }
 static inline float __shfl_xor_sync(unsigned int, float, int) { return 0.0f; }
 static inline void __syncthreads() {}
+static inline int atomicOr(int* p, int v) { const int old = *p; *p = old | v; return old; }
 #include "step.cu"  // a copy beside this file, so that its #include "half_bits.cuh" finds EMU_HALF_BITS below
 PHILOX_RAW_CU
 
@@ -579,6 +580,13 @@ def test_in_place(target, shape):
     got = call(target.step, x2, out, s2, rows, seeds, draws, guidance, flags, x_out=x2)
     assert got.data_ptr() == x2.data_ptr()
     assert torch.equal(got, want) and torch.equal(s2, s1)
+
+
+@pytest.mark.parametrize("noise", [False, True], ids=["affine", "noisy"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nonfinite_flags(target, dtype, noise):
+    """Flags exactly the samples whose stored x' has NaN / Inf (fp16 overflow included), OR-ed into set flags."""
+    check_nonfinite_flags(target.step, target.device, dtype, noise)
 
 
 def test_per_sample_rows_of_different_plans(target):

@@ -24,7 +24,7 @@ from fastdiff.backends import triton as tb  # noqa: E402
 from fastdiff.kernels import step as tk  # noqa: E402
 from threshold_ref import CASES as THRESHOLD_CASES  # noqa: E402
 from threshold_ref import check_thresholded_stage  # noqa: E402
-from kernel_checks import DTYPES, KAT, assert_like_torch  # noqa: E402
+from kernel_checks import DTYPES, KAT, assert_like_torch, check_nonfinite_flags  # noqa: E402
 from triton_probe import philox_forward  # noqa: E402
 
 SEEDS = [3, 2**64 - 5, (1 << 40) + 7]  # small, >= 2^63 (a negative int64 pattern), >= 2^32
@@ -333,6 +333,11 @@ class TestInterpreter:
     def test_in_place(self, dtype):
         check_in_place(self.device, dtype)
 
+    @pytest.mark.parametrize("noise", [False, True], ids=["affine", "noisy"])
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    def test_nonfinite_flags(self, dtype, noise):
+        check_nonfinite_flags(tb.step, self.device, dtype, noise)
+
     def test_rejects_bad_input(self):
         check_rejects_bad_input(self.device)
         check_thresholds_rejected(self.device)
@@ -427,6 +432,11 @@ class TestCUDA:
     @pytest.mark.parametrize("dtype", DTYPES, ids=str)
     def test_in_place(self, dtype):
         check_in_place(self.device, dtype)
+
+    @pytest.mark.parametrize("noise", [False, True], ids=["affine", "noisy"])
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    def test_nonfinite_flags(self, dtype, noise):
+        check_nonfinite_flags(tb.step, self.device, dtype, noise)
 
     def test_float64_rows(self):
         check_float64_rows(self.device)

@@ -201,3 +201,34 @@ def test_explicit_unit_noise_replaces_the_philox_draw():
     assert g != 0.0
     torch.testing.assert_close(stage_call(plan, k, x, out, slots, seeds, z=other), drawn + g * (other - philox),
                                rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("noise", [False, True], ids=["affine", "noisy"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+def test_reference_nonfinite_flags(dtype, noise):
+    """The torch oracle flags the samples whose stored x' has NaN / Inf, as the kernels do."""
+    from kernel_checks import check_nonfinite_flags
+
+    check_nonfinite_flags(ops.step_reference, "cpu", dtype, noise)
+
+
+def test_step_x_out_and_nonfinite_arguments():
+    """ops.step writes x' into x_out (in place too) and checks both new arguments."""
+    plan = fd.plan("dpmpp_2m", S.DiscreteVP(), 4)
+    x, out = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+    rows = torch.tensor(plan.rows()[1:2], dtype=torch.float32)
+    seeds, draws = rng.seeds_tensor([1, 2]), torch.tensor([int(plan.draw[1])])
+    kw = dict(slot_reads=plan.slot_reads(1), slot_writes=plan.slot_writes(1), noise=False)
+    slots = torch.randn(plan.num_slots, 2, 3, 5)
+    want = ops.step(x, out, slots.clone(), rows, seeds, draws, **kw)
+    buf = torch.empty_like(x)
+    got = ops.step(x, out, slots.clone(), rows, seeds, draws, x_out=buf, **kw)
+    assert got.data_ptr() == buf.data_ptr() and torch.equal(got, want)
+    xi = x.clone()
+    assert torch.equal(ops.step(xi, out, slots.clone(), rows, seeds, draws, x_out=xi, **kw), want)
+    with pytest.raises(ValueError, match="x_out must be x itself"):
+        ops.step(x, out, slots.clone(), rows, seeds, draws, x_out=out, **kw)
+    with pytest.raises(ValueError, match="x_out must be a contiguous"):
+        ops.step(x, out, slots.clone(), rows, seeds, draws, x_out=torch.empty(2, 3, 5, dtype=torch.float64), **kw)
+    with pytest.raises(ValueError, match="nonfinite must be a contiguous int32 tensor"):
+        ops.step(x, out, slots.clone(), rows, seeds, draws, nonfinite=torch.zeros(3, dtype=torch.int32), **kw)

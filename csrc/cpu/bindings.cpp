@@ -56,7 +56,8 @@ static at::ScalarType math_type(at::ScalarType s) { return s == at::kDouble ? at
 at::Tensor step(const at::Tensor& x, const at::Tensor& out, const at::Tensor& slots, const at::Tensor& rows,
                 const at::Tensor& seeds, const at::Tensor& draws, const at::Tensor& guidance, int64_t slot_reads,
                 int64_t slot_writes, bool use_out, bool cfg, bool noise, bool langevin,
-                const c10::optional<at::Tensor>& x_out, const c10::optional<at::Tensor>& thresholds) {
+                const c10::optional<at::Tensor>& x_out, const c10::optional<at::Tensor>& thresholds,
+                const c10::optional<at::Tensor>& nonfinite) {
   const char* who = "fastdiff cpu step: ";
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{x, "x"}, {slots, "slots"}, {rows, "rows"},
                                 {seeds, "seeds"}, {draws, "draws"}, {guidance, "guidance"}})
@@ -84,7 +85,13 @@ at::Tensor step(const at::Tensor& x, const at::Tensor& out, const at::Tensor& sl
     check_cpu(*thresholds, "thresholds");
     thr_c = thresholds->contiguous();
   }
-  // output, possibly in place (x_out is this glue's own argument: fastdiff.ops never passes it)
+  if (nonfinite.has_value()) {
+    check_cpu(*nonfinite, "nonfinite");
+    TORCH_CHECK_VALUE(nonfinite->scalar_type() == at::kInt && nonfinite->dim() == 1 && nonfinite->size(0) == B &&
+                          nonfinite->is_contiguous(),
+                      who, "nonfinite must be a contiguous int32 tensor [B]");
+  }
+  // output, possibly in place (x_out may be x)
   at::Tensor xo;
   if (x_out.has_value()) {
     xo = *x_out;
@@ -129,6 +136,7 @@ at::Tensor step(const at::Tensor& x, const at::Tensor& out, const at::Tensor& sl
     p.noise = noise;
     p.langevin = langevin;
     p.thresholds = thr_c.defined() && use_out ? thr_c.data_ptr<A>() : nullptr;
+    p.nonfinite = nonfinite.has_value() ? nonfinite->data_ptr<int32_t>() : nullptr;
     step_kernel(p);
   });
   return xo;
@@ -161,12 +169,21 @@ at::Tensor add_noise(const at::Tensor& x0, const at::Tensor& alpha, const at::Te
   return xt;
 }
 
-at::Tensor randn(const at::Tensor& seeds, const at::Tensor& draws, std::vector<int64_t> shape, at::ScalarType dtype) {
+at::Tensor randn(const at::Tensor& seeds, const at::Tensor& draws, std::vector<int64_t> shape, at::ScalarType dtype,
+                 const c10::optional<at::Tensor>& out) {
   check_cpu(seeds, "seeds");
   check_cpu(draws, "draws");
   TORCH_CHECK_VALUE(storage_ok(dtype), "fastdiff cpu randn: dtype must be float32, float16, bfloat16 or float64, got ",
                     dtype);
-  at::Tensor z = at::empty(shape, at::TensorOptions().dtype(dtype).device(at::kCPU));
+  at::Tensor z;
+  if (out.has_value()) {  // draw into a caller's buffer (the sampler's state): no allocation
+    z = *out;
+    check_cpu(z, "out");
+    TORCH_CHECK_VALUE(z.sizes() == at::IntArrayRef(shape) && z.scalar_type() == dtype && z.is_contiguous(),
+                      "fastdiff cpu randn: out must be a contiguous ", dtype, " tensor of shape ", shape);
+  } else {
+    z = at::empty(shape, at::TensorOptions().dtype(dtype).device(at::kCPU));
+  }
   const int64_t B = shape.empty() ? 0 : shape[0];
   const int64_t N = B ? z.numel() / B : 0;
   if (B == 0 || N == 0) return z;
@@ -187,11 +204,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("step", &fdcpu::step, "one sampler stage in one memory pass (see fastdiff.ops)", py::arg("x"), py::arg("out"),
         py::arg("slots"), py::arg("rows"), py::arg("seeds"), py::arg("draws"), py::arg("guidance"),
         py::arg("slot_reads"), py::arg("slot_writes"), py::arg("use_out"), py::arg("cfg"), py::arg("noise"),
-        py::arg("langevin"), py::arg("x_out") = py::none(), py::arg("thresholds") = py::none());
+        py::arg("langevin"), py::arg("x_out") = py::none(), py::arg("thresholds") = py::none(),
+        py::arg("nonfinite") = py::none());
   m.def("add_noise", &fdcpu::add_noise, "x_t = alpha x0 + sigma z with Philox z", py::arg("x0"), py::arg("alpha"),
         py::arg("sigma"), py::arg("seeds"), py::arg("draws"));
   m.def("randn", &fdcpu::randn, "Philox normals, batch-invariant", py::arg("seeds"), py::arg("draws"),
-        py::arg("shape"), py::arg("dtype"));
+        py::arg("shape"), py::arg("dtype"), py::arg("out") = py::none());
   m.def("num_threads", []() { return omp_get_max_threads(); }, "OpenMP threads a parallel call uses");
   m.def("set_parallel_min", [](int64_t n) {
     int64_t old = fdcpu::g_parallel_min;

@@ -79,6 +79,7 @@ struct StepArgs {
   const A* guidance;
   int64_t guid_stride;
   const A* thresholds;  // [B] dynamic thresholds, or nullptr
+  int32_t* nonfinite;   // [B] flags: 1 OR-ed in for a sample whose stored x' has NaN / Inf; or nullptr
   int64_t B, N;
   int K;
   unsigned reads, writes;
@@ -308,6 +309,19 @@ static void langevin_sums(const StepArgs<T, A>& p, int64_t b, int64_t e0, int64_
   *ss = sv;
 }
 
+// Whether a chunk just stored (still in L1) holds a NaN or Inf: v - v is 0 for finite v and NaN otherwise (not
+// folded away: no -ffinite-math-only).  Reads the stored values, so an fp16 overflow counts too.
+template <class T, class A>
+static inline bool has_nonfinite(const typename St<T>::S* v, int64_t n) {
+  int bad = 0;
+#pragma omp simd reduction(| : bad)
+  for (int64_t j = 0; j < n; ++j) {
+    const A a = (A)St<T>::get(v[j]);
+    bad |= !((a - a) == (A)0);
+  }
+  return bad != 0;
+}
+
 // The affine pass over elements [e0, e1) of sample b; eps / sq: the sample's Langevin step and sqrt(2 eps).
 template <class T, class A>
 static void step_range(const StepArgs<T, A>& p, int64_t b, int64_t e0, int64_t e1, A eps, A sq) {
@@ -323,6 +337,7 @@ static void step_range(const StepArgs<T, A>& p, int64_t b, int64_t e0, int64_t e
   Chunk<A> ch;
   const A* reg[2 + KMAX];
   Term<A> terms[2 + KMAX + 3];
+  bool bad = false;
   for (int64_t e = e0; e < e1; e += CHUNK) {
     const int64_t n = std::min(CHUNK, e1 - e);
     const int64_t off = b * p.N + e;
@@ -365,11 +380,13 @@ static void step_range(const StepArgs<T, A>& p, int64_t b, int64_t e0, int64_t e
           terms[nt++] = {sq, ch.z};
         }
         emit<T, A>(p.xo + off, terms, nt, ch.acc, n);
+        if (p.nonfinite && !bad) bad = has_nonfinite<T, A>(p.xo + off, n);
       } else {
         emit<T, A>(p.slots + ((int64_t)(o - 1) * p.B) * p.N + off, terms, nt, ch.acc, n);
       }
     }
   }
+  if (bad) __atomic_store_n(&p.nonfinite[b], 1, __ATOMIC_RELAXED);  // only ever set: work items of b may race
 }
 
 template <class T, class A>

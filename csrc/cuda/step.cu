@@ -233,7 +233,7 @@ __device__ __forceinline__ void step_impl(const typename S::T* x, typename S::T*
                                           const float* guidance, long long guidance_stride,
                                           const float* thresholds, const float* partials,
                                           int num_partials, long long batch, long long numel, int K, int reads,
-                                          int writes, int flags) {
+                                          int writes, int flags, int* nonfinite) {
   typedef typename S::T T;
   __shared__ float coef[kMaxRow];
   __shared__ float red[64];
@@ -331,6 +331,15 @@ __device__ __forceinline__ void step_impl(const typename S::T* x, typename S::T*
         }
       }
       store_group<S, VEC>(xob + e0, n, xn);
+      if (nonfinite) {  // the values as stored (an fp16 overflow counts): v - v is 0 only for finite v
+        bool bad = false;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const float v = S::load(S::store(xn[j]));
+          bad = bad || (j < n && !(v - v == 0.0f));
+        }
+        if (bad) atomicOr(nonfinite + b, 1);
+      }
     }
   }
 }
@@ -438,25 +447,25 @@ __device__ __forceinline__ void randn_impl(typename S::T* z, const long long* se
       const S::T* x, S::T* x_out, const S::T* out, S::T* slots, const float* rows, long long row_stride,            \
       const long long* seeds, const long long* draws, long long draw_stride, const float* guidance,                  \
       long long guidance_stride, const float* thresholds, const float* partials, int num_partials, long long batch,  \
-      long long numel, int num_slots, int slot_reads, int slot_writes, int flags) {                                  \
+      long long numel, int num_slots, int slot_reads, int slot_writes, int flags, int* nonfinite) {                  \
     if (flags & fastdiff::cuda::kVec)                                                                                \
       fastdiff::cuda::step_impl<S, true, fastdiff::cuda::kMaxSlots>(                                                 \
           x, x_out, out, slots, rows, row_stride, seeds, draws, draw_stride, guidance, guidance_stride, thresholds,   \
-          partials, num_partials, batch, numel, num_slots, slot_reads, slot_writes, flags);                          \
+          partials, num_partials, batch, numel, num_slots, slot_reads, slot_writes, flags, nonfinite);               \
     else                                                                                                             \
       fastdiff::cuda::step_impl<S, false, fastdiff::cuda::kMaxSlots>(                                                \
           x, x_out, out, slots, rows, row_stride, seeds, draws, draw_stride, guidance, guidance_stride, thresholds,   \
-          partials, num_partials, batch, numel, num_slots, slot_reads, slot_writes, flags);                          \
+          partials, num_partials, batch, numel, num_slots, slot_reads, slot_writes, flags, nonfinite);               \
   }                                                                                                                  \
   /* The common case, specialised: K <= 4 and vector accesses only (<= 64 registers: 4 blocks of 256 per SM). */     \
   extern "C" __global__ void __launch_bounds__(fastdiff::cuda::kThreads) fastdiff_step_##SUFFIX##_vec_k4(            \
       const S::T* x, S::T* x_out, const S::T* out, S::T* slots, const float* rows, long long row_stride,            \
       const long long* seeds, const long long* draws, long long draw_stride, const float* guidance,                  \
       long long guidance_stride, const float* thresholds, const float* partials, int num_partials, long long batch,  \
-      long long numel, int num_slots, int slot_reads, int slot_writes, int flags) {                                  \
+      long long numel, int num_slots, int slot_reads, int slot_writes, int flags, int* nonfinite) {                  \
     fastdiff::cuda::step_impl<S, true, 4>(x, x_out, out, slots, rows, row_stride, seeds, draws, draw_stride,         \
                                           guidance, guidance_stride, thresholds, partials, num_partials, batch,      \
-                                          numel, num_slots, slot_reads, slot_writes, flags);                         \
+                                          numel, num_slots, slot_reads, slot_writes, flags, nonfinite);              \
   }                                                                                                                  \
   extern "C" __global__ void __launch_bounds__(fastdiff::cuda::kThreads) fastdiff_step_reduce_##SUFFIX(              \
       const S::T* x, const S::T* out, const float* rows, long long row_stride, const long long* seeds,              \

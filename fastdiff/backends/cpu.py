@@ -7,8 +7,9 @@ the compiler and its flags, and the host CPU's instruction sets (the code is com
 every later process with the same sources reuses it, while two checkouts or environments never overwrite each
 other's build; a file lock keeps concurrent first builds from racing.  ``OPS`` has the signatures of
 ``fastdiff.ops.step_reference`` / ``add_noise_reference`` / ``_randn_reference``; ``step`` also takes ``x_out``
-(e.g. ``x_out=x`` for an in-place update).  Arguments are validated by ``fastdiff.ops``; the extension checks only
-its own limits (CPU tensors, storage dtypes, contiguity, at most 8 slots).
+(e.g. ``x_out=x`` for an in-place update) and ``nonfinite`` (per-sample flags raised as x' is written), ``randn``
+an ``out`` buffer.  Arguments are validated by ``fastdiff.ops``; the extension checks only its own limits (CPU
+tensors, storage dtypes, contiguity, at most 8 slots).
 """
 
 from __future__ import annotations
@@ -205,12 +206,13 @@ def available() -> tuple[bool, str]:
 
 
 def step(x, out, slots, rows, seeds, draws, guidance, slot_reads, slot_writes, use_out, cfg, noise, langevin,
-         x_out=None, thresholds=None):
+         x_out=None, thresholds=None, nonfinite=None):
     """fastdiff::step on CPU tensors; returns x' (``x_out`` when given, which may be ``x``) and updates ``slots``.
 
-    ``thresholds``: optional [B] dynamic thresholds in the math dtype (float32; float64 for float64 x)."""
+    ``thresholds``: optional [B] dynamic thresholds in the math dtype (float32; float64 for float64 x);
+    ``nonfinite``: optional int32 [B] flags, set to 1 for a sample whose stored x' has NaN / Inf."""
     return ext().step(x, out, slots, rows, seeds, draws, guidance, int(slot_reads), int(slot_writes), bool(use_out),
-                      bool(cfg), bool(noise), bool(langevin), x_out, thresholds)
+                      bool(cfg), bool(noise), bool(langevin), x_out, thresholds, nonfinite)
 
 
 def add_noise(x0, alpha, sigma, seeds, draws):
@@ -218,9 +220,9 @@ def add_noise(x0, alpha, sigma, seeds, draws):
     return ext().add_noise(x0, alpha, sigma, seeds, draws)
 
 
-def randn(seeds, draws, shape, dtype):
-    """Philox normals of ``shape`` (batch first) in fp32, cast once to ``dtype``."""
-    return ext().randn(seeds, draws, [int(s) for s in shape], dtype)
+def randn(seeds, draws, shape, dtype, out=None):
+    """Philox normals of ``shape`` (batch first) in fp32, cast once to ``dtype``; into ``out`` when given."""
+    return ext().randn(seeds, draws, [int(s) for s in shape], dtype, out)
 
 
 OPS = {"step": step, "add_noise": add_noise, "randn": randn}

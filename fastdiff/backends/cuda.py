@@ -251,7 +251,7 @@ def _grid_x(ngroups: int) -> int:
 
 
 def step(x, out, slots, rows, seeds, draws, guidance, slot_reads, slot_writes, use_out, cfg, noise, langevin,
-         x_out=None, thresholds=None):
+         x_out=None, thresholds=None, nonfinite=None):
     """One fused sampler stage on the GPU: returns x' and updates ``slots`` in place (``fastdiff.ops`` contract).
 
     Parameters
@@ -266,6 +266,8 @@ def step(x, out, slots, rows, seeds, draws, guidance, slot_reads, slot_writes, u
         Where to write x' (may be ``x`` itself for an in-place update); a new tensor when None.
     thresholds : float32 Tensor [B], optional
         Dynamic thresholds: D = clamp(D, -s_b, s_b) / s_b (``fastdiff.ops.dynamic_threshold``).
+    nonfinite : int32 Tensor [B], optional
+        Per-sample flags: 1 is OR-ed in (atomically) for a sample whose stored x' has NaN / Inf.
 
     One kernel launch (two with ``langevin``: a per-sample reduction of ||z||^2 and ||s||^2 first), no host sync.
     """
@@ -299,6 +301,10 @@ def step(x, out, slots, rows, seeds, draws, guidance, slot_reads, slot_writes, u
         _check_cuda("thresholds", thresholds, dev)
     if thresholds is not None and (thresholds.dtype != torch.float32 or (B and thresholds.stride(0) != 1)):
         raise ValueError(f"thresholds must be a contiguous float32 tensor for the cuda kernel, got {thresholds.dtype}")
+    if nonfinite is not None:
+        _check_cuda("nonfinite", nonfinite, dev)
+        if nonfinite.dtype != torch.int32 or not nonfinite.is_contiguous():
+            raise ValueError(f"nonfinite must be a contiguous int32 tensor for the cuda kernel, got {nonfinite.dtype}")
     if x_out is None:
         x_out = torch.empty_like(x)
     else:
@@ -341,7 +347,8 @@ def step(x, out, slots, rows, seeds, draws, guidance, slot_reads, slot_writes, u
     _launch(idx, sfx, name, grid, (
         _ptr(x), _ptr(x_out), _ptr(out_arg), _ptr(slots if K else None), _ptr(rows), _i64(row_stride), _ptr(seeds),
         _ptr(draws), _i64(draw_stride), _ptr(guidance_arg), _i64(guidance_stride), _ptr(thresholds_arg),
-        _ptr(partials), _i32(num_partials), _i64(B), _i64(numel), _i32(K), _i32(reads), _i32(writes), _i32(flags)))
+        _ptr(partials), _i32(num_partials), _i64(B), _i64(numel), _i32(K), _i32(reads), _i32(writes), _i32(flags),
+        _ptr(nonfinite)))
     return x_out
 
 

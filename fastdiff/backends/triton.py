@@ -68,9 +68,10 @@ def _small(t: torch.Tensor) -> torch.Tensor:
 
 
 def step(x, out, slots, rows, seeds, draws, guidance, slot_reads, slot_writes, use_out, cfg, noise, langevin,
-         x_out=None, thresholds=None):
+         x_out=None, thresholds=None, nonfinite=None):
     """``fastdiff.ops.step_reference`` on the triton kernel; ``x_out`` (may be ``x``) receives x'; ``thresholds``:
-    optional float32 [B] dynamic thresholds."""
+    optional float32 [B] dynamic thresholds; ``nonfinite``: optional int32 [B] flags raised for samples whose x'
+    has NaN / Inf."""
     k = _kernels()
     _check_device(k, "x", x)
     _check_storage("x", x)
@@ -85,7 +86,7 @@ def step(x, out, slots, rows, seeds, draws, guidance, slot_reads, slot_writes, u
                              f"{x_out.dtype}")
     return k.step_forward(x, out, slots, _small(rows), _small(seeds), _small(draws), _small(guidance),
                           int(slot_reads), int(slot_writes), bool(use_out), bool(cfg), bool(noise), bool(langevin),
-                          x_out, thresholds=None if thresholds is None else _small(thresholds))
+                          x_out, thresholds=None if thresholds is None else _small(thresholds), nonfinite=nonfinite)
 
 
 def add_noise(x0, alpha, sigma, seeds, draws):

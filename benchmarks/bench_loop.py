@@ -1,0 +1,175 @@
+"""The whole sampling loop with the model replaced by a stored output: what the sampler itself costs.
+
+Two tables, every provider timed interleaved (round-robin) in one run, so a shared machine's slow phases hit all:
+
+1. ``loop``: 1, 4 and 25 DPM-Solver++(2M) steps at an SD latent 1x4x64x64, 1x16x128x128 and a video latent
+   1x16x21x60x104, through the public API:
+
+   - ``fastdiff``: ``fastdiff.sample(model, plan, x_T=...)`` on this machine's kernel (backend "auto");
+   - ``diffusers``: ``DPMSolverMultistepScheduler`` in the usual loop (set_timesteps, scale_model_input, step);
+   - ``torch-compile``: the same coefficient rows as fastdiff's plan applied by a ``torch.compile``'d step
+     (inductor fuses it into one loop per stage), in a Python loop (``--no-compile`` skips it).
+
+   Each loop's result is checked against fastdiff's before timing.
+
+2. ``bandwidth``: ``fastdiff.sample`` per step at 4M and 32M elements (one sample) for ddim, dpmpp_2m and
+   euler_ancestral, as a fraction of torch's copy bandwidth measured in the same rounds.  Per step = (loop of
+   S steps - loop of 1 step) / (S - 1), which removes the per-call costs (prior, result allocation); bytes per
+   step are the streams the stage must move (x, the model output, the slots read, x', the slots written).
+
+``--quick`` (fewer repeats; 25 steps become 10 in the bandwidth table) writes ``loop_quick.json``, never the full
+results ``loop.json``.
+
+    python benchmarks/bench_loop.py [--quick] [--no-compile] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import fastdiff as fd
+
+try:
+    from _common import loadavg, source_version, time_interleaved, write
+except ImportError:
+    from ._common import loadavg, source_version, time_interleaved, write
+
+SHAPES = {"sd-1x4x64x64": (1, 4, 64, 64), "1x16x128x128": (1, 16, 128, 128),
+          "video-1x16x21x60x104": (1, 16, 21, 60, 104)}
+STEPS = [1, 4, 25]
+BANDWIDTH_SIZES = {"4M": 1 << 22, "32M": 1 << 25}
+BANDWIDTH_SOLVERS = ["ddim", "dpmpp_2m", "euler_ancestral"]
+RTOL = 1e-3
+
+
+def schedule():
+    return fd.schedules.DiscreteVP.scaled_linear()
+
+
+def diffusers_loop(config, steps, x_T, out):
+    from diffusers import DPMSolverMultistepScheduler
+
+    ds = DPMSolverMultistepScheduler(**config)
+    ds.set_timesteps(steps)
+    x = x_T * ds.init_noise_sigma
+    for t in ds.timesteps:
+        x = ds.step(out, t, ds.scale_model_input(x, t)).prev_sample
+    return x
+
+
+def make_compiled_loop(plan, x_T, out):
+    """fastdiff's plan rows applied by a torch.compile'd step (the same math as the kernels, fused by inductor)."""
+    K = plan.num_slots
+    rows = [torch.tensor(r, dtype=torch.float32) for r in plan.rows()]
+    W = 2 + K
+
+    def step(x, o, slots, row):
+        D = row[0] * x + row[1] * o
+        regs = [x, D] + [slots[i] for i in range(K)]
+        new_x = sum(row[7 + j] * regs[j] for j in range(W))
+        new_slots = [sum(row[7 + (1 + i) * W + j] * regs[j] for j in range(W)) for i in range(K)]
+        return new_x, torch.stack(new_slots) if K else slots
+
+    compiled = torch.compile(step, dynamic=False)
+
+    def run():
+        x, slots = x_T, torch.zeros((K,) + tuple(x_T.shape))
+        for k in range(plan.num_stages):
+            x, slots = compiled(x, out, slots, rows[k])
+        return x
+
+    return run
+
+
+def loop_rows(repeats, compile_loops):
+    from diffusers import DPMSolverMultistepScheduler  # noqa: F401  (fail early without diffusers)
+
+    config = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                  algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="zero")
+    rows = []
+    for name, shape in SHAPES.items():
+        g = torch.Generator().manual_seed(0)
+        x_T = torch.randn(shape, generator=g)
+        out = torch.randn(shape, generator=g)
+        model = lambda x, t: out  # noqa: E731
+        for steps in STEPS:
+            plan = fd.plan("dpmpp_2m", schedule(), steps)
+            cases = {"fastdiff": lambda: fd.sample(model, plan, x_T=x_T),
+                     "diffusers": lambda: diffusers_loop(config, steps, x_T, out)}
+            if compile_loops:
+                cases["torch-compile"] = make_compiled_loop(plan, x_T, out)
+            want = cases["fastdiff"]()
+            scale = float(want.abs().max())
+            for who, fn in cases.items():
+                got = fn()
+                err = float((got - want).abs().max()) / max(scale, 1e-12)
+                if err > RTOL:
+                    raise AssertionError(f"{who} differs from fastdiff at {name}, {steps} steps: {err:.2e}")
+            t = time_interleaved(cases, repeats=repeats, warmup=1)
+            for who, q in t.items():
+                rows.append({"table": "loop", "shape": name, "steps": steps, "provider": who,
+                             "seconds": q["median"], "p20": q["p20"], "p80": q["p80"],
+                             "per_step_us": q["median"] / steps * 1e6,
+                             "speedup_vs_diffusers": t["diffusers"]["median"] / q["median"]})
+                print(f"{name:22s} {steps:3d} steps {who:14s} {q['median'] * 1e3:9.3f} ms "
+                      f"({q['median'] / steps * 1e6:8.1f} us/step, x{t['diffusers']['median'] / q['median']:.2f} "
+                      "vs diffusers)", flush=True)
+    return rows
+
+
+def stage_bytes(plan, elem_bytes, n):
+    """Bytes one stage must move, averaged over the plan's stages: x, out, the slots read, x', the slots written."""
+    total = 0
+    for f in plan.stage_flags:
+        streams = 2 + int(f.use_out) + bin(f.slot_reads).count("1") + bin(f.slot_writes).count("1")
+        total += streams * n * elem_bytes
+    return total / plan.num_stages
+
+
+def bandwidth_rows(repeats, steps):
+    rows = []
+    for size_name, n in BANDWIDTH_SIZES.items():
+        g = torch.Generator().manual_seed(1)
+        x_T = torch.randn((1, n), generator=g)
+        out = torch.randn((1, n), generator=g)
+        model = lambda x, t: out  # noqa: E731
+        dst = torch.empty_like(x_T)
+        cases = {"copy": lambda: dst.copy_(x_T)}
+        plans = {}
+        for solver in BANDWIDTH_SOLVERS:
+            for s in (1, steps):
+                plans[(solver, s)] = fd.plan(solver, schedule(), s)
+                cases[f"{solver}/{s}"] = (lambda p=plans[(solver, s)]: fd.sample(model, p, x_T=x_T, seeds=[7]))
+        t = time_interleaved(cases, repeats=repeats, warmup=1)
+        copy_bw = 2 * n * 4 / t["copy"]["median"]
+        rows.append({"table": "bandwidth", "size": size_name, "provider": "torch-copy", "GBps": copy_bw / 1e9})
+        for solver in BANDWIDTH_SOLVERS:
+            per_step = (t[f"{solver}/{steps}"]["median"] - t[f"{solver}/1"]["median"]) / (steps - 1)
+            bw = stage_bytes(plans[(solver, steps)], 4, n) / per_step
+            rows.append({"table": "bandwidth", "size": size_name, "provider": "fastdiff", "solver": solver,
+                         "per_step_ms": per_step * 1e3, "GBps": bw / 1e9, "fraction_of_copy": bw / copy_bw})
+            print(f"{size_name:4s} {solver:16s} {per_step * 1e3:8.3f} ms/step  {bw / 1e9:6.2f} GB/s  "
+                  f"{bw / copy_bw:.2f} of copy ({copy_bw / 1e9:.2f} GB/s)", flush=True)
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats; writes loop_quick.json")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd loop")
+    parser.add_argument("--out", help="output path (default results/<machine>/loop[_quick].json)")
+    args = parser.parse_args(argv)
+    repeats = 3 if args.quick else 15
+    load0 = loadavg()
+    rows = loop_rows(repeats, not args.no_compile)
+    rows += bandwidth_rows(repeats, 10 if args.quick else 25)
+    path = write("loop_quick" if args.quick else "loop", rows, args.out,
+                 extra={"loadavg_1min": [load0, loadavg()], "torch_threads": torch.get_num_threads(),
+                        **source_version()})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
