@@ -99,6 +99,21 @@ class _SeedsStep:
         f = (c_from - c_to) * self.h * self.eta
         return math.exp(f), math.sqrt(-math.expm1(2.0 * f))
 
+    def first_stage(self, b, X, D, c, s_noise, inject, slots):
+        """Stage 1: exponential Euler from x_s to lambda_s + c h, plus noise sigma_c s_noise sqrt(1 - e^{-2 c h eta}) z
+        when ``inject``.  Returns (point, cx, cd): the point (t, alpha, sigma) and the mean cx x_s - cd D."""
+        t_c, a_c, sg_c = self.point(c)
+        cx, cd = self.x_coef(c, sg_c), a_c * _ei_phi_1(-c * self.h_eta)
+        noise = sg_c * s_noise * self.noise_std(c) if inject else 0.0
+        b.update(x=cx * X - cd * D, slots=slots, noise=noise)
+        return (t_c, a_c, sg_c), cx, cd
+
+    def continue_noise(self, x_next, n_prev, c_from, c_to, sigma_to, s_noise):
+        """x_next plus the noise of the point at c_from carried on to c_to (n_prev: that point's noise in units of
+        its sigma s_noise), and the std of the fresh draw to add there."""
+        keep, fresh = self.carry(c_from, c_to)
+        return x_next + (sigma_to * s_noise * keep) * n_prev, sigma_to * s_noise * fresh
+
 
 R_OPTION = Option(0.5, _fraction, "r must be a number in (0, 1]")
 
@@ -118,10 +133,7 @@ def seeds_2(b, g, eta, s_noise, r, solver_type):
             continue
         st = _SeedsStep(g, i, eta)
         h_eta, a_t, sg_t = st.h_eta, g.alpha[i + 1], g.sigma[i + 1]
-        t_1, a_1, sg_1 = st.point(r)
-        c1x, c1d = st.x_coef(r, sg_1), a_1 * _ei_phi_1(-r * h_eta)
-        g_1 = sg_1 * s_noise * st.noise_std(r) if inject else 0.0
-        b.update(x=c1x * X - c1d * D, slots={x_s: X, D_s: D}, noise=g_1)
+        (t_1, a_1, sg_1), c1x, c1d = st.first_stage(b, X, D, r, s_noise, inject, {x_s: X, D_s: D})
         X, D_2 = b.call(t_1, a_1, sg_1)
         if solver_type == "phi_1":
             fac = 1.0 / (2.0 * r)
@@ -132,10 +144,8 @@ def seeds_2(b, g, eta, s_noise, r, solver_type):
             x_next = st.x_coef(1.0, sg_t) * x_s - a_t * (b1 * D_s + b2 * D_2)
         noise = 0.0
         if inject:
-            keep, fresh = st.carry(r, 1.0)
             n_1 = (X - c1x * x_s + c1d * D_s) / (sg_1 * s_noise)  # sqrt(1 - e^{-2 r h eta}) z_1
-            x_next = x_next + (sg_t * s_noise * keep) * n_1
-            noise = sg_t * s_noise * fresh
+            x_next, noise = st.continue_noise(x_next, n_1, r, 1.0, sg_t, s_noise)
         b.update(x=x_next, noise=noise)
 
 
@@ -155,12 +165,9 @@ def seeds_3(b, g, eta, s_noise, r_1, r_2):
             continue
         st = _SeedsStep(g, i, eta)
         h_eta, a_t, sg_t = st.h_eta, g.alpha[i + 1], g.sigma[i + 1]
-        t_1, a_1, sg_1 = st.point(r_1)
         t_2, a_2, sg_2 = st.point(r_2)
         # stage 1: exponential Euler to lambda_s + r_1 h
-        c1x, c1d = st.x_coef(r_1, sg_1), a_1 * _ei_phi_1(-r_1 * h_eta)
-        g_1 = sg_1 * s_noise * st.noise_std(r_1) if inject else 0.0
-        b.update(x=c1x * X - c1d * D, slots={x_s: X, D_s: D}, noise=g_1)
+        (t_1, a_1, sg_1), c1x, c1d = st.first_stage(b, X, D, r_1, s_noise, inject, {x_s: X, D_s: D})
         # stage 2: to lambda_s + r_2 h with the phi_2 correction from D_2
         X, D_2 = b.call(t_1, a_1, sg_1)
         a3_2 = (r_2 / r_1) * _ei_phi_2(-r_2 * h_eta)
@@ -169,10 +176,8 @@ def seeds_3(b, g, eta, s_noise, r_1, r_2):
         x_3 = c2x * x_s - a_2 * (a3_1 * D_s + a3_2 * D_2)
         noise = 0.0
         if inject:
-            keep, fresh = st.carry(r_1, r_2)
             n_1 = (X - c1x * x_s + c1d * D_s) / (sg_1 * s_noise)
-            x_3 = x_3 + (sg_2 * s_noise * keep) * n_1
-            noise = sg_2 * s_noise * fresh
+            x_3, noise = st.continue_noise(x_3, n_1, r_1, r_2, sg_2, s_noise)
         b.update(x=x_3, slots={D2_s: D_2}, noise=noise)
         # stage 3: to the next boundary with D_3
         X, D_3 = b.call(t_2, a_2, sg_2)
@@ -181,10 +186,8 @@ def seeds_3(b, g, eta, s_noise, r_1, r_2):
         x_next = st.x_coef(1.0, sg_t) * x_s - a_t * (b1 * D_s + b3 * D_3)
         noise = 0.0
         if inject:
-            keep, fresh = st.carry(r_2, 1.0)
             n_2 = (X - c2x * x_s + a_2 * (a3_1 * D_s + a3_2 * D2_s)) / (sg_2 * s_noise)
-            x_next = x_next + (sg_t * s_noise * keep) * n_2
-            noise = sg_t * s_noise * fresh
+            x_next, noise = st.continue_noise(x_next, n_2, r_2, 1.0, sg_t, s_noise)
         b.update(x=x_next, noise=noise)
 
 
