@@ -142,6 +142,7 @@ class EulerDiscreteScheduler(_EulerFamily, _d.EulerDiscreteScheduler):
     _stateful = False
     _one_step = True
     _returns_x0 = True
+    _output = "scheduling_euler_discrete.EulerDiscreteSchedulerOutput"
     _ready_at_init = True
 
     def _fd_solver(self, begin):
@@ -156,13 +157,6 @@ class EulerDiscreteScheduler(_EulerFamily, _d.EulerDiscreteScheduler):
         return self._fd_step(model_output, timestep, sample, generator=generator, seeds=seeds,
                              step_index=step_index, state=state, return_dict=return_dict)
 
-    def _fd_output(self, prev, x0):
-        return _d.schedulers.scheduling_euler_discrete.EulerDiscreteSchedulerOutput(prev_sample=prev,
-                                                                                    pred_original_sample=x0)
-
-    def _fd_tuple(self, prev, x0):
-        return (prev, x0)
-
 
 class EulerAncestralDiscreteScheduler(_EulerFamily, _d.EulerAncestralDiscreteScheduler):
     """diffusers' Euler ancestral on fastdiff's ``euler_ancestral`` rows (eta = 1)."""
@@ -170,6 +164,7 @@ class EulerAncestralDiscreteScheduler(_EulerFamily, _d.EulerAncestralDiscreteSch
     _stateful = False
     _one_step = True
     _returns_x0 = True
+    _output = "scheduling_euler_ancestral_discrete.EulerAncestralDiscreteSchedulerOutput"
     _ready_at_init = True
 
     def _fd_solver(self, begin):
@@ -183,20 +178,13 @@ class EulerAncestralDiscreteScheduler(_EulerFamily, _d.EulerAncestralDiscreteSch
         return self._fd_step(model_output, timestep, sample, generator=generator, seeds=seeds,
                              step_index=step_index, state=state, return_dict=return_dict)
 
-    def _fd_output(self, prev, x0):
-        from diffusers.schedulers.scheduling_euler_ancestral_discrete import EulerAncestralDiscreteSchedulerOutput
-
-        return EulerAncestralDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
-
-    def _fd_tuple(self, prev, x0):
-        return (prev, x0)
-
 
 class HeunDiscreteScheduler(_EulerFamily, _d.HeunDiscreteScheduler):
     """diffusers' Heun (Karras et al. 2022, Algorithm 1) on fastdiff's ``heun`` rows; its timesteps repeat (two
     model calls per step), so per-sample steps take ``step_index=``."""
 
     _returns_x0 = True
+    _output = "scheduling_heun_discrete.HeunDiscreteSchedulerOutput"
 
     def _fd_grid(self, begin):
         if begin % 2:
@@ -211,13 +199,6 @@ class HeunDiscreteScheduler(_EulerFamily, _d.HeunDiscreteScheduler):
              state=None):
         return self._fd_step(model_output, timestep, sample, seeds=seeds, step_index=step_index, state=state,
                              return_dict=return_dict)
-
-    def _fd_output(self, prev, x0):
-        return _d.schedulers.scheduling_heun_discrete.HeunDiscreteSchedulerOutput(prev_sample=prev,
-                                                                                 pred_original_sample=x0)
-
-    def _fd_tuple(self, prev, x0):
-        return (prev, x0)
 
 
 class DPMSolverMultistepScheduler(_SigmaScheduler, _d.DPMSolverMultistepScheduler):
