@@ -105,23 +105,29 @@ def _seeds_steps(run, x, eta, s_noise, r, finish):
     return x
 
 
+def _seeds_last_stage(run, i, x, weight, mix, r_last, h, eta, s_noise, sde_noise):
+    """The end of SEEDS step i: sigma_t/sigma_s e^{-h eta} x - alpha_t weight mix (mix: the data estimates' blend),
+    plus the noise of the last stage (at lambda_s + r_last h) carried on and its fresh part."""
+    g = run.grid
+    sg_s, a_t, sg_t = g.sigma[i], g.alpha[i + 1], g.sigma[i + 1]
+    x = sg_t / sg_s * math.exp(-h * eta) * x - a_t * weight * mix
+    if sde_noise is not None:
+        sde_noise = _continue_noise(run, x, sde_noise, (r_last - 1) * h * eta)
+        x = x + sde_noise * sg_t * s_noise
+    return x
+
+
 def seeds_2(run, x, eta=1.0, s_noise=1.0, r=0.5, solver_type="phi_1"):
     """SEEDS-2: data-prediction exponential integrator with stage lambda_s + r h, h_eta = h (1 + eta)."""
-    g = run.grid
 
     def step_2(i, x, denoised, denoised_2, h, h_eta, sde_noise):
-        sg_s, a_t, sg_t = g.sigma[i], g.alpha[i + 1], g.sigma[i + 1]
         if solver_type == "phi_1":
-            denoised_d = denoised + (denoised_2 - denoised) / (2 * r)
-            x = sg_t / sg_s * math.exp(-h * eta) * x - a_t * math.expm1(-h_eta) * denoised_d
+            weight, mix = math.expm1(-h_eta), denoised + (denoised_2 - denoised) / (2 * r)
         else:
             b2 = ((math.expm1(-h_eta) + h_eta) / -h_eta) / r
             b1 = math.expm1(-h_eta) - b2
-            x = sg_t / sg_s * math.exp(-h * eta) * x - a_t * (b1 * denoised + b2 * denoised_2)
-        if sde_noise is not None:
-            sde_noise = _continue_noise(run, x, sde_noise, (r - 1) * h * eta)
-            x = x + sde_noise * sg_t * s_noise
-        return x
+            weight, mix = 1.0, b1 * denoised + b2 * denoised_2
+        return _seeds_last_stage(run, i, x, weight, mix, r, h, eta, s_noise, sde_noise)
 
     return _seeds_steps(run, x, eta, s_noise, r, step_2)
 
@@ -137,8 +143,8 @@ def seeds_3(run, x, eta=1.0, s_noise=1.0, r_1=1.0 / 3, r_2=2.0 / 3):
         return (math.expm1(v) - v) / v
 
     def steps_2_3(i, x, denoised, denoised_2, h, h_eta, sde_noise):
-        sg_s, a_t, sg_t = g.sigma[i], g.alpha[i + 1], g.sigma[i + 1]
-        t_2, a_2, sg_2 = (g.t[i + 1], a_t, sg_t) if r_2 == 1 else _point(run, g.lam[i] + r_2 * h)
+        sg_s = g.sigma[i]
+        t_2, a_2, sg_2 = (g.t[i + 1], g.alpha[i + 1], g.sigma[i + 1]) if r_2 == 1 else _point(run, g.lam[i] + r_2 * h)
         # step 2
         a3_2 = r_2 / r_1 * phi_2(-r_2 * h_eta)
         a3_1 = phi_1(-r_2 * h_eta) - a3_2
@@ -150,11 +156,7 @@ def seeds_3(run, x, eta=1.0, s_noise=1.0, r_1=1.0 / 3, r_2=2.0 / 3):
         # step 3
         b3 = phi_2(-h_eta) / r_2
         b1 = phi_1(-h_eta) - b3
-        x = sg_t / sg_s * math.exp(-h * eta) * x - a_t * (b1 * denoised + b3 * denoised_3)
-        if sde_noise is not None:
-            sde_noise = _continue_noise(run, x, sde_noise, (r_2 - 1) * h * eta)
-            x = x + sde_noise * sg_t * s_noise
-        return x
+        return _seeds_last_stage(run, i, x, 1.0, b1 * denoised + b3 * denoised_3, r_2, h, eta, s_noise, sde_noise)
 
     return _seeds_steps(run, x, eta, s_noise, r_1, steps_2_3)
 
