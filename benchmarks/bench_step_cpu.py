@@ -134,7 +134,7 @@ class StageLoop:
             for k in range(self.plan.num_stages):
                 r, w, use_out, noise, lang = self.flags[k]
                 x = ops.step(x, outs[k], slots, self.rows[k], self.seeds, self.draws[k], slot_reads=r, slot_writes=w,
-                             use_out=use_out, noise=noise, langevin=lang, kernel="cpu")
+                             use_out=use_out, noise=noise, langevin=lang, backend="cpu")
         else:
             step = self.step
             for k in range(self.plan.num_stages):

@@ -1,4 +1,4 @@
-"""Shared helpers for the peer-equivalence tests (DESIGN §6.3): ``test_peers_kdiffusion.py`` and
+"""Shared helpers for the peer-equivalence tests: ``test_peers_kdiffusion.py`` and
 ``test_peers_diffusers.py``.
 
 Imported as ``from peers import ...``: tests/ has no ``__init__.py``, so pytest's default ``prepend`` import mode

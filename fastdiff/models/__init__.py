@@ -1,4 +1,4 @@
-"""Demo and test models: exact denoisers of Gaussian data (the oracles of DESIGN §6), the digits UNet
+"""Demo and test models: exact denoisers of Gaussian data (the exact oracles), the digits UNet
 (``fastdiff.models.digits``), and EDM preconditioning as a wrapper."""
 
 from .gaussian import GaussianMixture

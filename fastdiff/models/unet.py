@@ -1,4 +1,4 @@
-"""A small class-conditional UNet for 8x8 images (the digits demo), in the DESIGN §4 calling convention:
+"""A small class-conditional UNet for 8x8 images (the digits demo), in fastdiff's calling convention:
 ``model(x [B, 1, 8, 8], t [B] model time, label [B] long) -> out`` (v-prediction as trained).  Label
 ``num_classes`` is the null label (classifier-free guidance is trained with label dropout)."""
 

@@ -402,7 +402,7 @@ class ContinuousBatcher:
             p = req.plan
             seed = rng.seeds_tensor([req.seed], device=self.device)
             draw0 = torch.zeros(1, dtype=torch.int64, device=self.device)
-            z = ops.randn((1,) + req.shape, seed, draw0, dtype=self.dtype, device=self.device, kernel=self.kernel)
+            z = ops.randn((1,) + req.shape, seed, draw0, dtype=self.dtype, device=self.device, backend=self.kernel)
             req.x = (p.init_scale * z)[0]
             req.slots = torch.zeros((p.num_slots,) + req.shape, dtype=self.dtype, device=self.device)
             return True
@@ -483,7 +483,7 @@ class ContinuousBatcher:
             torch.tensor([int(r.plan.draw[r.stage]) for r in batch], dtype=torch.int64, device=dev),
             torch.tensor([r.guidance if guided else 0.0 for r in batch], dtype=torch.float32, device=dev),
             slot_reads=(1 << K) - 1, slot_writes=flags.slot_writes, use_out=flags.use_out,
-            cfg=guided and flags.use_out, noise=flags.noise, langevin=flags.langevin, kernel=self.kernel)
+            cfg=guided and flags.use_out, noise=flags.noise, langevin=flags.langevin, backend=self.kernel)
         finite = torch.isfinite(x_new.reshape(B, -1)).all(1)
         if K:
             finite &= torch.isfinite(slots.transpose(0, 1).reshape(B, -1)).all(1)

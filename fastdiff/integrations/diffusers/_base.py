@@ -397,7 +397,7 @@ class _FastdiffStep:
             draws = self._fd_gather(prog, dev, "draws", k, B)
         prev = ops.step(x, out, self._fd_slots(state, prog, x), rows, seeds_t, draws, dev["no_guidance"],
                         slot_reads=flags.slot_reads, slot_writes=flags.slot_writes, use_out=flags.use_out, cfg=False,
-                        noise=noise, langevin=flags.langevin, kernel=self._fd_kernel(x))
+                        noise=noise, langevin=flags.langevin, backend=self._fd_kernel(x))
         if external is not None:
             gain = self._fd_gather(prog, dev, "gain", k, B).reshape(bshape)
             prev = (prev + gain * external.to(device=x.device, dtype=gain.dtype)).to(x.dtype)
