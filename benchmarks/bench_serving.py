@@ -107,9 +107,10 @@ def throughput(quick):
 
 
 # -- 2. load and faults ----------------------------------------------------------------------------------------
-def draw(rng: random.Random):
-    """(kind, body dict or bytes, client give-up seconds or None) of one request."""
-    u = rng.random()
+def draw(rng: random.Random, faults=True):
+    """(kind, body dict or bytes, client give-up seconds or None) of one request; only good ones without
+    ``faults``."""
+    u = rng.random() if faults else 1.0
     seed = rng.randrange(48)
     good = {"seed": seed, "label": seed % 10, "steps": (6, 10)[seed % 2], "solver": "dpmpp_2m"}
     if u < 0.10:
@@ -147,12 +148,7 @@ async def http_clients(base_url, seconds, clients, tally, faults=True):
         async def client(i):
             rng = random.Random(i)
             while time.monotonic() < end:
-                if faults:
-                    kind, body, give_up = draw(rng)
-                else:
-                    seed = rng.randrange(48)
-                    kind, give_up = "good", None
-                    body = {"seed": seed, "label": seed % 10, "steps": (6, 10)[seed % 2], "solver": "dpmpp_2m"}
+                kind, body, give_up = draw(rng, faults)
                 content = body if isinstance(body, bytes) else json.dumps(body).encode()
                 tally.sent += 1
                 t0 = time.perf_counter()
@@ -200,12 +196,7 @@ async def batcher_clients(batcher, spec, seconds, clients, tally, faults=True):
     async def client(i):
         rng = random.Random(i)
         while time.monotonic() < end:
-            if faults:
-                kind, body, give_up = draw(rng)
-            else:
-                seed = rng.randrange(48)
-                kind, give_up = "good", None
-                body = {"seed": seed, "label": seed % 10, "steps": (6, 10)[seed % 2]}
+            kind, body, give_up = draw(rng, faults)
             tally.sent += 1
             t0 = time.perf_counter()
             try:

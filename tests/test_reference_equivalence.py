@@ -19,6 +19,7 @@ import fastdiff
 import fastdiff.reference as ref
 from fastdiff import rng
 from fastdiff.schedules import EDM, VE, ContinuousVP, DiscreteVP, RectifiedFlow, SubVP
+from solver_checks import one_thread  # noqa: F401  (autouse: one torch thread in this module)
 
 SHAPE = (3, 2, 3, 5)
 SEEDS = [3, 11, 12345]
@@ -43,14 +44,6 @@ DIVIDE_BY_ALPHA += ("dpm_2_ancestral", "dpmpp_sde", "heunpp2", "seeds_2", "seeds
 # options that keep the long inner loops short
 FAST = {"annealed_langevin": {"corrector_steps": 3}}
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: torch's intra-op threads only spin (3x the CPU time on a busy 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 # ---------------------------------------------------------------------------------------------------------------
 # The test model: exact E[x0 | x_t] of a two-component isotropic Gaussian mixture, in any prediction type

@@ -19,15 +19,7 @@ from fastdiff.models import GaussianMixture
 from fastdiff.solvers.adams import AB_WEIGHTS, deis_weights, ipndm_v_weights
 from peers import (FP32_RTOL, SEEDS, GaussianMixture as PeerMixture, assert_close, load_k_diffusion, noise_draws,
                    prior_noise, schedule_model)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: torch's intra-op threads only spin on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from solver_checks import one_thread  # noqa: F401  (autouse: one torch thread in this module)
 
 
 # ---------------------------------------------------------------------------------------------------------------

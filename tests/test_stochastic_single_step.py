@@ -29,21 +29,13 @@ from fastdiff import rng
 from fastdiff.models import GaussianMixture as Gaussian
 from peers import (FP32_RTOL, SEEDS, GaussianMixture, assert_close, load_k_diffusion, noise_draws, prior_noise,
                    schedule_model)
+from solver_checks import one_thread  # noqa: F401  (autouse: one torch thread in this module)
 
 NEW = ("dpm_2_ancestral", "dpmpp_sde", "heunpp2", "gradient_estimation", "tcd", "flow_euler_ancestral", "er_sde",
        "seeds_2", "seeds_3")
 GM = GaussianMixture(dim=32)
 EDM = fd.schedules.EDM()
 VP = fd.schedules.DiscreteVP.scaled_linear()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: torch's intra-op threads only spin on the shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ---------------------------------------------------------------------------------------------------------------

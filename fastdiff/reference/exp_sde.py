@@ -80,48 +80,61 @@ def _point(run, lam):
     return point_at_s(run.schedule, math.exp(-lam))
 
 
-def seeds_2(run, x, eta=1.0, s_noise=1.0, r=0.5, solver_type="phi_1"):
-    """SEEDS-2: data-prediction exponential integrator with stage lambda_s + r h, h_eta = h (1 + eta)."""
+def _seeds_steps(run, x, eta, s_noise, r, finish):
+    """The SEEDS step loop: D at x; unless the step ends at the clean point (then x = D), stage 1
+    x_2 = sigma_1/sigma_s e^{-r h eta} x - alpha_1 (e^{-r h_eta} - 1) D (+ sigma_1 s_noise sqrt(1 - e^{-2 r h eta}) z)
+    at lambda_s + r h, D_2 there, and ``finish(i, x, D, D_2, h, h_eta, sde_noise)`` -> the next x (the rest of the
+    step; sde_noise is stage 1's unscaled noise, None when no noise is injected)."""
     g = run.grid
-    inject = eta > 0 and s_noise > 0
     for i in range(g.steps):
-        out = run.eval(x, g.t[i])
+        denoised = run.eval(x, g.t[i]).x0
         if g.clean[i + 1]:
-            x = out.x0
+            x = denoised
             continue
-        denoised = out.x0
         _check_alpha(g.alpha[i], "seeds")
-        lam_s, lam_t = g.lam[i], g.lam[i + 1]
-        sg_s, a_t, sg_t = g.sigma[i], g.alpha[i + 1], g.sigma[i + 1]
-        h = lam_t - lam_s
+        h = g.lam[i + 1] - g.lam[i]
         h_eta = h * (eta + 1)
-        lam_1 = lam_s + r * (lam_t - lam_s)
-        t_1, a_1, sg_1 = (g.t[i + 1], a_t, sg_t) if r == 1 else _point(run, lam_1)
-        # step 1: x_2 = sigma_1/sigma_s e^{-r h eta} x - alpha_1 (e^{-r h_eta} - 1) D
-        x_2 = sg_1 / sg_s * math.exp(-r * h * eta) * x - a_1 * math.expm1(-r * h_eta) * denoised
-        if inject:
+        t_1, a_1, sg_1 = (g.t[i + 1], g.alpha[i + 1], g.sigma[i + 1]) if r == 1 else _point(run, g.lam[i] + r * h)
+        x_2 = sg_1 / g.sigma[i] * math.exp(-r * h * eta) * x - a_1 * math.expm1(-r * h_eta) * denoised
+        sde_noise = None
+        if eta > 0 and s_noise > 0:
             sde_noise = math.sqrt(-math.expm1(-2 * r * h * eta)) * run.noise(x)
             x_2 = x_2 + sde_noise * sg_1 * s_noise
         denoised_2 = run.eval(x_2, t_1, a_1, sg_1).x0
-        # step 2
+        x = finish(i, x, denoised, denoised_2, h, h_eta, sde_noise)
+    return x
+
+
+def _seeds_last_stage(run, i, x, weight, mix, r_last, h, eta, s_noise, sde_noise):
+    """The end of SEEDS step i: sigma_t/sigma_s e^{-h eta} x - alpha_t weight mix (mix: the data estimates' blend),
+    plus the noise of the last stage (at lambda_s + r_last h) carried on and its fresh part."""
+    g = run.grid
+    sg_s, a_t, sg_t = g.sigma[i], g.alpha[i + 1], g.sigma[i + 1]
+    x = sg_t / sg_s * math.exp(-h * eta) * x - a_t * weight * mix
+    if sde_noise is not None:
+        sde_noise = _continue_noise(run, x, sde_noise, (r_last - 1) * h * eta)
+        x = x + sde_noise * sg_t * s_noise
+    return x
+
+
+def seeds_2(run, x, eta=1.0, s_noise=1.0, r=0.5, solver_type="phi_1"):
+    """SEEDS-2: data-prediction exponential integrator with stage lambda_s + r h, h_eta = h (1 + eta)."""
+
+    def step_2(i, x, denoised, denoised_2, h, h_eta, sde_noise):
         if solver_type == "phi_1":
-            denoised_d = denoised + (denoised_2 - denoised) / (2 * r)
-            x = sg_t / sg_s * math.exp(-h * eta) * x - a_t * math.expm1(-h_eta) * denoised_d
+            weight, mix = math.expm1(-h_eta), denoised + (denoised_2 - denoised) / (2 * r)
         else:
             b2 = ((math.expm1(-h_eta) + h_eta) / -h_eta) / r
             b1 = math.expm1(-h_eta) - b2
-            x = sg_t / sg_s * math.exp(-h * eta) * x - a_t * (b1 * denoised + b2 * denoised_2)
-        if inject:
-            seg = (r - 1) * h * eta
-            sde_noise = _continue_noise(run, x, sde_noise, seg)
-            x = x + sde_noise * sg_t * s_noise
-    return x
+            weight, mix = 1.0, b1 * denoised + b2 * denoised_2
+        return _seeds_last_stage(run, i, x, weight, mix, r, h, eta, s_noise, sde_noise)
+
+    return _seeds_steps(run, x, eta, s_noise, r, step_2)
 
 
 def seeds_3(run, x, eta=1.0, s_noise=1.0, r_1=1.0 / 3, r_2=2.0 / 3):
     """SEEDS-3: stages at lambda_s + r_1 h and lambda_s + r_2 h."""
     g = run.grid
-    inject = eta > 0 and s_noise > 0
 
     def phi_1(v):  # v phi_1(v)
         return math.expm1(v)
@@ -129,43 +142,23 @@ def seeds_3(run, x, eta=1.0, s_noise=1.0, r_1=1.0 / 3, r_2=2.0 / 3):
     def phi_2(v):  # v phi_2(v)
         return (math.expm1(v) - v) / v
 
-    for i in range(g.steps):
-        out = run.eval(x, g.t[i])
-        if g.clean[i + 1]:
-            x = out.x0
-            continue
-        denoised = out.x0
-        _check_alpha(g.alpha[i], "seeds")
-        lam_s, lam_t = g.lam[i], g.lam[i + 1]
-        sg_s, a_t, sg_t = g.sigma[i], g.alpha[i + 1], g.sigma[i + 1]
-        h = lam_t - lam_s
-        h_eta = h * (eta + 1)
-        t_1, a_1, sg_1 = _point(run, lam_s + r_1 * h)
-        t_2, a_2, sg_2 = (g.t[i + 1], a_t, sg_t) if r_2 == 1 else _point(run, lam_s + r_2 * h)
-        # step 1
-        x_2 = sg_1 / sg_s * math.exp(-r_1 * h * eta) * x - a_1 * phi_1(-r_1 * h_eta) * denoised
-        if inject:
-            sde_noise = math.sqrt(-math.expm1(-2 * r_1 * h * eta)) * run.noise(x)
-            x_2 = x_2 + sde_noise * sg_1 * s_noise
-        denoised_2 = run.eval(x_2, t_1, a_1, sg_1).x0
+    def steps_2_3(i, x, denoised, denoised_2, h, h_eta, sde_noise):
+        sg_s = g.sigma[i]
+        t_2, a_2, sg_2 = (g.t[i + 1], g.alpha[i + 1], g.sigma[i + 1]) if r_2 == 1 else _point(run, g.lam[i] + r_2 * h)
         # step 2
         a3_2 = r_2 / r_1 * phi_2(-r_2 * h_eta)
         a3_1 = phi_1(-r_2 * h_eta) - a3_2
         x_3 = sg_2 / sg_s * math.exp(-r_2 * h * eta) * x - a_2 * (a3_1 * denoised + a3_2 * denoised_2)
-        if inject:
-            seg = (r_1 - r_2) * h * eta
-            sde_noise = _continue_noise(run, x, sde_noise, seg)
+        if sde_noise is not None:
+            sde_noise = _continue_noise(run, x, sde_noise, (r_1 - r_2) * h * eta)
             x_3 = x_3 + sde_noise * sg_2 * s_noise
         denoised_3 = run.eval(x_3, t_2, a_2, sg_2).x0
         # step 3
         b3 = phi_2(-h_eta) / r_2
         b1 = phi_1(-h_eta) - b3
-        x = sg_t / sg_s * math.exp(-h * eta) * x - a_t * (b1 * denoised + b3 * denoised_3)
-        if inject:
-            seg = (r_2 - 1) * h * eta
-            sde_noise = _continue_noise(run, x, sde_noise, seg)
-            x = x + sde_noise * sg_t * s_noise
-    return x
+        return _seeds_last_stage(run, i, x, 1.0, b1 * denoised + b3 * denoised_3, r_2, h, eta, s_noise, sde_noise)
+
+    return _seeds_steps(run, x, eta, s_noise, r_1, steps_2_3)
 
 
 def _f(v):

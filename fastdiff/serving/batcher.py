@@ -361,24 +361,21 @@ class ContinuousBatcher:
         """Drop cancelled requests and fail expired ones; returns [(request, exception or None)] to end."""
         now = time.monotonic()
         ended = []
-        keep = collections.deque()
-        for r in self._pending:
-            if r.future.done():
-                self.stats["cancelled"] += 1
-            elif now >= r.deadline:
-                ended.append((r, _timeout_error(r)))
-            else:
-                keep.append(r)
-        self._pending = keep
-        active = []
-        for r in self._active:
-            if r.future.done():
-                self.stats["cancelled"] += 1
-            elif now >= r.deadline:
-                ended.append((r, _timeout_error(r)))
-            else:
-                active.append(r)
-        self._active = active
+
+        def live(requests):
+            """The requests neither cancelled (counted) nor expired (put on ``ended``), in order."""
+            kept = []
+            for r in requests:
+                if r.future.done():
+                    self.stats["cancelled"] += 1
+                elif now >= r.deadline:
+                    ended.append((r, _timeout_error(r)))
+                else:
+                    kept.append(r)
+            return kept
+
+        self._pending = collections.deque(live(self._pending))
+        self._active = live(self._active)
         return ended
 
     def _admit(self):

@@ -99,6 +99,38 @@ class _SeedsStep:
         f = (c_from - c_to) * self.h * self.eta
         return math.exp(f), math.sqrt(-math.expm1(2.0 * f))
 
+    def first_stage(self, b, X, D, c, s_noise, inject, slots):
+        """Stage 1: exponential Euler from x_s to lambda_s + c h, plus noise sigma_c s_noise sqrt(1 - e^{-2 c h eta}) z
+        when ``inject``.  Returns (point, cx, cd): the point (t, alpha, sigma) and the mean cx x_s - cd D."""
+        t_c, a_c, sg_c = self.point(c)
+        cx, cd = self.x_coef(c, sg_c), a_c * _ei_phi_1(-c * self.h_eta)
+        noise = sg_c * s_noise * self.noise_std(c) if inject else 0.0
+        b.update(x=cx * X - cd * D, slots=slots, noise=noise)
+        return (t_c, a_c, sg_c), cx, cd
+
+    def continue_noise(self, x_next, n_prev, c_from, c_to, sigma_to, s_noise):
+        """x_next plus the noise of the point at c_from carried on to c_to (n_prev: that point's noise in units of
+        its sigma s_noise), and the std of the fresh draw to add there."""
+        keep, fresh = self.carry(c_from, c_to)
+        return x_next + (sigma_to * s_noise * keep) * n_prev, sigma_to * s_noise * fresh
+
+
+def _seeds_steps(b, g, eta, s_noise, r, x_s, D_s, finish):
+    """The SEEDS step loop: the model at x; a step to the clean point returns D; else stage 1 to lambda_s + r h
+    (x and D kept in slots ``x_s``, ``D_s``), the model there (D_2), and ``finish(st, D_2, n_1)`` closes the step's
+    remaining stages, with n_1 = stage 1's noise in units of sigma_1 s_noise, sqrt(1 - e^{-2 r h eta}) z_1, as
+    registers (None without noise)."""
+    inject = eta > 0 and s_noise > 0
+    for i in b.steps(g.steps):
+        X, D = b.call(g.t[i])
+        if g.zero[i + 1]:
+            b.update(x=D)
+            continue
+        st = _SeedsStep(g, i, eta)
+        (t_1, a_1, sg_1), c1x, c1d = st.first_stage(b, X, D, r, s_noise, inject, {x_s: X, D_s: D})
+        X, D_2 = b.call(t_1, a_1, sg_1)
+        finish(st, D_2, (X - c1x * x_s + c1d * D_s) / (sg_1 * s_noise) if inject else None)
+
 
 R_OPTION = Option(0.5, _fraction, "r must be a number in (0, 1]")
 
@@ -110,19 +142,9 @@ def seeds_2(b, g, eta, s_noise, r, solver_type):
     D_d = lerp(D, D_2, 1/(2r)) (phi_1) or the phi_2 weights.  eta = 0 is deterministic (exponential Heun with
     r = 1, phi_2)."""
     x_s, D_s = b.slot("x_s"), b.slot("D")
-    inject = eta > 0 and s_noise > 0
-    for i in b.steps(g.steps):
-        X, D = b.call(g.t[i])
-        if g.zero[i + 1]:
-            b.update(x=D)
-            continue
-        st = _SeedsStep(g, i, eta)
-        h_eta, a_t, sg_t = st.h_eta, g.alpha[i + 1], g.sigma[i + 1]
-        t_1, a_1, sg_1 = st.point(r)
-        c1x, c1d = st.x_coef(r, sg_1), a_1 * _ei_phi_1(-r * h_eta)
-        g_1 = sg_1 * s_noise * st.noise_std(r) if inject else 0.0
-        b.update(x=c1x * X - c1d * D, slots={x_s: X, D_s: D}, noise=g_1)
-        X, D_2 = b.call(t_1, a_1, sg_1)
+
+    def step_2(st, D_2, n_1):
+        h_eta, a_t, sg_t = st.h_eta, g.alpha[st.i + 1], g.sigma[st.i + 1]
         if solver_type == "phi_1":
             fac = 1.0 / (2.0 * r)
             x_next = st.x_coef(1.0, sg_t) * x_s - (a_t * _ei_phi_1(-h_eta)) * ((1.0 - fac) * D_s + fac * D_2)
@@ -131,12 +153,11 @@ def seeds_2(b, g, eta, s_noise, r, solver_type):
             b1 = _ei_phi_1(-h_eta) - b2
             x_next = st.x_coef(1.0, sg_t) * x_s - a_t * (b1 * D_s + b2 * D_2)
         noise = 0.0
-        if inject:
-            keep, fresh = st.carry(r, 1.0)
-            n_1 = (X - c1x * x_s + c1d * D_s) / (sg_1 * s_noise)  # sqrt(1 - e^{-2 r h eta}) z_1
-            x_next = x_next + (sg_t * s_noise * keep) * n_1
-            noise = sg_t * s_noise * fresh
+        if n_1 is not None:
+            x_next, noise = st.continue_noise(x_next, n_1, r, 1.0, sg_t, s_noise)
         b.update(x=x_next, noise=noise)
+
+    _seeds_steps(b, g, eta, s_noise, r, x_s, D_s, step_2)
 
 
 @solver("seeds_3", eta=ETA1, s_noise=S_NOISE,
@@ -147,32 +168,18 @@ def seeds_3(b, g, eta, s_noise, r_1, r_2):
     if not r_1 < r_2:
         raise ValueError(f"seeds_3: r_1={r_1} must be below r_2={r_2}")
     x_s, D_s, D2_s = b.slot("x_s"), b.slot("D"), b.slot("D_2")
-    inject = eta > 0 and s_noise > 0
-    for i in b.steps(g.steps):
-        X, D = b.call(g.t[i])
-        if g.zero[i + 1]:
-            b.update(x=D)
-            continue
-        st = _SeedsStep(g, i, eta)
-        h_eta, a_t, sg_t = st.h_eta, g.alpha[i + 1], g.sigma[i + 1]
-        t_1, a_1, sg_1 = st.point(r_1)
+
+    def stages_2_3(st, D_2, n_1):
+        h_eta, a_t, sg_t = st.h_eta, g.alpha[st.i + 1], g.sigma[st.i + 1]
         t_2, a_2, sg_2 = st.point(r_2)
-        # stage 1: exponential Euler to lambda_s + r_1 h
-        c1x, c1d = st.x_coef(r_1, sg_1), a_1 * _ei_phi_1(-r_1 * h_eta)
-        g_1 = sg_1 * s_noise * st.noise_std(r_1) if inject else 0.0
-        b.update(x=c1x * X - c1d * D, slots={x_s: X, D_s: D}, noise=g_1)
         # stage 2: to lambda_s + r_2 h with the phi_2 correction from D_2
-        X, D_2 = b.call(t_1, a_1, sg_1)
         a3_2 = (r_2 / r_1) * _ei_phi_2(-r_2 * h_eta)
         a3_1 = _ei_phi_1(-r_2 * h_eta) - a3_2
         c2x = st.x_coef(r_2, sg_2)
         x_3 = c2x * x_s - a_2 * (a3_1 * D_s + a3_2 * D_2)
         noise = 0.0
-        if inject:
-            keep, fresh = st.carry(r_1, r_2)
-            n_1 = (X - c1x * x_s + c1d * D_s) / (sg_1 * s_noise)
-            x_3 = x_3 + (sg_2 * s_noise * keep) * n_1
-            noise = sg_2 * s_noise * fresh
+        if n_1 is not None:
+            x_3, noise = st.continue_noise(x_3, n_1, r_1, r_2, sg_2, s_noise)
         b.update(x=x_3, slots={D2_s: D_2}, noise=noise)
         # stage 3: to the next boundary with D_3
         X, D_3 = b.call(t_2, a_2, sg_2)
@@ -180,12 +187,12 @@ def seeds_3(b, g, eta, s_noise, r_1, r_2):
         b1 = _ei_phi_1(-h_eta) - b3
         x_next = st.x_coef(1.0, sg_t) * x_s - a_t * (b1 * D_s + b3 * D_3)
         noise = 0.0
-        if inject:
-            keep, fresh = st.carry(r_2, 1.0)
+        if n_1 is not None:
             n_2 = (X - c2x * x_s + a_2 * (a3_1 * D_s + a3_2 * D2_s)) / (sg_2 * s_noise)
-            x_next = x_next + (sg_t * s_noise * keep) * n_2
-            noise = sg_t * s_noise * fresh
+            x_next, noise = st.continue_noise(x_next, n_2, r_2, 1.0, sg_t, s_noise)
         b.update(x=x_next, noise=noise)
+
+    _seeds_steps(b, g, eta, s_noise, r_1, x_s, D_s, stages_2_3)
 
 
 def er_sde_noise_scaler(x):

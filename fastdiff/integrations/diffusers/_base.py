@@ -5,6 +5,7 @@ call (``_Program``), the per-run state (``StepState``) and the step / scale_mode
 from __future__ import annotations
 
 import functools
+import importlib
 import threading
 
 import numpy as np
@@ -158,6 +159,7 @@ class _FastdiffStep:
     _scales_input = False  # Euler-type: scale_model_input divides by sqrt(sigma^2 + 1)
     _noise_fp32 = False  # diffusers draws its generator noise in float32 (else in the model output's dtype)
     _returns_x0 = False  # diffusers' output has pred_original_sample (the stage's data estimate D)
+    _output = "scheduling_utils.SchedulerOutput"  # step's output class: module.class in diffusers.schedulers
     _ready_at_init = False  # diffusers' __init__ holds the training schedule and its step may run on it
     _unknown_timestep_is_last = False  # diffusers treats a timestep off the schedule as the last step
     backend = "auto"  # fastdiff backend for step: "auto", "cpu", "cuda", "triton" or "torch"
@@ -171,10 +173,15 @@ class _FastdiffStep:
         pass
 
     def _fd_output(self, prev, x0):
-        return _d.schedulers.scheduling_utils.SchedulerOutput(prev_sample=prev)
+        """diffusers' output of step: ``_output`` (module.class under diffusers.schedulers) with prev_sample, and
+        pred_original_sample where the scheduler ``_returns_x0``."""
+        module, name = self._output.split(".")
+        output = getattr(importlib.import_module(f"diffusers.schedulers.{module}"), name)
+        return output(prev_sample=prev, pred_original_sample=x0) if self._returns_x0 else output(prev_sample=prev)
 
     def _fd_tuple(self, prev, x0):
-        return (prev,)
+        """step's output with return_dict=False."""
+        return (prev, x0) if self._returns_x0 else (prev,)
 
     def _fd_off_schedule(self, timestep, eta):
         """(program, stage) for a host timestep that is not on the schedule; by default an error."""

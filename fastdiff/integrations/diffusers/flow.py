@@ -13,6 +13,7 @@ class FlowMatchEulerDiscreteScheduler(_SigmaScheduler, _d.FlowMatchEulerDiscrete
     ``flow_euler`` rows on a rectified flow x_t = (1 - t) x0 + t noise, t = diffusers' sigma."""
 
     _stateful = False
+    _output = "scheduling_flow_match_euler_discrete.FlowMatchEulerDiscreteSchedulerOutput"
 
     def _fd_check_config(self):
         c = self.config
@@ -41,8 +42,3 @@ class FlowMatchEulerDiscreteScheduler(_SigmaScheduler, _d.FlowMatchEulerDiscrete
     def scale_noise(self, sample, timestep, noise=None):
         """x_t = (1 - sigma) x0 + sigma noise at the sigmas of ``timestep`` (per sample, on the device)."""
         return self.add_noise(sample, noise, timestep)
-
-    def _fd_output(self, prev, x0):
-        from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteSchedulerOutput
-
-        return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=prev)

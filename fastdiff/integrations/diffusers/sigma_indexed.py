@@ -123,9 +123,11 @@ class _SigmaScheduler(_FastdiffStep):
 
 
 class _EulerFamily(_SigmaScheduler):
-    """Samples in y = x / alpha (k-diffusion's space): scale_model_input multiplies by alpha, the rows are folded."""
+    """Samples in y = x / alpha (k-diffusion's space): scale_model_input multiplies by alpha, the rows are folded;
+    step's output has pred_original_sample."""
 
     _scales_input = True
+    _returns_x0 = True
 
     def _fd_fold(self, begin):
         sig = self._fd_sigmas(begin)  # stage k reads sigmas[k] and lands on sigmas[k + 1] (Heun's repeat too)
@@ -136,13 +138,19 @@ class _EulerFamily(_SigmaScheduler):
         return torch.ones_like(s), s  # add_noise in y: x0 + sigma noise
 
 
-class EulerDiscreteScheduler(_EulerFamily, _d.EulerDiscreteScheduler):
-    """diffusers' Euler (Karras et al. 2022, Algorithm 1 in y) on fastdiff's ``euler`` rows."""
+class _OneStepEuler(_EulerFamily):
+    """Euler-type steps without history: each step is a plan of its own, so step runs on diffusers' training
+    schedule right after __init__ too."""
 
     _stateful = False
     _one_step = True
-    _returns_x0 = True
     _ready_at_init = True
+
+
+class EulerDiscreteScheduler(_OneStepEuler, _d.EulerDiscreteScheduler):
+    """diffusers' Euler (Karras et al. 2022, Algorithm 1 in y) on fastdiff's ``euler`` rows."""
+
+    _output = "scheduling_euler_discrete.EulerDiscreteSchedulerOutput"
 
     def _fd_solver(self, begin):
         return "euler", {}
@@ -156,21 +164,11 @@ class EulerDiscreteScheduler(_EulerFamily, _d.EulerDiscreteScheduler):
         return self._fd_step(model_output, timestep, sample, generator=generator, seeds=seeds,
                              step_index=step_index, state=state, return_dict=return_dict)
 
-    def _fd_output(self, prev, x0):
-        return _d.schedulers.scheduling_euler_discrete.EulerDiscreteSchedulerOutput(prev_sample=prev,
-                                                                                    pred_original_sample=x0)
 
-    def _fd_tuple(self, prev, x0):
-        return (prev, x0)
-
-
-class EulerAncestralDiscreteScheduler(_EulerFamily, _d.EulerAncestralDiscreteScheduler):
+class EulerAncestralDiscreteScheduler(_OneStepEuler, _d.EulerAncestralDiscreteScheduler):
     """diffusers' Euler ancestral on fastdiff's ``euler_ancestral`` rows (eta = 1)."""
 
-    _stateful = False
-    _one_step = True
-    _returns_x0 = True
-    _ready_at_init = True
+    _output = "scheduling_euler_ancestral_discrete.EulerAncestralDiscreteSchedulerOutput"
 
     def _fd_solver(self, begin):
         return "euler_ancestral", {"eta": 1.0}
@@ -183,20 +181,12 @@ class EulerAncestralDiscreteScheduler(_EulerFamily, _d.EulerAncestralDiscreteSch
         return self._fd_step(model_output, timestep, sample, generator=generator, seeds=seeds,
                              step_index=step_index, state=state, return_dict=return_dict)
 
-    def _fd_output(self, prev, x0):
-        from diffusers.schedulers.scheduling_euler_ancestral_discrete import EulerAncestralDiscreteSchedulerOutput
-
-        return EulerAncestralDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
-
-    def _fd_tuple(self, prev, x0):
-        return (prev, x0)
-
 
 class HeunDiscreteScheduler(_EulerFamily, _d.HeunDiscreteScheduler):
     """diffusers' Heun (Karras et al. 2022, Algorithm 1) on fastdiff's ``heun`` rows; its timesteps repeat (two
     model calls per step), so per-sample steps take ``step_index=``."""
 
-    _returns_x0 = True
+    _output = "scheduling_heun_discrete.HeunDiscreteSchedulerOutput"
 
     def _fd_grid(self, begin):
         if begin % 2:
@@ -211,13 +201,6 @@ class HeunDiscreteScheduler(_EulerFamily, _d.HeunDiscreteScheduler):
              state=None):
         return self._fd_step(model_output, timestep, sample, seeds=seeds, step_index=step_index, state=state,
                              return_dict=return_dict)
-
-    def _fd_output(self, prev, x0):
-        return _d.schedulers.scheduling_heun_discrete.HeunDiscreteSchedulerOutput(prev_sample=prev,
-                                                                                 pred_original_sample=x0)
-
-    def _fd_tuple(self, prev, x0):
-        return (prev, x0)
 
 
 class DPMSolverMultistepScheduler(_SigmaScheduler, _d.DPMSolverMultistepScheduler):

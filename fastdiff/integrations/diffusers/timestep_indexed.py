@@ -37,6 +37,7 @@ class DDIMScheduler(_FastdiffStep, _d.DDIMScheduler):
     _index_by = "timestep"
 
     _returns_x0 = True
+    _output = "scheduling_ddim.DDIMSchedulerOutput"
 
     def _fd_stage(self, t: float, eta: float):
         """(row, flags, alpha') of diffusers' step from t to t - num_train_timesteps // num_inference_steps (below 0:
@@ -94,17 +95,12 @@ class DDIMScheduler(_FastdiffStep, _d.DDIMScheduler):
                              seeds=seeds, step_index=step_index, state=state, return_dict=return_dict, eta=eta,
                              raw_eps=not use_clipped_model_output)
 
-    def _fd_output(self, prev, x0):
-        return _d.schedulers.scheduling_ddim.DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
-
-    def _fd_tuple(self, prev, x0):
-        return (prev, x0)
-
 
 class DDPMScheduler(_OneStepStages, _d.DDPMScheduler):
     """diffusers' DDPM (variance_type fixed_small / fixed_large) on fastdiff's ``ddpm`` rows."""
 
     _returns_x0 = True
+    _output = "scheduling_ddpm.DDPMSchedulerOutput"
     _ready_at_init = True
 
     def _fd_check_config(self):
@@ -124,12 +120,6 @@ class DDPMScheduler(_OneStepStages, _d.DDPMScheduler):
              step_index=None, state=None):
         return self._fd_step(model_output, timestep, sample, generator=generator, seeds=seeds,
                              step_index=step_index, state=state, return_dict=return_dict)
-
-    def _fd_output(self, prev, x0):
-        return _d.schedulers.scheduling_ddpm.DDPMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
-
-    def _fd_tuple(self, prev, x0):
-        return (prev, x0)
 
 
 class LCMScheduler(_OneStepStages, _d.LCMScheduler):
