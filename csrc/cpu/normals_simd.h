@@ -20,6 +20,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "float_bits.h"
+
 #include <algorithm>
 #include <cmath>
 
@@ -31,16 +33,8 @@ namespace simd {
 
 constexpr int64_t NORMALS_MAX_BLOCKS = 64;  // blocks per call (the kernels' chunk of 256 elements)
 
-static inline float f32_from_bits(uint32_t u) {
-  float f;
-  memcpy(&f, &u, 4);
-  return f;
-}
-static inline uint32_t bits_from_f32(float f) {
-  uint32_t u;
-  memcpy(&u, &f, 4);
-  return u;
-}
+using fastdiff::bits_from_f32;
+using fastdiff::f32_from_bits;
 
 // natural log of a positive normal float.  v = 2^e (1 + f) with 1 + f in [sqrt(1/2), sqrt(2)), found with integer
 // ops only (offsetting the bits by those of sqrt(1/2)); the same e, f as Cephes' frexp-and-compare, without a branch.

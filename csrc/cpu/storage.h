@@ -8,6 +8,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "float_bits.h"
+
 #include <cmath>
 
 namespace fdcpu {
@@ -15,16 +17,8 @@ namespace fdcpu {
 struct f16 {};   // IEEE half, stored as its 16 bits
 struct bf16 {};  // bfloat16, stored as its 16 bits
 
-static inline float f32_from_bits(uint32_t u) {
-  float f;
-  memcpy(&f, &u, 4);
-  return f;
-}
-static inline uint32_t bits_from_f32(float f) {
-  uint32_t u;
-  memcpy(&u, &f, 4);
-  return u;
-}
+using fastdiff::bits_from_f32;
+using fastdiff::f32_from_bits;
 
 // IEEE half -> float (branch-free, as c10::detail::fp16_ieee_to_fp32_value).
 static inline float half_to_float(uint16_t h) {
