@@ -28,6 +28,7 @@ import math
 import numpy as np
 
 from .builder import eps_hat
+from .ode import slope_or_finish
 from .registry import Option, _int_in, solver
 
 # Fixed-step Adams-Bashforth weights on [d_i, d_{i-1}, ...] by order.
@@ -46,11 +47,10 @@ def _sigma_space_multistep(b, g, max_order, weights):
     step i (already multiplied by the step size); a step to the clean point returns D."""
     ds = b.history("d", max_order - 1)  # ds[j]: d of step i - j
     for i in b.steps(g.steps):
-        X, D = b.call(g.t[i])
-        d = eps_hat(X, D, g.alpha[i], g.sigma[i])
-        if g.zero[i + 1]:
-            b.update(x=D)
+        first = slope_or_finish(b, g, i)
+        if first is None:
             continue
+        X, D, d = first
         o = min(max_order, i + 1)
         w = weights(i, o)
         y_next = X / g.alpha[i] + w[0] * d

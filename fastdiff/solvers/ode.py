@@ -63,6 +63,16 @@ def churned_first_stage(b, g, i, churn_opts):
     return X, D, d, s_hat, a_hat
 
 
+def slope_or_finish(b, g, i):
+    """Call the model at step i's start; a step ending on the clean point is finished with D (returns None), else
+    returns (X, D, d) with d the slope dy/ds = eps_hat there."""
+    X, D = b.call(g.t[i])
+    if g.zero[i + 1]:
+        b.update(x=D)
+        return None
+    return X, D, eps_hat(X, D, g.alpha[i], g.sigma[i])
+
+
 @solver("heun", **CHURN)
 def heun(b, g, **churn_opts):
     """EDM Algorithm 2 (stochastic when s_churn > 0)."""

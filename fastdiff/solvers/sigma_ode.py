@@ -11,7 +11,7 @@ see ``ode.py``), as ComfyUI's menus offer them.
 import math
 
 from .builder import eps_hat
-from .ode import CHURN, churn, euler_to
+from .ode import CHURN, churn, euler_to, slope_or_finish
 from .registry import Option, _real, solver
 
 
@@ -54,11 +54,10 @@ def gradient_estimation(b, g, ge_gamma):
     """Permenter & Yuan 2024 (ComfyUI's sample_gradient_estimation); a step to the clean point returns D."""
     d_prev = b.slot("d_prev")
     for i in b.steps(g.steps):
-        X, D = b.call(g.t[i])
-        d = eps_hat(X, D, g.alpha[i], g.sigma[i])
-        if g.zero[i + 1]:
-            b.update(x=D)
+        first = slope_or_finish(b, g, i)
+        if first is None:
             continue
+        X, D, d = first
         a_1, s_1 = g.alpha[i + 1], g.s[i + 1]
         y_next = euler_to(D, d, 1.0, s_1)  # y + (s_{i+1} - s_i) d, finite at alpha = 0
         if i >= 1:
