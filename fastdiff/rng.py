@@ -250,20 +250,22 @@ def _normalize_seeds(seeds: SeedsLike, batch: Optional[int]) -> list[int]:
         raise ValueError(f"seeds must be a sequence of integers (one per sample), got {type(seeds).__name__}") from None
     if batch is not None and len(seeds) != batch:
         raise ValueError(f"got {len(seeds)} seeds for a batch of {batch} (shape[0]); pass exactly one seed per sample")
-    out = []
-    for i, s in enumerate(seeds):
-        if isinstance(s, (bool, np.bool_)):
-            raise ValueError(f"seeds[{i}] is a bool; seeds must be integers in [0, 2**64)")
-        try:
-            v = operator.index(s)
-        except TypeError:
-            raise ValueError(f"seeds[{i}] = {s!r} is not an integer; seeds must be integers in [0, 2**64)") from None
-        if v < 0:
-            raise ValueError(f"seeds[{i}] = {v} is negative; seeds must lie in [0, 2**64)")
-        if v >> 64:
-            raise ValueError(f"seeds[{i}] = {v} does not fit in 64 bits; seeds must lie in [0, 2**64)")
-        out.append(v)
-    return out
+    return [check_seed(s, f"seeds[{i}]") for i, s in enumerate(seeds)]
+
+
+def check_seed(seed, name: str = "seed") -> int:
+    """One seed as a Python int in [0, 2**64), else a ValueError naming ``name`` and the valid range."""
+    if isinstance(seed, (bool, np.bool_)):
+        raise ValueError(f"{name} is a bool; seeds must be integers in [0, 2**64)")
+    try:
+        v = operator.index(seed)
+    except TypeError:
+        raise ValueError(f"{name} = {seed!r} is not an integer; seeds must be integers in [0, 2**64)") from None
+    if v < 0:
+        raise ValueError(f"{name} = {v} is negative; seeds must lie in [0, 2**64)")
+    if v >> 64:
+        raise ValueError(f"{name} = {v} does not fit in 64 bits; seeds must lie in [0, 2**64)")
+    return v
 
 
 def _check_shape(shape) -> tuple[int, ...]:

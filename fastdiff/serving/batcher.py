@@ -44,9 +44,6 @@ from .. import ops, rng
 from ..backends import resolve
 from ..plan import Plan
 
-SEED_LIMIT = 2**64
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
 
 class QueueFull(RuntimeError):
     """``max_queue`` requests are accepted and unfinished: retry later, or create the batcher with a larger
@@ -120,8 +117,8 @@ class ContinuousBatcher:
                                         or cpu_threads < 1):
             raise ValueError(f"cpu_threads must be an integer >= 1, got {cpu_threads!r}")
         self.request_timeout = _check_timeout(request_timeout, "request_timeout")
-        if dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"dtype must be a floating dtype ({', '.join(map(str, _FLOAT_DTYPES))}), got {dtype!r}")
+        if dtype not in ops.FLOAT_DTYPES:
+            raise ValueError(f"dtype must be a floating dtype ({', '.join(map(str, ops.FLOAT_DTYPES))}), got {dtype!r}")
         self.device, self.dtype = _check_device(device), dtype
         if dtype == torch.float64:  # the fused kernels compute in float32
             if backend not in ("auto", "torch"):
@@ -220,7 +217,7 @@ class ContinuousBatcher:
         """
         if not isinstance(plan, Plan):
             raise ValueError(f"plan must be a fastdiff Plan (from fastdiff.plan(...)), got {type(plan).__name__}")
-        seed = _check_seed(seed)
+        seed = rng.check_seed(seed)
         shape = self._check_shape(shape)
         guided = guidance_scale is not None
         if guided:
@@ -488,18 +485,6 @@ class ContinuousBatcher:
         if K:
             finite &= torch.isfinite(slots.transpose(0, 1).reshape(B, -1)).all(1)
         return x_new, slots, finite.cpu()
-
-
-def _check_seed(seed) -> int:
-    if isinstance(seed, bool):
-        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
-    try:
-        seed = operator.index(seed)
-    except TypeError:
-        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}") from None
-    if not 0 <= seed < SEED_LIMIT:
-        raise ValueError(f"seed must lie in [0, 2**64), got {seed}")
-    return seed
 
 
 def _check_timeout(value, name):
