@@ -16,7 +16,8 @@ CHECKOUT=$(cd "$1" && pwd)
 shift
 HERE=$(cd "$(dirname "$0")" && pwd)
 FILES=()
-for f in ddim ddpm dpm_multi dpm_single euler euler_ancestral heun lcm unipc flow_match_euler_discrete; do
+for f in ddim ddpm dpm_multi dpm_single euler euler_ancestral heun lcm unipc flow_match_euler_discrete \
+         lms kdpm2_discrete kdpm2_ancestral deis ipndm sasolver tcd dpm_sde pndm edm_euler edm_dpmsolver_multistep; do
     [[ -f "$CHECKOUT/tests/schedulers/test_scheduler_$f.py" ]] && FILES+=("tests/schedulers/test_scheduler_$f.py")
 done
 OUT=$(mktemp -d)
