@@ -41,6 +41,7 @@ DIVIDE_BY_ALPHA = ("dpm_solver_singlestep", "dpm_solver_multistep", "heun", "dpm
                    "ipndm", "ipndm_v", "deis", "plms", "pndm", "res_multistep", "res_multistep_ancestral", "dpm_fast",
                    "sa_solver", "sa_solver_pece")
 DIVIDE_BY_ALPHA += ("dpm_2_ancestral", "dpmpp_sde", "heunpp2", "seeds_2", "seeds_3", "er_sde")
+DIVIDE_BY_ALPHA += ("deis_logrho",)  # diffusers' DEIS divides by alpha (x / alpha) and log rho
 # options that keep the long inner loops short
 FAST = {"annealed_langevin": {"corrector_steps": 3}}
 

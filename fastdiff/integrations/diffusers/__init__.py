@@ -41,11 +41,13 @@ from __future__ import annotations
 
 from ._base import StepState
 from .flow import FlowMatchEulerDiscreteScheduler
+from .multistep import DEISMultistepScheduler
 from .sigma_indexed import (DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler, EulerAncestralDiscreteScheduler,
                             EulerDiscreteScheduler, HeunDiscreteScheduler, UniPCMultistepScheduler)
 from .timestep_indexed import DDIMScheduler, DDPMScheduler, LCMScheduler
 
 __all__ = ["DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
            "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
-           "UniPCMultistepScheduler", "FlowMatchEulerDiscreteScheduler", "LCMScheduler", "StepState"]
+           "UniPCMultistepScheduler", "FlowMatchEulerDiscreteScheduler", "LCMScheduler", "StepState",
+           "DEISMultistepScheduler"]
 

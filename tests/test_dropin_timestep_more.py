@@ -1,0 +1,144 @@
+"""fastdiff's diffusers drop-ins DEIS, iPNDM, PNDM, TCD, FlowMatchHeun against stock diffusers run side by side on
+the same inputs (the exact Gaussian-mixture denoiser of ``peers.py``): full loops over configs, per-sample step
+tensors, stateless ``state=`` runs and generator noise.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from peers import FP32_RTOL, assert_close, prediction_output
+from test_integration_diffusers import GM, LINEAR, SD, model_fn, x_start
+
+diffusers = pytest.importorskip("diffusers")
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword",
+                                        "ignore::FutureWarning", "ignore::UserWarning")
+import fastdiff.integrations.diffusers as fdd  # noqa: E402
+
+
+def model(scheduler, x, t):
+    """The model both sides call: the mixture denoiser at the noise level the scheduler's timestep names."""
+    if isinstance(scheduler, diffusers.IPNDMScheduler):  # a v-model on alpha = cos(pi t / 2), sigma = sin(pi t / 2)
+        a, s = np.cos(np.pi * float(t) / 2), np.sin(np.pi * float(t) / 2)
+        return prediction_output(GM, x.double(), max(a, 0.0), s, "v").to(x.dtype)
+    return model_fn(scheduler, x, t)
+
+
+def loop(scheduler, n, x_T, seed=7, state=None, seeds=None, set_kwargs=None, **step_kwargs):
+    """diffusers' standard loop; a generator of ``seed`` where ``step`` takes one (unless ``seeds`` is given)."""
+    scheduler.set_timesteps(n, **(set_kwargs or {}))
+    x = x_T * getattr(scheduler, "init_noise_sigma", 1.0)
+    g = torch.Generator().manual_seed(seed)
+    if seeds is None and "generator" in scheduler.step.__code__.co_varnames:
+        step_kwargs["generator"] = g
+    if state is not None:
+        step_kwargs["state"] = state(scheduler)
+    if seeds is not None:
+        step_kwargs["seeds"] = seeds
+    for t in scheduler.timesteps:
+        scale = getattr(scheduler, "scale_model_input", None)
+        xin = scale(x, t) if scale is not None else x
+        x = scheduler.step(model(scheduler, xin, t), t, x, **step_kwargs).prev_sample
+    return x
+
+
+def pair(name, config):
+    stock = getattr(diffusers, name)(**config)
+    ours = getattr(fdd, name).from_config(stock.config)
+    assert type(ours).__name__ == name and isinstance(ours, getattr(diffusers, name))
+    return stock, ours
+
+
+def check_parity(name, config, steps, **kw):
+    for n in steps:
+        stock, ours = pair(name, config)
+        x_T = x_start()
+        assert_close(f"{name} {config} n={n}", loop(ours, n, x_T, **kw), loop(stock, n, x_T, **kw), FP32_RTOL)
+
+
+# -- DEIS ---------------------------------------------------------------------------------------------------------
+
+DEIS_CASES = [
+    (dict(SD), (1, 2, 5, 16)),
+    (dict(SD, solver_order=3), (4, 12)),
+    (dict(SD, solver_order=1, timestep_spacing="leading", steps_offset=1), (5,)),
+    (dict(SD, solver_order=3, lower_order_final=False, use_karras_sigmas=True), (6,)),
+    (dict(SD, use_exponential_sigmas=True, prediction_type="v_prediction"), (5,)),
+    (dict(LINEAR, use_beta_sigmas=True, prediction_type="sample", timestep_spacing="trailing"), (5,)),
+    (dict(SD, prediction_type="sample", thresholding=True, sample_max_value=1.2), (5,)),
+    (dict(SD, use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0), (6,)),
+]
+
+
+@pytest.mark.parametrize("config,steps", DEIS_CASES)
+def test_deis_matches_diffusers(config, steps):
+    check_parity("DEISMultistepScheduler", config, steps)
+
+
+def test_deis_logrho_weights_integrate_the_lagrange_basis_in_log_rho():
+    """The closed forms against Simpson's rule on the Lagrange basis written here."""
+    from fastdiff.solvers.adams import deis_logrho_weights
+
+    rho = [14.6, 5.2, 1.9, 0.7]
+    for i, o in ((0, 1), (1, 2), (2, 3)):
+        nodes = [np.log(rho[i - k]) for k in range(o)]
+        r = np.linspace(rho[i], rho[i + 1], 20001)
+        for j, c in enumerate(deis_logrho_weights(rho, i, o)):
+            basis = np.ones_like(r)
+            for k in range(o):
+                if k != j:
+                    basis = basis * (np.log(r) - nodes[k]) / (nodes[j] - nodes[k])
+            h = r[1] - r[0]
+            simpson = h / 3 * (basis[0] + basis[-1] + 4 * basis[1:-1:2].sum() + 2 * basis[2:-1:2].sum())
+            assert abs(c - simpson) < 1e-9 * max(1.0, abs(simpson)), (i, o, j, c, simpson)
+
+
+# -- per-sample steps and stateless use, every class ----------------------------------------------------------------
+
+PER_SAMPLE = [
+    ("DEISMultistepScheduler", dict(SD, solver_order=3)),
+]
+
+
+def _alone(name, config, x_T, n, b):
+    return loop(getattr(fdd, name)(**config), n, x_T, seeds=[b])
+
+
+@pytest.mark.parametrize("name,config", PER_SAMPLE)
+def test_per_sample_step_index_equals_each_sample_alone(name, config):
+    """Sample b starts ``offsets[b]`` calls late; one step call (``step_index`` [B], one state) serves all."""
+    s = getattr(fdd, name)(**config)
+    n, offsets = 5, [0, 2, 1]
+    x_T = x_start()
+    s.set_timesteps(n)
+    ts, B = s.timesteps, x_T.shape[0]
+    st = s.new_state()
+    x = x_T * getattr(s, "init_noise_sigma", 1.0)
+    done = [None] * B
+    for tick in range(len(ts) + max(offsets)):
+        idx = [tick - o for o in offsets]
+        k = torch.tensor([min(max(i, 0), len(ts) - 1) for i in idx])
+        t = ts[k]
+        scale = getattr(s, "scale_model_input", None)
+        xin = scale(x, t, step_index=k) if scale is not None else x
+        out = torch.cat([model(s, xin[b:b + 1], t[b]) for b in range(B)])
+        new = s.step(out, t, x, seeds=list(range(B)), step_index=k, state=st).prev_sample
+        for b in range(B):
+            if 0 <= idx[b] < len(ts):
+                x[b] = new[b]
+                if idx[b] == len(ts) - 1:
+                    done[b] = x[b].clone()
+    for b in range(B):
+        alone = _alone(name, config, x_T[b:b + 1], n, b)
+        assert torch.allclose(done[b][None], alone, rtol=1e-5, atol=1e-5), (b, (done[b] - alone[0]).abs().max())
+
+
+@pytest.mark.parametrize("name,config", PER_SAMPLE)
+def test_stateless_run_equals_stock_and_leaves_the_scheduler_alone(name, config):
+    stock, ours = pair(name, config)
+    x_T = x_start()
+    got = loop(ours, 6, x_T, state=lambda s: s.new_state())
+    assert_close(f"{name} state=", got, loop(stock, 6, x_T), FP32_RTOL)
+    assert ours.step_index is None
