@@ -95,10 +95,35 @@ def test_deis_logrho_weights_integrate_the_lagrange_basis_in_log_rho():
             assert abs(c - simpson) < 1e-9 * max(1.0, abs(simpson)), (i, o, j, c, simpson)
 
 
+# -- iPNDM --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 12])
+def test_ipndm_matches_diffusers(n):
+    check_parity("IPNDMScheduler", dict(num_train_timesteps=1000), (n,))
+
+
+def test_ipndm_second_loop_continues_the_history_like_diffusers():
+    """diffusers keeps its ets list across a reset of the step index: the second loop starts at order 4."""
+    stock, ours = pair("IPNDMScheduler", dict(num_train_timesteps=1000))
+    x_T = x_start()
+    res = []
+    for s in (stock, ours):
+        s.set_timesteps(4)
+        x = x_T.clone()
+        for _ in range(2):
+            s._step_index = None
+            for t in s.timesteps[1:]:  # from the second timestep: alpha > 0 at the start of each loop
+                x = s.step(model(s, x, t), t, x).prev_sample
+        res.append(x)
+    assert_close("ipndm two loops", res[1], res[0], FP32_RTOL)
+
+
 # -- per-sample steps and stateless use, every class ----------------------------------------------------------------
 
 PER_SAMPLE = [
     ("DEISMultistepScheduler", dict(SD, solver_order=3)),
+    ("IPNDMScheduler", dict(num_train_timesteps=1000)),
 ]
 
 

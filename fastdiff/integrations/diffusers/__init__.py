@@ -41,7 +41,7 @@ from __future__ import annotations
 
 from ._base import StepState
 from .flow import FlowMatchEulerDiscreteScheduler
-from .multistep import DEISMultistepScheduler
+from .multistep import DEISMultistepScheduler, IPNDMScheduler
 from .sigma_indexed import (DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler, EulerAncestralDiscreteScheduler,
                             EulerDiscreteScheduler, HeunDiscreteScheduler, UniPCMultistepScheduler)
 from .timestep_indexed import DDIMScheduler, DDPMScheduler, LCMScheduler
@@ -49,5 +49,5 @@ from .timestep_indexed import DDIMScheduler, DDPMScheduler, LCMScheduler
 __all__ = ["DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
            "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
            "UniPCMultistepScheduler", "FlowMatchEulerDiscreteScheduler", "LCMScheduler", "StepState",
-           "DEISMultistepScheduler"]
+           "DEISMultistepScheduler", "IPNDMScheduler"]
 
