@@ -119,11 +119,47 @@ def test_ipndm_second_loop_continues_the_history_like_diffusers():
     assert_close("ipndm two loops", res[1], res[0], FP32_RTOL)
 
 
+# -- TCD ----------------------------------------------------------------------------------------------------------
+
+TCD_CASES = [
+    (dict(SD), (1, 4), {}),
+    (dict(SD), (8,), {"eta": 0.0}),
+    (dict(SD, prediction_type="v_prediction", timestep_spacing="trailing"), (6,), {"eta": 0.7}),
+    (dict(LINEAR, prediction_type="sample", original_inference_steps=20), (5,), {"eta": 1.0}),
+    (dict(SD, rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing"), (4,), {}),
+    (dict(SD, clip_sample=True, clip_sample_range=0.5), (4,), {}),  # diffusers' TCD step ignores clip_sample
+]
+
+
+@pytest.mark.parametrize("config,steps,kw", TCD_CASES)
+def test_tcd_matches_diffusers(config, steps, kw):
+    check_parity("TCDScheduler", config, steps, **kw)
+
+
+def test_tcd_pred_noised_sample_and_float32_floor_match_diffusers():
+    """Timesteps 170 and 90 with eta 0.3: diffusers' float32 (1 - eta) t' floors to 119 and 63 (float64: 118, 62)."""
+    stock, ours = pair("TCDScheduler", dict(SD))
+    x_T = x_start()
+    res = []
+    for s in (stock, ours):
+        s.set_timesteps(timesteps=[250, 170, 90, 10])
+        x, g, steps = x_T.clone(), torch.Generator().manual_seed(1), []
+        for t in s.timesteps:
+            o = s.step(model(s, x, t), t, x, 0.3, g)
+            steps.append((o.prev_sample, o.pred_noised_sample))
+            x = o.prev_sample
+        res.append(steps)
+    for k, ((x, xs), (rx, rxs)) in enumerate(zip(res[1], res[0])):
+        assert_close(f"tcd step {k}", x, rx, FP32_RTOL)
+        assert_close(f"tcd step {k} pred_noised_sample", xs, rxs, FP32_RTOL)
+
+
 # -- per-sample steps and stateless use, every class ----------------------------------------------------------------
 
 PER_SAMPLE = [
     ("DEISMultistepScheduler", dict(SD, solver_order=3)),
     ("IPNDMScheduler", dict(num_train_timesteps=1000)),
+    ("TCDScheduler", dict(SD)),
 ]
 
 

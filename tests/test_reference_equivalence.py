@@ -211,6 +211,8 @@ OPTION_CASES = [
     ("ddim", dict(eta=0.5), _ALL),
     ("ddim", dict(eta=1.0), _ALL),
     ("ddpm", dict(variance="fixed_large"), _ALL),
+    ("tcd", dict(gamma=0.3, float32_floor=True), ("DiscreteVP", "scaled_linear")),
+    ("deis_logrho", dict(order=3, lower_order_final=False), ("DiscreteVP", "EDM")),
     ("heun", dict(s_churn=40.0), ("EDM", "VE", "ContinuousVP")),
     ("heun", dict(s_churn=10.0, s_tmin=0.05, s_tmax=10.0, s_noise=1.003), ("EDM", "DiscreteVP", "scaled_linear")),
     ("heun", dict(s_churn=40.0, s_noise=0.0), ("EDM",)),

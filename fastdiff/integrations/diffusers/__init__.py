@@ -44,10 +44,11 @@ from .flow import FlowMatchEulerDiscreteScheduler
 from .multistep import DEISMultistepScheduler, IPNDMScheduler
 from .sigma_indexed import (DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler, EulerAncestralDiscreteScheduler,
                             EulerDiscreteScheduler, HeunDiscreteScheduler, UniPCMultistepScheduler)
+from .tcd import TCDScheduler
 from .timestep_indexed import DDIMScheduler, DDPMScheduler, LCMScheduler
 
 __all__ = ["DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
            "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
            "UniPCMultistepScheduler", "FlowMatchEulerDiscreteScheduler", "LCMScheduler", "StepState",
-           "DEISMultistepScheduler", "IPNDMScheduler"]
+           "DEISMultistepScheduler", "IPNDMScheduler", "TCDScheduler"]
 
