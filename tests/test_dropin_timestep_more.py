@@ -23,6 +23,9 @@ def model(scheduler, x, t):
     if isinstance(scheduler, diffusers.IPNDMScheduler):  # a v-model on alpha = cos(pi t / 2), sigma = sin(pi t / 2)
         a, s = np.cos(np.pi * float(t) / 2), np.sin(np.pi * float(t) / 2)
         return prediction_output(GM, x.double(), max(a, 0.0), s, "v").to(x.dtype)
+    if isinstance(scheduler, diffusers.FlowMatchHeunDiscreteScheduler):  # a velocity model on x = (1 - s) x0 + s n
+        s = float(t) / scheduler.config.num_train_timesteps
+        return prediction_output(GM, x.double(), 1.0 - s, s, "flow").to(x.dtype)
     return model_fn(scheduler, x, t)
 
 
@@ -154,12 +157,36 @@ def test_tcd_pred_noised_sample_and_float32_floor_match_diffusers():
         assert_close(f"tcd step {k} pred_noised_sample", xs, rxs, FP32_RTOL)
 
 
+# -- FlowMatchHeun -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config,steps", [(dict(num_train_timesteps=1000), (1, 2, 6)),
+                                          (dict(num_train_timesteps=1000, shift=3.0), (5,))])
+def test_flow_match_heun_matches_diffusers(config, steps):
+    check_parity("FlowMatchHeunDiscreteScheduler", config, steps)
+
+
+def test_flow_match_heun_from_the_middle_with_set_begin_index():
+    stock, ours = pair("FlowMatchHeunDiscreteScheduler", dict(num_train_timesteps=1000, shift=2.0))
+    x_T = x_start()
+    res = []
+    for s in (stock, ours):
+        s.set_timesteps(6)
+        s.set_begin_index(4)
+        x = x_T.clone()
+        for t in s.timesteps[4:]:
+            x = s.step(model(s, x, t), t, x).prev_sample
+        res.append(x)
+    assert_close("flow heun from step 4", res[1], res[0], FP32_RTOL)
+
+
 # -- per-sample steps and stateless use, every class ----------------------------------------------------------------
 
 PER_SAMPLE = [
     ("DEISMultistepScheduler", dict(SD, solver_order=3)),
     ("IPNDMScheduler", dict(num_train_timesteps=1000)),
     ("TCDScheduler", dict(SD)),
+    ("FlowMatchHeunDiscreteScheduler", dict(num_train_timesteps=1000, shift=3.0)),
 ]
 
 
@@ -203,3 +230,11 @@ def test_stateless_run_equals_stock_and_leaves_the_scheduler_alone(name, config)
     got = loop(ours, 6, x_T, state=lambda s: s.new_state())
     assert_close(f"{name} state=", got, loop(stock, 6, x_T), FP32_RTOL)
     assert ours.step_index is None
+
+
+def test_flow_match_heun_refuses_integer_timesteps_like_diffusers():
+    for s in pair("FlowMatchHeunDiscreteScheduler", dict(num_train_timesteps=1000)):
+        s.set_timesteps(4)
+        x = x_start()
+        with pytest.raises(ValueError, match="integer indices"):
+            s.step(x, 0, x)

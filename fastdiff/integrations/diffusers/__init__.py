@@ -41,6 +41,7 @@ from __future__ import annotations
 
 from ._base import StepState
 from .flow import FlowMatchEulerDiscreteScheduler
+from .flow_heun import FlowMatchHeunDiscreteScheduler
 from .multistep import DEISMultistepScheduler, IPNDMScheduler
 from .sigma_indexed import (DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler, EulerAncestralDiscreteScheduler,
                             EulerDiscreteScheduler, HeunDiscreteScheduler, UniPCMultistepScheduler)
@@ -50,5 +51,6 @@ from .timestep_indexed import DDIMScheduler, DDPMScheduler, LCMScheduler
 __all__ = ["DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
            "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
            "UniPCMultistepScheduler", "FlowMatchEulerDiscreteScheduler", "LCMScheduler", "StepState",
-           "DEISMultistepScheduler", "IPNDMScheduler", "TCDScheduler"]
+           "DEISMultistepScheduler", "IPNDMScheduler", "TCDScheduler",
+           "FlowMatchHeunDiscreteScheduler"]
 
