@@ -1,4 +1,4 @@
-"""fastdiff's diffusers drop-ins DEIS, iPNDM, PNDM, TCD, FlowMatchHeun against stock diffusers run side by side on
+"""fastdiff's diffusers drop-ins DEIS, iPNDM, TCD, FlowMatchHeun, PNDM against stock diffusers run side by side on
 the same inputs (the exact Gaussian-mixture denoiser of ``peers.py``): full loops over configs, per-sample step
 tensors, stateless ``state=`` runs and generator noise.
 """
@@ -180,6 +180,48 @@ def test_flow_match_heun_from_the_middle_with_set_begin_index():
     assert_close("flow heun from step 4", res[1], res[0], FP32_RTOL)
 
 
+# -- PNDM ---------------------------------------------------------------------------------------------------------
+
+PNDM_CASES = [
+    (dict(SD, skip_prk_steps=True), (1, 2, 6)),
+    (dict(LINEAR), (5, 10)),
+    (dict(SD, prediction_type="v_prediction", timestep_spacing="trailing", skip_prk_steps=True), (7,)),
+    (dict(LINEAR, prediction_type="v_prediction", set_alpha_to_one=False), (8,)),
+    (dict(SD, timestep_spacing="leading", steps_offset=1), (6,)),
+]
+
+
+@pytest.mark.parametrize("config,steps", PNDM_CASES)
+def test_pndm_matches_diffusers(config, steps):
+    check_parity("PNDMScheduler", config, steps)
+
+
+def test_pndm_step_prk_then_step_plms_match_diffusers():
+    """diffusers' own loop over prk_timesteps with step_prk and plms_timesteps with step_plms, plus a call of
+    step_plms at a timestep off the schedule (a one-row program)."""
+    stock, ours = pair("PNDMScheduler", dict(LINEAR))
+    x_T = x_start()
+    res = []
+    for s in (stock, ours):
+        s.set_timesteps(7)
+        x = x_T.clone()
+        for t in s.prk_timesteps:
+            x = s.step_prk(model(s, x, t), t, x).prev_sample
+        for t in s.plms_timesteps[:-1]:
+            x = s.step_plms(model(s, x, t), t, x).prev_sample
+        x = s.step_plms(model(s, x, 37), 37, x).prev_sample
+        res.append(x)
+    assert_close("pndm prk / plms", res[1], res[0], FP32_RTOL)
+
+
+def test_pndm_step_plms_before_the_runge_kutta_steps_raises_like_diffusers():
+    for s in pair("PNDMScheduler", dict(LINEAR)):
+        s.set_timesteps(5)
+        x = x_start()
+        with pytest.raises(ValueError, match="prk"):
+            s.step_plms(x, 1, x)
+
+
 # -- per-sample steps and stateless use, every class ----------------------------------------------------------------
 
 PER_SAMPLE = [
@@ -187,6 +229,8 @@ PER_SAMPLE = [
     ("IPNDMScheduler", dict(num_train_timesteps=1000)),
     ("TCDScheduler", dict(SD)),
     ("FlowMatchHeunDiscreteScheduler", dict(num_train_timesteps=1000, shift=3.0)),
+    ("PNDMScheduler", dict(LINEAR)),
+    ("PNDMScheduler", dict(SD, skip_prk_steps=True)),
 ]
 
 
@@ -229,7 +273,8 @@ def test_stateless_run_equals_stock_and_leaves_the_scheduler_alone(name, config)
     x_T = x_start()
     got = loop(ours, 6, x_T, state=lambda s: s.new_state())
     assert_close(f"{name} state=", got, loop(stock, 6, x_T), FP32_RTOL)
-    assert ours.step_index is None
+    counter = "counter" if isinstance(ours, diffusers.PNDMScheduler) else "step_index"
+    assert getattr(ours, counter) in (None, 0)  # the scheduler's own counter was never touched
 
 
 def test_flow_match_heun_refuses_integer_timesteps_like_diffusers():

@@ -42,7 +42,7 @@ from __future__ import annotations
 from ._base import StepState
 from .flow import FlowMatchEulerDiscreteScheduler
 from .flow_heun import FlowMatchHeunDiscreteScheduler
-from .multistep import DEISMultistepScheduler, IPNDMScheduler
+from .multistep import DEISMultistepScheduler, IPNDMScheduler, PNDMScheduler
 from .sigma_indexed import (DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler, EulerAncestralDiscreteScheduler,
                             EulerDiscreteScheduler, HeunDiscreteScheduler, UniPCMultistepScheduler)
 from .tcd import TCDScheduler
@@ -52,5 +52,5 @@ __all__ = ["DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler", "DPM
            "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
            "UniPCMultistepScheduler", "FlowMatchEulerDiscreteScheduler", "LCMScheduler", "StepState",
            "DEISMultistepScheduler", "IPNDMScheduler", "TCDScheduler",
-           "FlowMatchHeunDiscreteScheduler"]
+           "FlowMatchHeunDiscreteScheduler", "PNDMScheduler"]
 

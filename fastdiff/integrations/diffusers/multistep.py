@@ -130,3 +130,147 @@ class IPNDMScheduler(_FastdiffStep, _d.IPNDMScheduler):
              state=None):
         return self._fd_step(model_output, timestep, sample, seeds=seeds, step_index=step_index, state=state,
                              return_dict=return_dict)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# PNDM / PLMS
+# ---------------------------------------------------------------------------------------------------------------
+
+# slots of the PNDM rows: the last three ets (a shift register, E1 the latest), cur_sample, cur_model_output
+_E1, _E2, _E3, _CS, _CM = range(5)
+
+
+class PNDMScheduler(_FastdiffStep, _d.PNDMScheduler):
+    """diffusers' PNDM (pseudo Runge-Kutta warm-up, then PLMS; or skip_prk_steps) in diffusers' arithmetic: each
+    call k of diffusers' counter is a row over x, the model output and five slots (the last three ets, cur_sample,
+    cur_model_output).  Rows are built for the timestep diffusers' schedule gives call k; ``step_prk`` /
+    ``step_plms`` called with another timestep or out of their turn get a row of their own for that call."""
+
+    def _fd_take_schedule(self):
+        super()._fd_take_schedule()
+        self._fd_mode = None  # "prk" / "plms" when called through step_prk / step_plms
+
+    def _fd_natural_mode(self, k):
+        return "prk" if k < len(self.prk_timesteps) and not self.config.skip_prk_steps else "plms"
+
+    def _fd_levels(self, t):
+        """alpha_bar at an integer timestep, diffusers' final_alpha_cumprod below 0."""
+        if t < 0:
+            return float(self.final_alpha_cumprod)
+        return float(self._fd_alphas_cumprod[int(t)])
+
+    def _fd_prev(self, sample, t, t_prev, e):
+        """diffusers' _get_prev_sample (PNDM's eq. (9)) on Lin operands."""
+        ab_t, ab_p = self._fd_levels(t), self._fd_levels(t_prev)
+        if self.config.prediction_type == "v_prediction":
+            e = ab_t**0.5 * e + (1.0 - ab_t) ** 0.5 * sample
+        elif self.config.prediction_type != "epsilon":
+            raise ValueError(f"prediction_type given as {self.config.prediction_type} must be one of `epsilon` or "
+                             "`v_prediction`")
+        denom = ab_t * (1.0 - ab_p) ** 0.5 + (ab_t * (1.0 - ab_t) * ab_p) ** 0.5
+        return (ab_p / ab_t) ** 0.5 * sample - ((ab_p - ab_t) / denom) * e
+
+    def _fd_call_row(self, mode, k, t):
+        """(row, flags) of diffusers' call ``k`` of ``step_prk`` / ``step_plms`` with timestep ``t``."""
+        N, n = self.config.num_train_timesteps, self.num_inference_steps
+        E1, E2, E3, CS, CM = (_slot(i) for i in (_E1, _E2, _E3, _CS, _CM))
+        push = {_E1: OUT, _E2: E1, _E3: E2}  # ets.append(model_output)
+        if mode == "prk":
+            t_prev = t - (0 if k % 2 else N // n // 2)
+            t_used = float(self.prk_timesteps[k // 4 * 4])
+            c = k % 4
+            if c == 0:
+                x_new = self._fd_prev(X, t_used, t_prev, OUT)
+                # cur_model_output is 0 here in every run that calls its PRK steps in order (set_timesteps and the
+                # fourth call reset it): writing out / 6 keeps a run independent of the slots' earlier contents
+                slots = {**push, _CS: X, _CM: OUT / 6.0}
+            elif c in (1, 2):
+                x_new = self._fd_prev(CS, t_used, t_prev, OUT)
+                slots = {_CM: CM + OUT / 3.0}
+            else:
+                x_new = self._fd_prev(CS, t_used, t_prev, CM + OUT / 6.0)
+                slots = {_CM: Lin()}
+            return _raw_row(5, x_new, slots)
+        stride = N // n
+        t_prev, t_used = t - stride, t
+        if k == 1:
+            t_prev, t_used = t, t + stride
+        # len(ets) after this call: PRK leaves three, then every call appends (the list keeps four)
+        if not self.config.skip_prk_steps:
+            size = 4
+        else:
+            size = 1 if k <= 1 else min(k, 4)
+        slots = {} if k == 1 else dict(push)
+        sample = X
+        if size == 1 and k == 0:
+            e = OUT
+            slots[_CS] = X
+        elif size == 1 and k == 1:
+            e = (OUT + E1) / 2.0
+            sample = CS
+        elif size == 2:
+            e = (3.0 * OUT - E1) / 2.0
+        elif size == 3:
+            e = (23.0 * OUT - 16.0 * E1 + 5.0 * E2) / 12.0
+        else:
+            e = (55.0 * OUT - 59.0 * E1 + 37.0 * E2 - 9.0 * E3) / 24.0
+        return _raw_row(5, self._fd_prev(sample, t_used, t_prev, e), slots)
+
+    def _fd_build(self, begin, eta):
+        self._fd_alphas_cumprod = _f64(self.alphas_cumprod)
+        ts = self._fd_ts_host
+        rows, flags = zip(*(self._fd_call_row(self._fd_natural_mode(k), k, float(t)) for k, t in enumerate(ts)))
+        return _Program(rows, flags, np.full(len(ts), -1), 5, ts)
+
+    def _fd_counter(self, timestep):
+        return self.counter
+
+    def _fd_advance(self, state, explicit):
+        if explicit:
+            return
+        if state is not None:
+            state.step_index += 1
+        else:
+            self.counter += 1
+
+    def _fd_where(self, timestep, step_index, state, eta=None):
+        prog, k = super()._fd_where(timestep, step_index, state, eta)
+        mode, self._fd_mode = self._fd_mode, None
+        if not isinstance(k, int) or step_index is not None or state is not None:
+            return prog, k
+        t = float(timestep.reshape(-1)[0].item() if isinstance(timestep, torch.Tensor) else timestep)
+        mode = mode or self._fd_natural_mode(k)
+        if k < prog.num_stages and t == prog.timesteps[k] and mode == self._fd_natural_mode(k):
+            return prog, k
+        key = ("call", mode, k, t)  # a call off diffusers' schedule: a one-row program of its own
+        one = self._fd_programs.get(key)
+        if one is None:
+            self._fd_alphas_cumprod = _f64(self.alphas_cumprod)
+            row, flags = self._fd_call_row(mode, k, t)
+            one = self._fd_programs[key] = _Program([row], [flags], [-1], 5, [t])
+        return one, 0
+
+    def step(self, model_output, timestep, sample, return_dict: bool = True, *, seeds=None, step_index=None,
+             state=None):
+        return self._fd_step(model_output, timestep, sample, step_index=step_index, state=state,
+                             return_dict=return_dict)
+
+    def step_prk(self, model_output, timestep, sample, return_dict: bool = True):
+        """diffusers' pseudo Runge-Kutta call (four per step) at diffusers' counter."""
+        if self.num_inference_steps is None:
+            raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after creating "
+                             "the scheduler")
+        self._fd_mode = "prk"
+        return self._fd_step(model_output, timestep, sample, return_dict=return_dict)
+
+    def step_plms(self, model_output, timestep, sample, return_dict: bool = True):
+        """diffusers' linear multistep call at diffusers' counter."""
+        if self.num_inference_steps is None:
+            raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after creating "
+                             "the scheduler")
+        if not self.config.skip_prk_steps and len(self.ets) < 3 and self.counter < len(self.prk_timesteps):
+            raise ValueError(f"{self.__class__} can only be run AFTER scheduler has been run in 'prk' mode for at "
+                             "least 12 iterations See: https://github.com/huggingface/diffusers/blob/main/src/"
+                             "diffusers/pipelines/pipeline_pndm.py for more information.")
+        self._fd_mode = "plms"
+        return self._fd_step(model_output, timestep, sample, return_dict=return_dict)
