@@ -1,4 +1,4 @@
-"""fastdiff's diffusers drop-ins DEIS, iPNDM, TCD, FlowMatchHeun, PNDM against stock diffusers run side by side on
+"""fastdiff's diffusers drop-ins DEIS, iPNDM, TCD, FlowMatchHeun, PNDM, SA-Solver against stock diffusers run side by side on
 the same inputs (the exact Gaussian-mixture denoiser of ``peers.py``): full loops over configs, per-sample step
 tensors, stateless ``state=`` runs and generator noise.
 """
@@ -222,6 +222,46 @@ def test_pndm_step_plms_before_the_runge_kutta_steps_raises_like_diffusers():
             s.step_plms(x, 1, x)
 
 
+# -- SA-Solver ----------------------------------------------------------------------------------------------------
+
+
+def _tau_zero(t):
+    return 0
+
+
+SA_CASES = [
+    (dict(LINEAR), (1, 2, 5, 10)),
+    (dict(SD, predictor_order=3, corrector_order=4), (8,)),
+    (dict(SD, predictor_order=4, corrector_order=3, lower_order_final=False, timestep_spacing="trailing"), (7,)),
+    (dict(SD, algorithm_type="noise_prediction", predictor_order=3), (6,)),
+    (dict(SD, algorithm_type="noise_prediction", prediction_type="sample"), (5,)),
+    (dict(SD, use_karras_sigmas=True, prediction_type="v_prediction"), (6,)),
+    (dict(SD, use_exponential_sigmas=True, prediction_type="sample", thresholding=True, sample_max_value=1.2), (5,)),
+    (dict(SD, predictor_order=1, corrector_order=1), (5,)),
+    (dict(LINEAR, tau_func=_tau_zero), (6,)),  # the ODE: no noise
+    (dict(SD, use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0), (6,)),
+]
+
+
+@pytest.mark.parametrize("config,steps", SA_CASES)
+def test_sa_solver_matches_diffusers(config, steps):
+    check_parity("SASolverScheduler", config, steps)
+
+
+def test_sa_solver_from_set_begin_index_matches_diffusers():
+    stock, ours = pair("SASolverScheduler", dict(SD, predictor_order=3, corrector_order=3))
+    x_T = x_start()
+    res = []
+    for s in (stock, ours):
+        s.set_timesteps(8)
+        s.set_begin_index(3)
+        x, g = x_T.clone(), torch.Generator().manual_seed(2)
+        for t in s.timesteps[3:]:
+            x = s.step(model(s, x, t), t, x, generator=g).prev_sample
+        res.append(x)
+    assert_close("sa-solver from step 3", res[1], res[0], FP32_RTOL)
+
+
 # -- per-sample steps and stateless use, every class ----------------------------------------------------------------
 
 PER_SAMPLE = [
@@ -231,6 +271,7 @@ PER_SAMPLE = [
     ("FlowMatchHeunDiscreteScheduler", dict(num_train_timesteps=1000, shift=3.0)),
     ("PNDMScheduler", dict(LINEAR)),
     ("PNDMScheduler", dict(SD, skip_prk_steps=True)),
+    ("SASolverScheduler", dict(SD, predictor_order=3, corrector_order=4)),
 ]
 
 

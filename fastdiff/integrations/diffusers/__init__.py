@@ -42,7 +42,7 @@ from __future__ import annotations
 from ._base import StepState
 from .flow import FlowMatchEulerDiscreteScheduler
 from .flow_heun import FlowMatchHeunDiscreteScheduler
-from .multistep import DEISMultistepScheduler, IPNDMScheduler, PNDMScheduler
+from .multistep import DEISMultistepScheduler, IPNDMScheduler, PNDMScheduler, SASolverScheduler
 from .sigma_indexed import (DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler, EulerAncestralDiscreteScheduler,
                             EulerDiscreteScheduler, HeunDiscreteScheduler, UniPCMultistepScheduler)
 from .tcd import TCDScheduler
@@ -52,5 +52,6 @@ __all__ = ["DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler", "DPM
            "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
            "UniPCMultistepScheduler", "FlowMatchEulerDiscreteScheduler", "LCMScheduler", "StepState",
            "DEISMultistepScheduler", "IPNDMScheduler", "TCDScheduler",
-           "FlowMatchHeunDiscreteScheduler", "PNDMScheduler"]
+           "FlowMatchHeunDiscreteScheduler", "PNDMScheduler",
+           "SASolverScheduler"]
 

@@ -1,6 +1,8 @@
-"""Multistep schedulers on diffusers' noise levels: DEIS (log-rho), iPNDM, PNDM / PLMS."""
+"""Multistep schedulers on diffusers' noise levels: DEIS (log-rho), iPNDM, PNDM / PLMS, SA-Solver."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -8,7 +10,7 @@ import torch
 from ...plan import ROW_HEADER, StageFlags
 from ...solvers.adams import AB_WEIGHTS
 from ...solvers.builder import Lin
-from ._base import _d, _f64, _FastdiffStep, _Program, _unsupported
+from ._base import _d, _f64, _FastdiffStep, _numbered_draws, _Program, _unsupported
 from .sigma_indexed import _SigmaScheduler
 
 
@@ -274,3 +276,156 @@ class PNDMScheduler(_FastdiffStep, _d.PNDMScheduler):
                              "diffusers/pipelines/pipeline_pndm.py for more information.")
         self._fd_mode = "plms"
         return self._fd_step(model_output, timestep, sample, return_dict=return_dict)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SA-Solver
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _exp_integral(order, start, end, tau, data):
+    """diffusers' SA-Solver integrals of lambda^order against the exponential weight over [start, end] (lambda):
+    data prediction int e^{(1 + tau^2) l} l^n dl (after its change of variable), noise prediction int e^{-l} l^n dl
+    (closed forms)."""
+    fact = math.factorial(order)
+    if data:
+        c = 1.0 + tau * tau
+        E, S = c * end, c * start
+
+        def P(v):
+            return sum((-1) ** m * fact / math.factorial(order - m) * v ** (order - m) for m in range(order + 1))
+
+        return math.exp(E) * (P(E) - P(S) * math.exp(-(E - S))) / c ** (order + 1)
+
+    def Q(v):
+        return sum(fact / math.factorial(order - m) * v ** (order - m) for m in range(order + 1))
+
+    return math.exp(-end) * (Q(start) * math.exp(end - start) - Q(end))
+
+
+def _sa_coefficients(order, start, end, lambdas, tau, data):
+    """diffusers' get_coefficients_fn: int of each Lagrange basis polynomial on ``lambdas`` times the weight."""
+    out = []
+    for i in range(order):
+        others = [lambdas[j] for j in range(order) if j != i]
+        poly = np.atleast_1d(np.poly(others)) / np.prod([lambdas[i] - v for v in others])  # descending powers
+        out.append(sum(float(poly[j]) * _exp_integral(order - 1 - j, start, end, tau, data) for j in range(order)))
+    return out
+
+
+class SASolverScheduler(_FastdiffStep, _d.SASolverScheduler):
+    """diffusers' SA-Solver (stochastic Adams predictor-corrector, data or noise prediction, orders 1-4, its
+    tau_func) in diffusers' arithmetic.  Each call runs the corrector of the previous step, then the predictor.
+    diffusers' corrector re-uses the previous step's noise; here it is the same step, so the corrected sample is
+    x + (corrector gradient - predictor gradient) with the noise left in x: exact when ``sample`` is the previous
+    call's ``prev_sample`` (a pipeline's loop), and no noise has to be stored.  Slots hold the last converted model
+    outputs."""
+
+    _stateful = True
+    _unknown_timestep_is_last = True
+
+    def _fd_check_config(self):
+        c = self.config
+        if c.algorithm_type == "noise_prediction" and c.prediction_type == "flow_prediction":
+            raise ValueError("prediction_type given as flow_prediction must be one of `epsilon`, `sample`, or "
+                             "`v_prediction` for the SASolverScheduler.")
+
+    def _fd_levels(self):
+        """(alpha, sigma, lambda) [N + 1] at diffusers' sigmas (flow sigmas: alpha = 1 - sigma)."""
+        s = self._fd_sig_host
+        if self.config.use_flow_sigmas:
+            a, sg = 1.0 - s, s
+        else:
+            a = 1.0 / np.sqrt(s * s + 1.0)
+            sg = s * a
+        with np.errstate(divide="ignore"):
+            return a, sg, np.log(a) - np.log(sg)
+
+    def _fd_build(self, begin, eta):
+        c = self.config
+        data = c.algorithm_type == "data_prediction"
+        p_cfg, c_cfg = int(c.predictor_order), int(c.corrector_order)
+        L = max(p_cfg, c_cfg - 1)  # outputs diffusers keeps
+        ts = self._fd_ts_host
+        N = len(ts)
+        a, sg, lam = self._fd_levels()
+        taus = [float(self.tau_func(self.timesteps[k])) for k in range(N)]
+
+        def orders(k, j):
+            """(predictor order, corrector order kept for the next call) of absolute step k, call j."""
+            po = min(p_cfg, N - k) if c.lower_order_final else p_cfg
+            co = min(c_cfg, N - k + 1) if c.lower_order_final else c_cfg
+            done = min(j, L)  # diffusers' lower_order_nums
+            return min(po, done + 1), min(co, done + 2)
+
+        def gradient(k_s, k_t, order, outputs, tau, corrector):
+            """diffusers' gradient_part from sigmas[k_s] to sigmas[k_t] (k_t = k_s + 1) on ``outputs`` (newest
+            first); lambdas at the interval's newest point (k_t for the corrector, k_s for the predictor) and back."""
+            top = k_t if corrector else k_s
+            lams = [lam[top - i] for i in range(order)]
+            h = lam[k_t] - lam[k_s]
+            coef = _sa_coefficients(order, lam[k_s], lam[k_t], lams, tau, data)
+            if data and order == 2:  # diffusers' UniPC-like O(h^3) term
+                q = 1.0 + tau * tau
+                if corrector:
+                    extra = math.exp(q * lam[k_t]) * (h / 2 - (h * q - 1 + math.exp(-q * h)) / (q * q * h))
+                else:
+                    extra = (math.exp(q * lam[k_t]) * (h * h / 2 - (h * q - 1 + math.exp(-q * h)) / (q * q))
+                             / (lam[k_s] - lam[k_s - 1]))
+                coef[0] += extra
+                coef[1] -= extra
+            scale = ((1 + tau * tau) * sg[k_t] * math.exp(-tau * tau * lam[k_t]) if data
+                     else -(1 + tau * tau) * a[k_t])
+            g = Lin()
+            for i in range(order):
+                g = g + (scale * coef[i]) * outputs[i]
+            return g
+
+        rows, flags = [], []
+        hist = [_slot(i) for i in range(L)]  # converted outputs of the calls before, newest first
+        for j, k in enumerate(range(begin, N)):
+            # the converted model output at sigmas[k]: the data estimate, or the noise estimate
+            a_k, s_k = a[k], sg[k]
+            if c.prediction_type == "epsilon":
+                cx, co = 1.0 / a_k, -s_k / a_k
+            elif c.prediction_type == "sample":
+                cx, co = 0.0, 1.0
+            elif c.prediction_type == "v_prediction":
+                cx, co = a_k, -s_k
+            elif c.prediction_type == "flow_prediction":
+                cx, co = 1.0, -self._fd_sig_host[k]
+            else:
+                raise ValueError(f"prediction_type given as {c.prediction_type} must be one of `epsilon`, "
+                                 "`sample`, `v_prediction`, or `flow_prediction` for the SASolverScheduler.")
+            m = OUT if data else (X - a_k * OUT) / s_k  # OUT is the D register here
+            outputs = [m] + hist
+            x_c = X
+            if j >= 1:  # corrector of the step from k - 1 to k, with the previous call's predictor taken out
+                p_prev, c_prev = orders(k - 1, j - 1)
+                tau_prev = taus[k - 1]
+                x_c = (X + gradient(k - 1, k, c_prev, outputs, tau_prev, True)
+                       - gradient(k - 1, k, p_prev, hist, tau_prev, False))
+            p_k, _ = orders(k, j)
+            tau = taus[k]
+            h = lam[k + 1] - lam[k]
+            if data:
+                A = math.exp(-tau * tau * h) * sg[k + 1] / sg[k]
+                gain = sg[k + 1] * math.sqrt(max(1.0 - math.exp(-2.0 * tau * tau * h), 0.0))
+            else:
+                A = a[k + 1] / a[k]
+                gain = tau * sg[k + 1] * math.sqrt(max(math.exp(2.0 * h) - 1.0, 0.0))
+            x_new = A * x_c + gradient(k, k + 1, p_k, outputs, tau, False)
+            slots = {i: outputs[i] for i in range(L)}  # shift: slot i <- the output i calls back
+            row, f = _raw_row(L, x_new, slots)
+            row[0], row[1], row[2] = cx, co, gain
+            rows.append(row)
+            flags.append(f._replace(noise=gain != 0.0))
+        return _Program(rows, flags, _numbered_draws(flags), L, ts[begin:], peer_draws=[True] * (N - begin))
+
+    def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True, *, seeds=None,
+             step_index=None, state=None):
+        """diffusers' SA-Solver step; without a ``generator`` the noise is fastdiff's Philox draw of ``seeds``."""
+        if self.config.variance_type in ("learned", "learned_range") and self.config.prediction_type == "epsilon":
+            model_output = model_output[:, :3]
+        return self._fd_step(model_output, timestep, sample, generator=generator, seeds=seeds,
+                             step_index=step_index, state=state, return_dict=return_dict)
