@@ -35,6 +35,19 @@ coefficient; UniPC bh1 returns NaN with ``final_sigmas_type="zero"``; a timestep
 as is.  Coefficients are float64 (diffusers' float32 ``1 - alpha_bar`` loses digits near t = 0).  A step where a
 noise prediction has no data estimate (alpha_bar <= 0: betas above 1) raises ``ValueError`` where diffusers returns
 inf / NaN.  Options fastdiff does not implement raise ``NotImplementedError`` naming the option.
+
+DEIS runs fastdiff's ``deis_logrho`` rows, TCD ``tcd`` (with ``float32_floor``: diffusers forms (1 - gamma) t' in
+float32 before the floor), FlowMatchHeun ``flow_heun``.  iPNDM, PNDM and SA-Solver are rows written in diffusers'
+own arithmetic over x, the model output and history slots (``multistep.py``), because their steps depend on more
+than the grid: iPNDM's order is diffusers' count of calls since ``set_timesteps`` (a second loop after resetting the
+step index continues the history), PNDM's calls follow its counter (``step_prk`` / ``step_plms`` with another
+timestep get a row of their own), SA-Solver's corrector re-uses the previous step's noise, which the rows keep in
+x: the corrected sample is x + (corrector gradient - previous predictor gradient), exact when ``sample`` is the
+previous call's ``prev_sample``, as in every sampling loop.  Their history lives in the slots, so assigning
+``scheduler.ets`` (diffusers' list) does not feed the rows; PNDM's ``step_plms`` guard still reads it.  Refused on
+purpose: noise from torch's global RNG when no ``generator`` is given (fastdiff draws Philox per sample, ``seeds=``;
+diffusers' SA-Solver full-loop tests seed the global RNG and fail for that reason), ``s_churn > 0`` for
+FlowMatchHeun.  Like diffusers, TCD's step neither clips nor thresholds.
 """
 
 from __future__ import annotations
@@ -50,8 +63,7 @@ from .timestep_indexed import DDIMScheduler, DDPMScheduler, LCMScheduler
 
 __all__ = ["DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
            "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
-           "UniPCMultistepScheduler", "FlowMatchEulerDiscreteScheduler", "LCMScheduler", "StepState",
-           "DEISMultistepScheduler", "IPNDMScheduler", "TCDScheduler",
-           "FlowMatchHeunDiscreteScheduler", "PNDMScheduler",
-           "SASolverScheduler"]
-
+           "UniPCMultistepScheduler", "FlowMatchEulerDiscreteScheduler", "LCMScheduler",
+           "DEISMultistepScheduler", "IPNDMScheduler", "TCDScheduler", "FlowMatchHeunDiscreteScheduler",
+           "PNDMScheduler", "SASolverScheduler",
+           "StepState"]  # StepState last: the tests take the schedulers as __all__[:-1]
