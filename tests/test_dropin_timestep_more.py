@@ -279,9 +279,14 @@ def _alone(name, config, x_T, n, b):
     return loop(getattr(fdd, name)(**config), n, x_T, seeds=[b])
 
 
-@pytest.mark.parametrize("name,config", PER_SAMPLE)
-def test_per_sample_step_index_equals_each_sample_alone(name, config):
-    """Sample b starts ``offsets[b]`` calls late; one step call (``step_index`` [B], one state) serves all."""
+UNIQUE_TIMESTEPS = {"DEISMultistepScheduler", "IPNDMScheduler", "TCDScheduler", "SASolverScheduler"}
+
+
+@pytest.mark.parametrize("name,config,by", [(n, c, "step_index") for n, c in PER_SAMPLE]
+                         + [(n, c, "timestep") for n, c in PER_SAMPLE if n in UNIQUE_TIMESTEPS])
+def test_per_sample_steps_equal_each_sample_alone(name, config, by):
+    """Sample b starts ``offsets[b]`` calls late; one step call serves all (``step_index`` [B] or, where the
+    timesteps name the steps, ``timestep`` [B]; one state)."""
     s = getattr(fdd, name)(**config)
     n, offsets = 5, [0, 2, 1]
     x_T = x_start()
@@ -297,7 +302,8 @@ def test_per_sample_step_index_equals_each_sample_alone(name, config):
         scale = getattr(s, "scale_model_input", None)
         xin = scale(x, t, step_index=k) if scale is not None else x
         out = torch.cat([model(s, xin[b:b + 1], t[b]) for b in range(B)])
-        new = s.step(out, t, x, seeds=list(range(B)), step_index=k, state=st).prev_sample
+        where = dict(step_index=k) if by == "step_index" else {}
+        new = s.step(out, t, x, seeds=list(range(B)), state=st, **where).prev_sample
         for b in range(B):
             if 0 <= idx[b] < len(ts):
                 x[b] = new[b]
