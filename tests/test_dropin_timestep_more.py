@@ -1,6 +1,6 @@
-"""fastdiff's diffusers drop-ins DEIS, iPNDM, TCD, FlowMatchHeun, PNDM, SA-Solver against stock diffusers run side by side on
-the same inputs (the exact Gaussian-mixture denoiser of ``peers.py``): full loops over configs, per-sample step
-tensors, stateless ``state=`` runs and generator noise.
+"""fastdiff's diffusers drop-ins DEIS, iPNDM, TCD, FlowMatchHeun, PNDM and SA-Solver against stock diffusers run
+side by side on the same inputs (the exact Gaussian-mixture denoiser of ``peers.py``): full loops over configs,
+per-sample step tensors, stateless ``state=`` runs and generator noise.
 """
 
 from __future__ import annotations

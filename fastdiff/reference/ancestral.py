@@ -83,7 +83,8 @@ def tcd(run, x, gamma=0.3, float32_floor=False):
         s = (1 - gamma) * g.t[i + 1]
         if isinstance(sch, DiscreteVP) and float(g.t[i + 1]).is_integer():
             if float32_floor:
-                s = (torch.tensor(1 - gamma, dtype=torch.float32) * torch.tensor(g.t[i + 1], dtype=torch.float32)).item()
+                f32 = torch.float32
+                s = (torch.tensor(1 - gamma, dtype=f32) * torch.tensor(g.t[i + 1], dtype=f32)).item()
             s = math.floor(s)
         if s == g.t[i + 1]:  # gamma = 0 (or s = t' = 0): x_s is the DDIM step to t'
             a_s, sg_s = g.alpha[i + 1], g.sigma[i + 1]

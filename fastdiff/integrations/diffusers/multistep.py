@@ -78,8 +78,6 @@ class IPNDMScheduler(_FastdiffStep, _d.IPNDMScheduler):
     set_timesteps + 1), so a second loop after resetting the step index continues the history as diffusers' does.
     The last three ets sit in three slots shifted on each call."""
 
-    _output = "scheduling_utils.SchedulerOutput"
-
     def _fd_take_schedule(self):
         super()._fd_take_schedule()
         self._fd_calls = 0  # diffusers' len(self.ets): calls since set_timesteps
@@ -254,7 +252,7 @@ class PNDMScheduler(_FastdiffStep, _d.PNDMScheduler):
 
     def step(self, model_output, timestep, sample, return_dict: bool = True, *, seeds=None, step_index=None,
              state=None):
-        return self._fd_step(model_output, timestep, sample, step_index=step_index, state=state,
+        return self._fd_step(model_output, timestep, sample, seeds=seeds, step_index=step_index, state=state,
                              return_dict=return_dict)
 
     def step_prk(self, model_output, timestep, sample, return_dict: bool = True):
