@@ -330,3 +330,14 @@ def test_flow_match_heun_refuses_integer_timesteps_like_diffusers():
         x = x_start()
         with pytest.raises(ValueError, match="integer indices"):
             s.step(x, 0, x)
+
+
+@pytest.mark.parametrize("name,config", [("DEISMultistepScheduler", dict(SD)), ("SASolverScheduler", dict(SD)),
+                                         ("TCDScheduler", dict(SD)), ("PNDMScheduler", dict(LINEAR))])
+def test_add_noise_matches_diffusers(name, config):
+    stock, ours = pair(name, config)
+    x0, noise = x_start(), x_start().flip(0)
+    for s in (stock, ours):
+        s.set_timesteps(6)
+    t = stock.timesteps[[0, 3, 5]]
+    assert_close(f"{name} add_noise", ours.add_noise(x0, noise, t), stock.add_noise(x0, noise, t), FP32_RTOL)
