@@ -206,13 +206,15 @@ def available() -> tuple[bool, str]:
 
 
 def step(x, out, slots, rows, seeds, draws, guidance, slot_reads, slot_writes, use_out, cfg, noise, langevin,
-         x_out=None, thresholds=None, nonfinite=None):
+         x_out=None, thresholds=None, nonfinite=None, cfg_rescale=None, uncond=False):
     """fastdiff::step on CPU tensors; returns x' (``x_out`` when given, which may be ``x``) and updates ``slots``.
 
     ``thresholds``: optional [B] dynamic thresholds in the math dtype (float32; float64 for float64 x);
-    ``nonfinite``: optional int32 [B] flags, set to 1 for a sample whose stored x' has NaN / Inf."""
+    ``nonfinite``: optional int32 [B] flags, set to 1 for a sample whose stored x' has NaN / Inf;
+    ``cfg_rescale``: optional [B] guidance_rescale factors; ``uncond``: CFG++ rows (the U column)."""
     return ext().step(x, out, slots, rows, seeds, draws, guidance, int(slot_reads), int(slot_writes), bool(use_out),
-                      bool(cfg), bool(noise), bool(langevin), x_out, thresholds, nonfinite)
+                      bool(cfg), bool(noise), bool(langevin), x_out, thresholds, nonfinite, cfg_rescale,
+                      bool(uncond))
 
 
 def add_noise(x0, alpha, sigma, seeds, draws):
