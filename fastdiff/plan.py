@@ -35,7 +35,7 @@ import numpy as np
 
 from ._names import unknown_name
 from .schedules import Schedule
-from .solvers import MAX_STAGES, SOLVERS, build
+from .solvers import GUIDANCE_MODES, MAX_STAGES, SOLVERS, build, cfgpp_solvers
 from .solvers.builder import PREDICTIONS, Builder, Lin, conversion  # noqa: F401  (the solver language; old home)
 from .solvers.registry import alpha_zero_error
 from .timesteps import SPACING_OPTIONS, custom_times, timesteps
@@ -414,6 +414,10 @@ def plan(solver: str, schedule: Schedule, steps: int | None = None, prediction: 
         themselves, ending on ``schedule.t_zero`` (the clean point) or a time >= t_min.
     **options
         Solver options (``eta``, ``s_churn``, ``order``, ...); ``fastdiff.solver_options(name)`` lists them.
+        ``guidance="cfg++"`` (default ``"cfg"``) builds the solver's CFG++ variant (Chung et al. 2024: the
+        renoising direction uses the unconditional data estimate; ``cfgpp_solvers()`` lists the solvers that have
+        one); its rows carry the U column (``Plan.uncond_column``).  Run it with the guidance scale of CFG++'s
+        lambda (typically 0.5 - 2, not CFG's 7.5): D = U + w (C - U) as with CFG.
 
     Every bad argument raises a ValueError that names it.  A plan has at most ``MAX_STAGES`` stages.
     """
@@ -506,9 +510,18 @@ def _build_plan(key) -> Plan:
         if "steps_offset" in spacing_opts and times[0] > schedule.t_max:
             raise ValueError(f"steps_offset={spacing_opts['steps_offset']} moves the first timestep to "
                              f"{times[0]:g}, above the schedule's t_max={schedule.t_max:g}")
-    stages, num_slots, opts_used = build(solver, schedule, prediction, times, final, opts)
+    guidance = opts.pop("guidance", "cfg")
+    if not isinstance(guidance, str) or guidance not in GUIDANCE_MODES:
+        raise unknown_name("guidance", guidance, GUIDANCE_MODES)
+    cfgpp = guidance == "cfg++"
+    if cfgpp and not SOLVERS[solver].cfgpp:
+        raise ValueError(f"solver {solver!r} has no CFG++ variant; guidance='cfg++' works with "
+                         f"{', '.join(cfgpp_solvers())}")
+    stages, num_slots, opts_used = build(solver, schedule, prediction, times, final, opts, cfgpp=cfgpp)
+    if cfgpp:
+        opts_used = {**opts_used, "guidance": guidance}
     return Plan(key=key, solver=solver, schedule=schedule, steps=int(steps), prediction=prediction,
                 spacing=spacing or (None if ts is not None or sg is not None or bd is not None
                                     else schedule.default_spacing),
                 final=final, options=tuple(sorted(opts_used.items())), times=times, stages=stages,
-                num_slots=num_slots)
+                num_slots=num_slots, uncond_column=cfgpp)

@@ -4,6 +4,10 @@ With y = x / alpha and s = sigma / alpha the PF-ODE of any schedule is dy/ds = (
 (EDM's choice sigma(t) = t, s(t) = 1, their Sec. 3); on the EDM schedule (alpha = 1) these are EDM Algorithms 1
 and 2 literally.  Coefficients are mapped back to x = alpha y.  A step that ends on the clean point is the Euler
 step, which returns D.  Euler here is algebraically DDIM with eta = 0: y + (s' - s) eps_hat = D + s' eps_hat.
+
+CFG++ (Chung et al. 2024; ComfyUI's sample_euler_cfg_pp / sample_euler_ancestral_cfg_pp) takes the slope from the
+unconditional data estimate U: y' = D + s' (y - U) / s, so the written form D + s' eps_hat(U) is the variant (with
+U = D outside CFG++ builds).
 """
 
 import math
@@ -19,11 +23,11 @@ def euler_to(D, d, alpha_next, s_next):
     return alpha_next * (D + s_next * d)
 
 
-@solver("euler", alpha_zero=True)
+@solver("euler", alpha_zero=True, cfgpp=True)
 def euler(b, g):
     for i in b.steps(g.steps):
-        X, D = b.call(g.t[i])
-        b.update(x=euler_to(D, eps_hat(X, D, g.alpha[i], g.sigma[i]), g.alpha[i + 1], g.s[i + 1]))
+        X, D, U = b.call(g.t[i], uncond=True)
+        b.update(x=euler_to(D, eps_hat(X, U, g.alpha[i], g.sigma[i]), g.alpha[i + 1], g.s[i + 1]))
 
 
 def _churn_gamma(s_churn, s_tmin, s_tmax, steps, s):
@@ -65,12 +69,12 @@ def churned_first_stage(b, g, i, churn_opts):
 
 def slope_or_finish(b, g, i):
     """Call the model at step i's start; a step ending on the clean point is finished with D (returns None), else
-    returns (X, D, d) with d the slope dy/ds = eps_hat there."""
-    X, D = b.call(g.t[i])
+    returns (X, D, d) with d the slope dy/ds = eps_hat there (from U in a CFG++ build)."""
+    X, D, U = b.call(g.t[i], uncond=True)
     if g.zero[i + 1]:
         b.update(x=D)
         return None
-    return X, D, eps_hat(X, D, g.alpha[i], g.sigma[i])
+    return X, D, eps_hat(X, U, g.alpha[i], g.sigma[i])
 
 
 @solver("heun", **CHURN)
@@ -124,12 +128,12 @@ def ancestral_split(s_from, s_to, eta):
     return math.sqrt(s_to**2 - up**2), up
 
 
-@solver("euler_ancestral", alpha_zero=True, eta=ETA1, s_noise=S_NOISE)
+@solver("euler_ancestral", alpha_zero=True, cfgpp=True, eta=ETA1, s_noise=S_NOISE)
 def euler_ancestral(b, g, eta, s_noise):
     for i in b.steps(g.steps):
-        X, D = b.call(g.t[i])
+        X, D, U = b.call(g.t[i], uncond=True)
         down, up = ancestral_split(g.s[i], g.s[i + 1], eta)
-        d = eps_hat(X, D, g.alpha[i], g.sigma[i])
+        d = eps_hat(X, U, g.alpha[i], g.sigma[i])
         # Euler to sigma_down, then add noise back up to sigma_{i+1} (in y = x / alpha).
         b.update(x=euler_to(D, d, g.alpha[i + 1], down), noise=g.alpha[i + 1] * up * s_noise)
 
