@@ -67,7 +67,7 @@ def res_multistep(b, g):
     _res_multistep(b, g, 0.0, 1.0)
 
 
-@solver("res_multistep_ancestral", alpha_zero=True, eta=ETA1, s_noise=S_NOISE)
+@solver("res_multistep_ancestral", alpha_zero=True, cfgpp=True, eta=ETA1, s_noise=S_NOISE)
 def res_multistep_ancestral(b, g, eta, s_noise):
     """RES multistep with ancestral noise (ComfyUI's sample_res_multistep_ancestral)."""
     _res_multistep(b, g, eta, s_noise)
