@@ -215,15 +215,15 @@ def _stage_inputs(dtype, K, uncond, B=3, shape=(5, 7), seed=0):
     return x, out, slots, rows, w, m
 
 
-def _check_kernel(backend, dtype, K, uncond, rescale, cfg=True, thresholds=False):
-    x, out, slots, rows, w, m = _stage_inputs(dtype, K, uncond)
+def _check_kernel(backend, dtype, K, uncond, rescale, cfg=True, thresholds=False, device="cpu"):
+    x, out, slots, rows, w, m = (t.to(device) for t in _stage_inputs(dtype, K, uncond))
     B = x.shape[0]
     if not cfg:
         out = out[:B].contiguous()
-    seeds = rng.seeds_tensor([5, 2**63 + 1, 99])
-    draws = torch.tensor([2, -1, 4])
+    seeds = rng.seeds_tensor([5, 2**63 + 1, 99], device=device)
+    draws = torch.tensor([2, -1, 4], device=device)
     writes = (1 << K) - 1
-    thr = torch.tensor([1.2, 1.0, 2.5]) if thresholds else None
+    thr = torch.tensor([1.2, 1.0, 2.5], device=device) if thresholds else None
     kw = dict(slot_writes=writes, cfg=cfg, cfg_rescale=m if (rescale and cfg) else None, uncond=uncond, thresholds=thr)
     s_same, s_64 = slots.clone(), slots.double()
     same = ops.step(x, out, s_same, rows.float(), seeds, draws, w, backend="torch", **kw)
@@ -265,7 +265,16 @@ def test_triton_kernel_matches_torch(dtype, K, uncond, rescale):
     ok, why = _triton_ready()
     if not ok:
         pytest.skip(why)
-    _check_kernel("triton", dtype, K, uncond, rescale)
+    _check_kernel("triton", dtype, K, uncond, rescale, device="cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the cuda kernel needs a GPU")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("K,uncond,rescale", [(0, False, True), (1, True, False), (2, True, True)])
+def test_cuda_kernel_matches_torch(dtype, K, uncond, rescale):
+    _check_kernel("cuda", dtype, K, uncond, rescale, device="cuda")
+    _check_kernel("cuda", dtype, K, uncond, rescale, thresholds=True, device="cuda")
 
 
 def test_cfgpp_sample_on_cpu_kernel_matches_torch():
