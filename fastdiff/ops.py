@@ -137,12 +137,13 @@ def step_reference(x, out, slots, rows, seeds, draws, guidance, slot_reads: int,
     D = U = None
     if use_out:
         D = _data_estimate(x, out, rows, guidance, cfg, cfg_rescale if cfg else None)
-        if uncond:
-            U = _uncond_estimate(x, out, rows, cfg) if cfg else D
+        if uncond and cfg:
+            U = _uncond_estimate(x, out, rows, cfg)
         if thresholds is not None:
             D = apply_threshold(D, thresholds)
-            if uncond and cfg:
-                U = apply_threshold(U, thresholds)
+            U = None if U is None else apply_threshold(U, thresholds)
+        if uncond and not cfg:  # one model output: U is D
+            U = D
     regs = [xf, D] + ([U] if uncond else []) + [slots[i].to(cdt) if (slot_reads >> i) & 1 else None
                                                 for i in range(K)]
     W = len(regs)  # columns of M: x, D, (U,) S_0 .. S_{K-1}

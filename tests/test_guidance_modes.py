@@ -244,6 +244,7 @@ def test_cpu_kernel_matches_torch(dtype, K, uncond, rescale):
 
 def test_cpu_kernel_uncond_without_cfg_and_with_thresholds():
     _check_kernel("cpu", torch.float32, 1, True, False, cfg=False)
+    _check_kernel("cpu", torch.float32, 1, True, False, cfg=False, thresholds=True)
     _check_kernel("cpu", torch.float32, 2, True, True, thresholds=True)
 
 
