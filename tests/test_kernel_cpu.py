@@ -173,14 +173,15 @@ def test_normals_fast_bits_from_simd_words():
     np.testing.assert_allclose(a.numpy(), want, rtol=0, atol=NORMAL_TOL * max(1.0, float(np.abs(want).max())))
 
 
-NORMAL_ISAS = PROBE.normals_isas()  # the kernels' path first ("avx512" or "portable"), then the others compiled in
+NORMAL_ISAS = PROBE.normals_isas()  # the kernels' path first ("avx512", "avx2", "portable"), then the others compiled
 
 
 @pytest.mark.parametrize("isa", NORMAL_ISAS)
 def test_normals_isas_agree_bit_for_bit(isa):
-    """normals_simd.h's paths (AVX-512 intrinsics, g++-vectorized portable loops) are the same float32 operations:
-    the same bits, over every uniform regime (a million normals), odd run lengths and block counters past 2**32."""
-    assert NORMAL_ISAS[0] in ("avx512", "portable") and "portable" in NORMAL_ISAS
+    """normals_simd.h's paths (AVX-512 / AVX2 intrinsics, g++-vectorized portable loops) are the same float32
+    operations: the same bits, over every uniform regime (a million normals), odd run lengths and block counters
+    past 2**32."""
+    assert NORMAL_ISAS[0] in ("avx512", "avx2", "portable") and "portable" in NORMAL_ISAS
     for seed, draw, blk0, nb in [(77, 3, 0, 1 << 18), (SEEDS[1] - 2**64, 9, 2**32 - 70, 301), (SEEDS[2], 0, 5, 1),
                                  (SEEDS[3], 2**32 - 1, 2**40 + 3, 67), (0, 1, 0, 0)]:
         got = PROBE.normals_fast(seed, draw, blk0, nb, isa)
