@@ -613,6 +613,30 @@ def test_nonfinite_flags(dtype, noise):
     check_nonfinite_flags(cpu.step, "cpu", dtype, noise)
 
 
+@pytest.mark.parametrize("noise", [False, True], ids=["affine", "noisy"])
+def test_large_fp32_x_out_streams(noise):
+    """fp32 x' of 4M+ elements goes out with streaming stores: the same bits as one sample per call (below that
+    size), the reference's bits without noise, and the non-finite flags; sample 1 starts 12 bytes past a 16-byte
+    boundary (it does not stream) and the tails are not multiples of 4."""
+    B, N = 2, (1 << 21) + 3
+    g = torch.Generator().manual_seed(3)
+    x, out = torch.randn((B, N), generator=g), torch.randn((B, N), generator=g)
+    out[0, N // 2] = float("nan")
+    rows = torch.tensor([[0.0, 1.0, 0.25 if noise else 0.0, 0, 0, 0, 0, 2.0, 0.5]])
+    args = (torch.zeros((0, B, N)), rows, torch.tensor([5, 6]), torch.tensor([1]), torch.zeros(1), 0, 0, True, False,
+            noise, False)
+    flags = torch.zeros(B, dtype=torch.int32)
+    got = STEP(x, out, *args, x_out=torch.empty_like(x), nonfinite=flags)
+    assert flags.tolist() == [1, 0]
+    assert got[0].isnan().sum() == 1 and got[0, N // 2].isnan()
+    for b in range(B):
+        one = STEP(x[b:b + 1], out[b:b + 1], args[0][:, b:b + 1], rows, args[2][b:b + 1], *args[3:])[0]
+        assert torch.equal(got[b].nan_to_num(), one.nan_to_num()), b
+    if not noise:
+        want = ops.step_reference(x, out, *args)
+        assert torch.equal(got.nan_to_num(), want.nan_to_num())
+
+
 def test_nonfinite_flags_across_tiles_and_threads():
     """A NaN in the last tile of a sample big enough to run on several threads flags that sample only."""
     B, N = 3, 3 * 4096 + 5
