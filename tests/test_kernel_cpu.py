@@ -615,10 +615,10 @@ def test_nonfinite_flags(dtype, noise):
 
 @pytest.mark.parametrize("noise", [False, True], ids=["affine", "noisy"])
 def test_large_fp32_x_out_streams(noise):
-    """fp32 x' of 4M+ elements goes out with streaming stores: the same bits as one sample per call (below that
+    """fp32 x' of 8M+ elements goes out with streaming stores: the same bits as one sample per call (below that
     size), the reference's bits without noise, and the non-finite flags; sample 1 starts 12 bytes past a 16-byte
     boundary (it does not stream) and the tails are not multiples of 4."""
-    B, N = 2, (1 << 21) + 3
+    B, N = 2, (1 << 22) + 3
     g = torch.Generator().manual_seed(3)
     x, out = torch.randn((B, N), generator=g), torch.randn((B, N), generator=g)
     out[0, N // 2] = float("nan")

@@ -7,10 +7,10 @@
 //   x' = M[0].[x, D, S] + g z (+ eps s + sqrt(2 eps) z, s = lsx x + lsD D, Langevin)
 //   S_i = M[1+i].[x, D, S]      for the slots written (every right-hand side reads the values from before the step)
 //
-// Memory: ONE pass over x, out (both CFG halves), the slots read, x' and the slots written.  Work is split into
-// OpenMP items of (sample, tile of TILE elements); an item walks its tile in CHUNKs of 256 elements.  With fp32
-// (fp64) storage x, out and the slots are read straight from memory; fp16 / bf16 chunks are converted into fp32
-// temporaries.  D, the noise and partial sums live in per-thread temporaries that stay in L1, so every element of
+// Memory: ONE pass over x, out (both CFG halves), the slots read, x' and the slots written (a large fp32 x' with
+// streaming stores, see STREAM_MIN).  Work is split into OpenMP items of (sample, tile of TILE elements); an item
+// walks its tile in CHUNKs of 256 elements.  With fp32 (fp64) storage x, out and the slots are read straight from
+// memory; fp16 / bf16 chunks are converted into fp32 temporaries.  D, the noise and partial sums live in per-thread temporaries that stay in L1, so every element of
 // DRAM / L3 is touched once while each inner loop is a simple unit-stride loop over a chunk.  Outputs are summed
 // two terms per pass in the reference's order (three in one pass for the common a x + b D + g z), the last pass
 // converting and storing; they are written in an order where none overwrites a register that a later output
@@ -59,11 +59,11 @@ constexpr int ROW_HEAD = 7;        // cx, co, g, snr, r, lsx, lsD
 // set_parallel_min.
 inline int64_t g_parallel_min = 1 << 15;
 constexpr int64_t NOISE_COST = 8;
-// fp32 x' of at least this many elements per call is written with non-temporal (streaming) stores: it is not read
-// again within the step and does not fit in cache beside x and out anyway, and a streaming store skips the
-// read-for-ownership of the line that a normal store makes (a third more memory traffic).  Smaller x' (an SD
-// latent) stays in cache for the next step.
-constexpr int64_t STREAM_MIN = 1 << 22;
+// fp32 x' of at least this many elements per call (32 MB: with x and out, more than a last-level cache slice) is
+// written with non-temporal (streaming) stores: it is not read again within the step and would not stay in cache
+// for the next one, and a streaming store skips the read-for-ownership of the line that a normal store makes (a
+// third more memory traffic).  Smaller x' stays in cache for the next step.
+constexpr int64_t STREAM_MIN = 1 << 23;
 
 // Philox normals of a chunk (normals_simd.h): blocks [blk0, blk0 + nb), nb <= CHUNK / 4
 using fastdiff::simd::normals_blocks;
