@@ -2,7 +2,7 @@
 // Philox words of philox.h (Random123 known answers), the hand-vectorized words of philox_simd.h per compiled ISA,
 // philox.h's scalar libm normals and normals_simd.h's vectorized normals per compiled ISA.  Compiled with the cpu
 // backend's flags (fastdiff.backends.cpu.CFLAGS), so it sees the same ISA paths as the kernels; tests/test_rng.py
-// also builds it with AVX-512 or all of AVX turned off, to check the narrower paths against each other.
+// also builds it with AVX-512 off and with AVX2 / FMA off, to check the narrower paths against each other.
 #include <torch/extension.h>
 
 #include <algorithm>
