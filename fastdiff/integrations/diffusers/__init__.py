@@ -40,12 +40,17 @@ inf / NaN.  Options fastdiff does not implement raise ``NotImplementedError`` na
 from __future__ import annotations
 
 from ._base import StepState
+from .edm import EDMDPMSolverMultistepScheduler, EDMEulerScheduler
 from .flow import FlowMatchEulerDiscreteScheduler
+from .karras import (DPMSolverSDEScheduler, KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler,
+                     LMSDiscreteScheduler)
 from .sigma_indexed import (DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler, EulerAncestralDiscreteScheduler,
                             EulerDiscreteScheduler, HeunDiscreteScheduler, UniPCMultistepScheduler)
 from .timestep_indexed import DDIMScheduler, DDPMScheduler, LCMScheduler
 
 __all__ = ["DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
            "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
-           "UniPCMultistepScheduler", "FlowMatchEulerDiscreteScheduler", "LCMScheduler", "StepState"]
+           "UniPCMultistepScheduler", "FlowMatchEulerDiscreteScheduler", "LCMScheduler", "LMSDiscreteScheduler",
+           "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "DPMSolverSDEScheduler", "EDMEulerScheduler",
+           "EDMDPMSolverMultistepScheduler", "StepState"]
 

@@ -1,0 +1,206 @@
+"""k-diffusion's samplers as diffusers ships them: LMS, KDPM2 (DPM-2), KDPM2 ancestral and DPMSolverSDE (DPM-Solver++
+SDE), each on diffusers' own noise levels in y = x / alpha (the Euler family's sample space, folded into the rows).
+
+KDPM2, KDPM2 ancestral and DPMSolverSDE take two ``step`` calls per step (the second at an intermediate noise level
+that diffusers interleaves into its timesteps) and one for the step to sigma = 0; the plan's two stages of a step are
+those two calls, so stage k of the program is the k-th call.  The intermediate levels folded into the rows are
+diffusers' own float32 values.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ._base import _d, _f64, _unsupported
+from .sigma_indexed import _EulerFamily
+
+
+def _alpha(s):
+    return 1.0 / np.sqrt(1.0 + np.asarray(s, dtype=np.float64) ** 2)
+
+
+class _TwoCallEuler(_EulerFamily):
+    """Schedulers whose steps are two calls (sigma -> intermediate -> next sigma) but the last (sigma -> 0, one call);
+    the plan runs on the base grid ``sigmas[0::2]`` and the rows fold with the levels each call reads and lands on."""
+
+    def _fd_mids(self) -> np.ndarray:  # pragma: no cover - abstract
+        """diffusers' intermediate level of each base step but the last ([n - 1], float64 of its float32)."""
+        raise NotImplementedError
+
+    def _fd_base(self) -> np.ndarray:
+        """The base grid [n + 1]: diffusers' sigmas of the first calls, then 0."""
+        n = (len(self._fd_ts_host) + 1) // 2
+        return np.concatenate([self._fd_sig_host[0 : 2 * n - 1 : 2], [0.0]])
+
+    def _fd_check_begin(self, begin):
+        if begin % 2:
+            raise ValueError(f"{type(self).__name__}: begin_index must be even (the first call of a step), got "
+                             f"{begin}")
+
+    def _fd_grid(self, begin):
+        self._fd_check_begin(begin)
+        return self._fd_base()[begin // 2 :]
+
+    def _fd_levels(self, begin):
+        """(levels read, levels landed on) [calls] of the calls from ``begin`` on."""
+        self._fd_check_begin(begin)
+        base, mids = self._fd_base(), self._fd_mids()
+        n = len(base) - 1
+        read = np.empty(2 * n - 1)
+        read[0::2], read[1::2] = base[:-1], mids
+        land = np.empty(2 * n - 1)
+        land[0::2], land[1::2] = np.concatenate([mids, [0.0]]), base[1:-1]
+        return read[begin:], land[begin:]
+
+    def _fd_fold(self, begin):
+        read, land = self._fd_levels(begin)
+        return {"a_in": _alpha(read), "a_out": _alpha(land)}
+
+
+class LMSDiscreteScheduler(_EulerFamily, _d.LMSDiscreteScheduler):
+    """diffusers' LMS (Adams-Bashforth in sigma over the last ``order`` slopes, the Lagrange polynomial integrated
+    between the sigmas, on the step to sigma = 0 too) on fastdiff's ``lms`` rows."""
+
+    _output = "scheduling_lms_discrete.LMSDiscreteSchedulerOutput"
+
+    def _fd_solver(self, begin):
+        order = 4 if self._fd_order is None else self._fd_order
+        return "lms", {"order": order}
+
+    def _fd_build(self, begin, eta):
+        self._fd_order = eta  # the program key's second entry is step's order (None: diffusers' default 4)
+        return super()._fd_build(begin, eta)
+
+    _fd_order = None
+
+    def step(self, model_output, timestep, sample, order: int = 4, return_dict: bool = True, *, seeds=None,
+             step_index=None, state=None):
+        if not isinstance(order, int) or not 1 <= order <= 6:
+            raise ValueError(f"order must be an integer in 1..6, got {order!r}")
+        return self._fd_step(model_output, timestep, sample, seeds=seeds, step_index=step_index, state=state,
+                             return_dict=return_dict, eta=None if order == 4 else order)
+
+
+class KDPM2DiscreteScheduler(_TwoCallEuler, _d.KDPM2DiscreteScheduler):
+    """diffusers' KDPM2 (k-diffusion's sample_dpm_2: a midpoint step in log sigma) on fastdiff's ``dpm_2`` rows; its
+    second call of a step is at the geometric mean of the step's sigmas (diffusers' float32 ``sigmas_interpol``)."""
+
+    _output = "scheduling_k_dpm_2_discrete.KDPM2DiscreteSchedulerOutput"
+
+    def _fd_mids(self):
+        n = (len(self._fd_ts_host) + 1) // 2
+        return _f64(self.sigmas_interpol)[1 : 2 * n - 1 : 2]
+
+    def _fd_solver(self, begin):
+        return "dpm_2", {}
+
+    def step(self, model_output, timestep, sample, return_dict: bool = True, *, seeds=None, step_index=None,
+             state=None):
+        return self._fd_step(model_output, timestep, sample, seeds=seeds, step_index=step_index, state=state,
+                             return_dict=return_dict)
+
+
+class KDPM2AncestralDiscreteScheduler(_TwoCallEuler, _d.KDPM2AncestralDiscreteScheduler):
+    """diffusers' KDPM2 ancestral (k-diffusion's sample_dpm_2_ancestral, eta = 1) on fastdiff's ``dpm_2_ancestral``
+    rows: DPM-2 to sigma_down, then noise sigma_up on the second call of each step; the step to sigma = 0 is Euler
+    to the data estimate, without noise."""
+
+    _output = "scheduling_k_dpm_2_ancestral_discrete.KDPM2AncestralDiscreteSchedulerOutput"
+
+    def _fd_mids(self):
+        n = (len(self._fd_ts_host) + 1) // 2
+        return _f64(self.sigmas_interpol)[0 : 2 * n - 2 : 2]
+
+    def _fd_solver(self, begin):
+        return "dpm_2_ancestral", {"eta": 1.0}
+
+    def _fd_peer_draws(self, n):
+        return [k % 2 == 1 for k in range(n)]  # diffusers draws on each second call (odd stage from an even begin)
+
+    def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True, *, seeds=None,
+             step_index=None, state=None):
+        return self._fd_step(model_output, timestep, sample, generator=generator, seeds=seeds,
+                             step_index=step_index, state=state, return_dict=return_dict)
+
+
+def _sde_midpoints(sigmas32: torch.Tensor) -> np.ndarray:
+    """DPMSolverSDE's midpoint sigma_fn(t + (t_next - t) / 2) with t = -log sigma, in float32 as diffusers forms it,
+    of each step between positive sigmas."""
+    s, s_next = sigmas32[:-1], sigmas32[1:]
+    t, t_next = s.log().neg(), s_next.log().neg()
+    return _f64((t + (t_next - t) * 0.5).neg().exp())
+
+
+class DPMSolverSDEScheduler(_TwoCallEuler, _d.DPMSolverSDEScheduler):
+    """diffusers' DPMSolverSDE (k-diffusion's sample_dpmpp_sde with r = 1/2, eta = 1) on fastdiff's ``dpmpp_sde``
+    rows.
+
+    diffusers draws the two noises of a step from a torchsde Brownian tree seeded with ``noise_sampler_seed``; here
+    they are Philox draws per sample (``seeds=``) combined to the tree's joint law (each N(0, I), correlation
+    sqrt((sigma - sigma_mid) / (sigma - sigma_next)) within a step, independent across steps): the same law, other
+    numbers than torchsde's.  With ``noise_sampler_seed`` set in the config (and torchsde installed) the noise is
+    diffusers' own tree draw instead, so a seeded run reproduces diffusers' numbers (one sampling run at a time on
+    the scheduler's own counter).
+    """
+
+    _output = "scheduling_dpmsolver_sde.DPMSolverSDESchedulerOutput"
+
+    def _fd_mids(self):
+        return _sde_midpoints(torch.as_tensor(self._fd_base()[:-1], dtype=torch.float32))
+
+    def _fd_solver(self, begin):
+        s_noise = 1.0 if self._fd_s_noise is None else self._fd_s_noise
+        return "dpmpp_sde", {"eta": 1.0, "s_noise": s_noise, "r": 0.5}
+
+    _fd_s_noise = None
+
+    def _fd_build(self, begin, eta):
+        self._fd_s_noise = eta  # the program key's second entry is step's s_noise (None: 1)
+        return super()._fd_build(begin, eta)
+
+    def _fd_take_schedule(self):
+        super()._fd_take_schedule()
+        self.noise_sampler = None  # diffusers makes a new tree after set_timesteps
+        self._fd_tree_z1 = None
+
+    def step(self, model_output, timestep, sample, return_dict: bool = True, s_noise: float = 1.0, *, seeds=None,
+             step_index=None, state=None):
+        if not isinstance(s_noise, (int, float)) or not s_noise >= 0:
+            raise ValueError(f"s_noise must be a number >= 0, got {s_noise!r}")
+        eta = None if s_noise == 1.0 else float(s_noise)
+        variance_noise = None
+        if self.config.noise_sampler_seed is not None and state is None and step_index is None and not (
+                isinstance(timestep, torch.Tensor) and timestep.numel() > 1):
+            variance_noise = self._fd_tree_noise(timestep, sample, eta)
+        return self._fd_step(model_output, timestep, sample, variance_noise=variance_noise, seeds=seeds,
+                             step_index=step_index, state=state, return_dict=return_dict, eta=eta)
+
+    def _fd_tree_noise(self, timestep, sample, eta):
+        """The stage's unit noise from diffusers' Brownian tree (None on the step to sigma = 0): the first call adds
+        z_1 = W(sigma -> sigma_mid); the second call's row already carries rho z_1, so its fresh unit noise is
+        (z_2 - rho z_1) / sqrt(1 - rho^2) with z_2 = W(sigma -> sigma_next)."""
+        from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampler
+
+        prog, k = self._fd_where(timestep, None, None, eta)
+        k_abs = k + self._fd_begin
+        sig = torch.as_tensor(self._fd_sig_host, dtype=torch.float32)  # diffusers' sigmas (float32)
+        first = k_abs % 2 == 0
+        sigma = sig[k_abs] if first else sig[k_abs - 1]
+        sigma_next = sig[k_abs + 1] if first else sig[k_abs]
+        if sigma_next == 0:
+            return None
+        if self.noise_sampler is None:
+            self.noise_sampler = BrownianTreeNoiseSampler(sample, sig[sig > 0].min().item(), sig.max().item(),
+                                                          self.config.noise_sampler_seed)
+        t, t_next = sigma.log().neg(), sigma_next.log().neg()
+        t_mid = t + (t_next - t) * 0.5
+        if first:
+            z1 = self.noise_sampler(t.neg().exp(), t_mid.neg().exp())
+            self._fd_tree_z1 = z1
+            return z1
+        z2 = self.noise_sampler(t.neg().exp(), t_next.neg().exp())
+        s, s_n = float(sigma), float(sigma_next)
+        rho = np.sqrt((s - s * (s_n / s) ** 0.5) / (s - s_n))  # the plan's correlation of the two draws
+        z1 = self._fd_tree_z1 if self._fd_tree_z1 is not None else torch.zeros_like(z2)
+        return (z2 - rho * z1) / np.sqrt(1.0 - rho * rho)
