@@ -147,6 +147,47 @@ def test_each_step_and_pred_original_sample_match_diffusers(name, config):
             assert_close(f"{name} step {k} x0", o.pred_original_sample, r.pred_original_sample, FP32_RTOL)
 
 
+def img2img(scheduler, n, start, seed=4):
+    """A pipeline's img2img loop: add_noise at the first kept timestep, set_begin_index(start * order), then the
+    steps from there."""
+    scheduler.set_timesteps(n)
+    begin = start * scheduler.order
+    ts = scheduler.timesteps[begin:]
+    scheduler.set_begin_index(begin)
+    x0, noise = x_start(), torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(9))
+    x = scheduler.add_noise(x0, noise, ts[:1])
+    g = torch.Generator().manual_seed(seed)
+    kw = {"generator": g} if "generator" in scheduler.step.__code__.co_varnames else {}
+    for t in ts:
+        x = scheduler.step(model_of(scheduler)(scheduler, scheduler.scale_model_input(x, t), t), t, x, **kw).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("name,config", [
+    ("LMSDiscreteScheduler", dict(SD)), ("LMSDiscreteScheduler", dict(SD, use_karras_sigmas=True)),
+    ("KDPM2DiscreteScheduler", dict(SD)), ("KDPM2AncestralDiscreteScheduler", dict(SD)),
+    ("DPMSolverSDEScheduler", dict(SD, noise_sampler_seed=2)), ("EDMEulerScheduler", dict()),
+    ("EDMDPMSolverMultistepScheduler", dict(solver_order=3)),
+])
+@pytest.mark.parametrize("start", [1, 2, 5])
+def test_late_start_matches_diffusers(name, config, start):
+    """img2img: LMS's Lagrange nodes reach back before the start (diffusers' order min(begin + i + 1, 4) with only
+    the slopes since the start), the two-call schedulers start on a first call, EDM adds noise in x."""
+    stock = getattr(diffusers, name)(**config)
+    ours = getattr(fdd, name).from_config(stock.config)
+    assert_close(f"{name} start={start}", img2img(ours, 7, start), img2img(stock, 7, start), FP32_RTOL)
+
+
+@pytest.mark.parametrize("sname,past", [("EDM", (300.0, 160.0, 110.0)), ("DiscreteVP", (157.0,)),
+                                        ("scaled_linear", (30.0, 20.0))])
+@pytest.mark.parametrize("prediction", ["epsilon", "v"])
+def test_lms_past_sigmas_match_the_float64_reference(sname, past, prediction):
+    """The lms option diffusers' late start needs, against the paper-style float64 reference (scipy quadrature)."""
+    from test_reference_equivalence import SCHEDULES, compare
+
+    assert compare("lms", SCHEDULES[sname], 7, prediction, "zero", past_sigmas=past) is not None
+
+
 def test_lms_step_order_argument_matches_diffusers():
     for order in (1, 2, 3, 6):
         got, ref = both("LMSDiscreteScheduler", dict(SD), 8, step_kwargs={"order": order})

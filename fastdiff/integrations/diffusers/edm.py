@@ -17,6 +17,7 @@ from .sigma_indexed import DPMSolverMultistepScheduler, _SigmaScheduler
 
 class _EDMScheduler(_SigmaScheduler):
     _scales_input = True
+    _ready_at_init = True  # diffusers' __init__ sets the training sigmas: scale_model_input runs on them
 
     def _fd_schedule(self):
         sig = self._fd_sig_host
@@ -66,7 +67,6 @@ class EDMEulerScheduler(_EDMScheduler, _d.EDMEulerScheduler):
 
     _output = "scheduling_edm_euler.EDMEulerSchedulerOutput"
     _returns_x0 = True
-    _ready_at_init = True
 
     def _fd_solver(self, begin):
         return "euler", {}

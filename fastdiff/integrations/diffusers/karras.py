@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ._base import _d, _f64, _unsupported
+from ._base import GAIN, _d, _f64
 from .sigma_indexed import _EulerFamily
 
 
@@ -66,7 +66,9 @@ class LMSDiscreteScheduler(_EulerFamily, _d.LMSDiscreteScheduler):
 
     def _fd_solver(self, begin):
         order = 4 if self._fd_order is None else self._fd_order
-        return "lms", {"order": order}
+        # a late start (set_begin_index): diffusers' Lagrange nodes reach back before it
+        past = tuple(float(v) for v in self._fd_sig_host[max(0, begin - order + 1) : begin])
+        return "lms", {"order": order, "past_sigmas": past}
 
     def _fd_build(self, begin, eta):
         self._fd_order = eta  # the program key's second entry is step's order (None: diffusers' default 4)
@@ -136,12 +138,12 @@ class DPMSolverSDEScheduler(_TwoCallEuler, _d.DPMSolverSDEScheduler):
     """diffusers' DPMSolverSDE (k-diffusion's sample_dpmpp_sde with r = 1/2, eta = 1) on fastdiff's ``dpmpp_sde``
     rows.
 
-    diffusers draws the two noises of a step from a torchsde Brownian tree seeded with ``noise_sampler_seed``; here
-    they are Philox draws per sample (``seeds=``) combined to the tree's joint law (each N(0, I), correlation
-    sqrt((sigma - sigma_mid) / (sigma - sigma_next)) within a step, independent across steps): the same law, other
-    numbers than torchsde's.  With ``noise_sampler_seed`` set in the config (and torchsde installed) the noise is
-    diffusers' own tree draw instead, so a seeded run reproduces diffusers' numbers (one sampling run at a time on
-    the scheduler's own counter).
+    diffusers draws the two noises of a step from a torchsde Brownian tree seeded with ``noise_sampler_seed``.
+    Without that seed (diffusers then seeds the tree at random) the noises are Philox draws per sample (``seeds=``)
+    combined to the tree's joint law (each N(0, I), correlation sqrt((sigma - sigma_mid) / (sigma - sigma_next))
+    within a step, independent across steps): the same law, other numbers than torchsde's.  With
+    ``noise_sampler_seed`` set (and torchsde installed) a run on the scheduler's own counter takes diffusers' own
+    tree draws instead, so it reproduces diffusers' numbers; per-sample steps and ``state=`` use Philox.
     """
 
     _output = "scheduling_dpmsolver_sde.DPMSolverSDESchedulerOutput"
@@ -150,19 +152,31 @@ class DPMSolverSDEScheduler(_TwoCallEuler, _d.DPMSolverSDEScheduler):
         return _sde_midpoints(torch.as_tensor(self._fd_base()[:-1], dtype=torch.float32))
 
     def _fd_solver(self, begin):
-        s_noise = 1.0 if self._fd_s_noise is None else self._fd_s_noise
-        return "dpmpp_sde", {"eta": 1.0, "s_noise": s_noise, "r": 0.5}
+        return "dpmpp_sde", {"eta": 1.0, "s_noise": self._fd_s_noise, "r": 0.5}
 
-    _fd_s_noise = None
+    _fd_s_noise = 1.0
 
     def _fd_build(self, begin, eta):
-        self._fd_s_noise = eta  # the program key's second entry is step's s_noise (None: 1)
-        return super()._fd_build(begin, eta)
+        """``eta``, the program key's second entry: None (s_noise 1), s_noise, or ("tree", s_noise): rows without
+        noise whose gains are diffusers' sigma_up s_noise, for the tree's draws given as variance noise."""
+        tree = isinstance(eta, tuple)
+        s_noise = eta[1] if tree else 1.0 if eta is None else eta
+        self._fd_s_noise = 0.0 if tree else s_noise
+        prog = super()._fd_build(begin, eta)
+        if tree:
+            read, land = self._fd_levels(begin)
+            base = np.repeat(self._fd_base()[:-1], 2)[begin : begin + len(read)]  # each call's step start
+            s = torch.as_tensor(base, dtype=torch.float32)
+            to = torch.as_tensor(land, dtype=torch.float32)
+            up = torch.minimum(to, (to**2 * (s**2 - to**2) / s**2) ** 0.5)  # diffusers' float32 sigma_up
+            gain = _f64(up) * s_noise
+            gain[land == 0] = 0.0
+            prog.rows64[:, GAIN] = gain  # the program is new: not yet on a device
+        return prog
 
     def _fd_take_schedule(self):
         super()._fd_take_schedule()
         self.noise_sampler = None  # diffusers makes a new tree after set_timesteps
-        self._fd_tree_z1 = None
 
     def step(self, model_output, timestep, sample, return_dict: bool = True, s_noise: float = 1.0, *, seeds=None,
              step_index=None, state=None):
@@ -172,35 +186,27 @@ class DPMSolverSDEScheduler(_TwoCallEuler, _d.DPMSolverSDEScheduler):
         variance_noise = None
         if self.config.noise_sampler_seed is not None and state is None and step_index is None and not (
                 isinstance(timestep, torch.Tensor) and timestep.numel() > 1):
+            eta = ("tree", float(s_noise))
             variance_noise = self._fd_tree_noise(timestep, sample, eta)
         return self._fd_step(model_output, timestep, sample, variance_noise=variance_noise, seeds=seeds,
                              step_index=step_index, state=state, return_dict=return_dict, eta=eta)
 
     def _fd_tree_noise(self, timestep, sample, eta):
-        """The stage's unit noise from diffusers' Brownian tree (None on the step to sigma = 0): the first call adds
-        z_1 = W(sigma -> sigma_mid); the second call's row already carries rho z_1, so its fresh unit noise is
-        (z_2 - rho z_1) / sqrt(1 - rho^2) with z_2 = W(sigma -> sigma_next)."""
+        """diffusers' tree draw of this call: W(sigma -> sigma_mid) on a step's first call, W(sigma -> sigma_next)
+        on its second (None on the step to sigma = 0, which adds no noise)."""
         from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampler
 
-        prog, k = self._fd_where(timestep, None, None, eta)
-        k_abs = k + self._fd_begin
+        _, k = self._fd_where(timestep, None, None, eta)
+        k += self._fd_begin
         sig = torch.as_tensor(self._fd_sig_host, dtype=torch.float32)  # diffusers' sigmas (float32)
-        first = k_abs % 2 == 0
-        sigma = sig[k_abs] if first else sig[k_abs - 1]
-        sigma_next = sig[k_abs + 1] if first else sig[k_abs]
+        first = k % 2 == 0
+        sigma, sigma_next = (sig[k], sig[k + 1]) if first else (sig[k - 1], sig[k])
         if sigma_next == 0:
             return None
         if self.noise_sampler is None:
             self.noise_sampler = BrownianTreeNoiseSampler(sample, sig[sig > 0].min().item(), sig.max().item(),
                                                           self.config.noise_sampler_seed)
         t, t_next = sigma.log().neg(), sigma_next.log().neg()
-        t_mid = t + (t_next - t) * 0.5
         if first:
-            z1 = self.noise_sampler(t.neg().exp(), t_mid.neg().exp())
-            self._fd_tree_z1 = z1
-            return z1
-        z2 = self.noise_sampler(t.neg().exp(), t_next.neg().exp())
-        s, s_n = float(sigma), float(sigma_next)
-        rho = np.sqrt((s - s * (s_n / s) ** 0.5) / (s - s_n))  # the plan's correlation of the two draws
-        z1 = self._fd_tree_z1 if self._fd_tree_z1 is not None else torch.zeros_like(z2)
-        return (z2 - rho * z1) / np.sqrt(1.0 - rho * rho)
+            t_next = t + (t_next - t) * 0.5
+        return self.noise_sampler(t.neg().exp(), t_next.neg().exp())
