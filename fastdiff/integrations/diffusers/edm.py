@@ -55,9 +55,6 @@ class _EDMScheduler(_SigmaScheduler):
         prog.in_scale = c_in
         return prog
 
-    def _fd_solver(self, begin):  # pragma: no cover - abstract
-        raise NotImplementedError
-
     def _fd_alpha_sigma(self, s):
         return torch.ones_like(s), s  # add_noise: x0 + sigma noise
 

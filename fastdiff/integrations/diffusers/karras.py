@@ -9,11 +9,18 @@ diffusers' own float32 values.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
 
 from ._base import GAIN, _d, _f64
 from .sigma_indexed import _EulerFamily
+
+
+# LMS's order and DPMSolverSDE's s_noise come with step (the program key's second entry) and reach _fd_solver through
+# an attribute set for the build: one build at a time
+_BUILD_LOCK = threading.RLock()
 
 
 def _alpha(s):
@@ -63,18 +70,18 @@ class LMSDiscreteScheduler(_EulerFamily, _d.LMSDiscreteScheduler):
     between the sigmas, on the step to sigma = 0 too) on fastdiff's ``lms`` rows."""
 
     _output = "scheduling_lms_discrete.LMSDiscreteSchedulerOutput"
+    _fd_order = 4
 
     def _fd_solver(self, begin):
-        order = 4 if self._fd_order is None else self._fd_order
+        order = self._fd_order
         # a late start (set_begin_index): diffusers' Lagrange nodes reach back before it
         past = tuple(float(v) for v in self._fd_sig_host[max(0, begin - order + 1) : begin])
         return "lms", {"order": order, "past_sigmas": past}
 
     def _fd_build(self, begin, eta):
-        self._fd_order = eta  # the program key's second entry is step's order (None: diffusers' default 4)
-        return super()._fd_build(begin, eta)
-
-    _fd_order = None
+        with _BUILD_LOCK:
+            self._fd_order = 4 if eta is None else eta  # the program key's second entry: step's order (None: 4)
+            return super()._fd_build(begin, eta)
 
     def step(self, model_output, timestep, sample, order: int = 4, return_dict: bool = True, *, seeds=None,
              step_index=None, state=None):
@@ -147,6 +154,7 @@ class DPMSolverSDEScheduler(_TwoCallEuler, _d.DPMSolverSDEScheduler):
     """
 
     _output = "scheduling_dpmsolver_sde.DPMSolverSDESchedulerOutput"
+    _fd_s_noise = 1.0
 
     def _fd_mids(self):
         return _sde_midpoints(torch.as_tensor(self._fd_base()[:-1], dtype=torch.float32))
@@ -154,15 +162,14 @@ class DPMSolverSDEScheduler(_TwoCallEuler, _d.DPMSolverSDEScheduler):
     def _fd_solver(self, begin):
         return "dpmpp_sde", {"eta": 1.0, "s_noise": self._fd_s_noise, "r": 0.5}
 
-    _fd_s_noise = 1.0
-
     def _fd_build(self, begin, eta):
         """``eta``, the program key's second entry: None (s_noise 1), s_noise, or ("tree", s_noise): rows without
         noise whose gains are diffusers' sigma_up s_noise, for the tree's draws given as variance noise."""
         tree = isinstance(eta, tuple)
         s_noise = eta[1] if tree else 1.0 if eta is None else eta
-        self._fd_s_noise = 0.0 if tree else s_noise
-        prog = super()._fd_build(begin, eta)
+        with _BUILD_LOCK:
+            self._fd_s_noise = 0.0 if tree else s_noise
+            prog = super()._fd_build(begin, eta)
         if tree:
             read, land = self._fd_levels(begin)
             base = np.repeat(self._fd_base()[:-1], 2)[begin : begin + len(read)]  # each call's step start
