@@ -6,6 +6,7 @@ noise's law, and the options refused on purpose.
 
 from __future__ import annotations
 
+import copy
 import threading
 
 import numpy as np
@@ -17,10 +18,28 @@ from test_integration_diffusers import GM, LINEAR, SD, model_fn, run_loop, x_sta
 
 diffusers = pytest.importorskip("diffusers")
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword",
-                                        "ignore::FutureWarning", "ignore::UserWarning")
+                                        "ignore::FutureWarning", "ignore::UserWarning",
+                                        "ignore::DeprecationWarning")  # numpy 2 on diffusers' _sigma_to_t
 import fastdiff.integrations.diffusers as fdd  # noqa: E402
 
 EDM_NAMES = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")
+_MADE: dict = {}
+
+
+def make(package, name, **config):
+    """A fresh scheduler: a copy of one constructed once per class and config (the KDPM2 family's and DPMSolverSDE's
+    __init__ runs set_timesteps over all training timesteps, about a second)."""
+    key = (package.__name__, name, repr(sorted(config.items())))
+    if key not in _MADE:
+        _MADE[key] = getattr(package, name)(**config)
+    return copy.deepcopy(_MADE[key])
+
+
+def pair(name, **config):
+    stock, ours = make(diffusers, name, **config), make(fdd, name, **config)
+    assert type(ours).__name__ == name and isinstance(ours, getattr(diffusers, name))
+    assert dict(ours.config) == dict(stock.config)
+    return stock, ours
 
 
 def edm_model(scheduler, x_in, t):
@@ -57,9 +76,7 @@ def loop(scheduler, n, x_T, step_kwargs=None, seed=7):
 
 
 def both(name, config, n, dtype=torch.float32, step_kwargs=None):
-    stock = getattr(diffusers, name)(**config)
-    ours = getattr(fdd, name).from_config(stock.config)
-    assert type(ours).__name__ == name and isinstance(ours, getattr(diffusers, name))
+    stock, ours = pair(name, **config)
     x_T = x_start().to(dtype)
     return loop(ours, n, x_T, step_kwargs), loop(stock, n, x_T, step_kwargs)
 
@@ -125,8 +142,7 @@ def test_other_dtypes_match_diffusers(name, config, dtype):
     ("EDMEulerScheduler", dict()), ("EDMDPMSolverMultistepScheduler", dict()),
 ])
 def test_each_step_and_pred_original_sample_match_diffusers(name, config):
-    stock = getattr(diffusers, name)(**config)
-    ours = getattr(fdd, name).from_config(stock.config)
+    stock, ours = pair(name, **config)
     for s in (stock, ours):
         s.set_timesteps(4)
     xs = {}
@@ -173,8 +189,7 @@ def img2img(scheduler, n, start, seed=4):
 def test_late_start_matches_diffusers(name, config, start):
     """img2img: LMS's Lagrange nodes reach back before the start (diffusers' order min(begin + i + 1, 4) with only
     the slopes since the start), the two-call schedulers start on a first call, EDM adds noise in x."""
-    stock = getattr(diffusers, name)(**config)
-    ours = getattr(fdd, name).from_config(stock.config)
+    stock, ours = pair(name, **config)
     assert_close(f"{name} start={start}", img2img(ours, 7, start), img2img(stock, 7, start), FP32_RTOL)
 
 
@@ -255,7 +270,7 @@ PER_SAMPLE = [
 def test_per_sample_step_index_equals_each_sample_alone(name, config):
     """One step call serves samples at different steps (``step_index`` [B] with a state holding each sample's
     history); each sample equals its own run with the same Philox seed."""
-    s = getattr(fdd, name)(**config)
+    s = make(fdd, name, **config)
     n, offsets = 4, [0, 2, 1]
     s.set_timesteps(n)
     ts = s.timesteps
@@ -276,13 +291,13 @@ def test_per_sample_step_index_equals_each_sample_alone(name, config):
                 if idx[b] == len(ts) - 1:
                     done[b] = x[b].clone()
     for b in range(3):
-        alone = _alone(getattr(fdd, name)(**config), x_T[b:b + 1], [b], n)
+        alone = _alone(make(fdd, name, **config), x_T[b:b + 1], [b], n)
         assert torch.allclose(done[b][None], alone, rtol=1e-5, atol=1e-5), (b, (done[b] - alone[0]).abs().max())
 
 
 @pytest.mark.parametrize("name,config", [PER_SAMPLE[1], PER_SAMPLE[3], PER_SAMPLE[5]])
 def test_stateless_runs_share_one_scheduler_across_threads(name, config):
-    s = getattr(fdd, name)(**config)
+    s = make(fdd, name, **config)
     s.set_timesteps(5)
     x_T = x_start()
 
@@ -309,7 +324,7 @@ def test_stateless_runs_share_one_scheduler_across_threads(name, config):
 
 @pytest.mark.parametrize("name,config", [PER_SAMPLE[2], PER_SAMPLE[3], PER_SAMPLE[5]])
 def test_philox_noise_is_per_sample(name, config):
-    s = getattr(fdd, name)(**config)
+    s = make(fdd, name, **config)
     x_T = x_start()
     batch = _alone(s, x_T, [5, 6, 7], 4)
     assert torch.equal(batch[1:2], _alone(s, x_T[1:2], [6], 4))
@@ -322,7 +337,7 @@ def test_dpmsolver_sde_philox_noise_has_the_brownian_tree_law():
     with a zero model (D = 0) the step is linear in the noises, so over many samples the two stages' outputs have
     the mean, variances and covariance the tree gives (torchsde's tree: z_1 = W(sigma -> sigma_mid) / sqrt(.),
     z_2 = W(sigma -> sigma_next) / sqrt(.), correlation sqrt((sigma - sigma_mid) / (sigma - sigma_next)))."""
-    s = fdd.DPMSolverSDEScheduler(**SD)
+    s = make(fdd, "DPMSolverSDEScheduler", **SD)
     s.set_timesteps(4)
     B = 20000
     x = torch.zeros(B, 1, dtype=torch.float64)
@@ -356,7 +371,7 @@ def test_refused_options_raise_clearly():
         s.step(x, s.timesteps[0], x, s_churn=1.0)
     with pytest.raises(NotImplementedError, match="solver_order=3"):
         fdd.EDMDPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_order=3).set_timesteps(4)
-    k = fdd.KDPM2DiscreteScheduler(**SD)
+    k = make(fdd, "KDPM2DiscreteScheduler", **SD)
     k.set_timesteps(4)
     k.set_begin_index(1)
     with pytest.raises(ValueError, match="begin_index must be even"):
