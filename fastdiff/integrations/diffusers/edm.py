@@ -1,7 +1,7 @@
 """diffusers' EDM schedulers (Karras et al. 2022): the sample is x itself (alpha = 1, sigma = diffusers' sigma, the
 schedule ``fastdiff.schedules.EDM``) and the model output is the raw network F of EDM's preconditioning,
-D = c_skip x + c_out F.  The plan is built for an x0 prediction (cx = 0, co = 1) and each row's data-estimate columns
-are then set to (c_skip, c_out) of its sigma, so the kernel still forms D in its one pass; ``scale_model_input``
+D = c_skip x + c_out F.  The plan's rows (of the configured prediction on that schedule) get their data-estimate
+columns set to (c_skip, c_out) of their sigma, so the kernel still forms D in its one pass; ``scale_model_input``
 multiplies by c_in = 1 / sqrt(sigma^2 + sigma_data^2)."""
 
 from __future__ import annotations
