@@ -170,17 +170,28 @@ def lms_coefficients(s, i, order):
     return coeffs
 
 
-@solver("lms", order=Option(4, _int_in(1, 6), "order must be an integer in 1..6"))
-def lms(b, g, order):
-    """k-diffusion's linear multistep (Adams-Bashforth in sigma) over the last ``order`` slopes d."""
+def _past_sigmas(v):
+    return isinstance(v, tuple) and all(isinstance(e, float) and math.isfinite(e) and e > 0 for e in v)
+
+
+@solver("lms", order=Option(4, _int_in(1, 6), "order must be an integer in 1..6"),
+        past_sigmas=Option((), _past_sigmas, "past_sigmas must be a tuple of positive floats"))
+def lms(b, g, order, past_sigmas):
+    """k-diffusion's linear multistep (Adams-Bashforth in sigma) over the last ``order`` slopes d.
+
+    ``past_sigmas``: the sigmas (s) before the grid's first point, oldest first, of a run started late.  diffusers'
+    LMS started at a begin index takes its Lagrange nodes from them too (order min(begin + i + 1, order)) while it has
+    only the slopes since the start (the missing ones weigh 0); () is k-diffusion's warm-up.
+    """
     ds = b.history("d", order - 1)
+    s_all, P = list(past_sigmas) + list(g.s), len(past_sigmas)
     for i in b.steps(g.steps):
         X, D = b.call(g.t[i])
         d = eps_hat(X, D, g.alpha[i], g.sigma[i])
-        cur = min(i + 1, order)
-        c = lms_coefficients(g.s, i, cur)
+        cur = min(P + i + 1, order)
+        c = lms_coefficients(s_all, P + i, cur)
         y_next = X / g.alpha[i] + c[0] * d
-        for j in range(1, cur):
+        for j in range(1, min(i + 1, cur)):
             y_next = y_next + c[j] * ds[j]
         ds.push(d)
         b.update(x=g.alpha[i + 1] * y_next)
