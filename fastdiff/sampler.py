@@ -268,33 +268,28 @@ def _output_tensor(out):
     return out
 
 
-def _call_model(model, x, t, x2, kwargs, first: bool, expect):
-    """The model output of one stage ([uncond; cond] with guidance: ``x2`` is the [2B] input buffer, ``t`` the
-    stage's model times [B] or [2B]) in x's dtype, contiguous, checked against ``expect`` (its torch.Size)."""
-    guided = x2 is not None
-    try:
-        out = model(torch.cat([x, x], out=x2), t, **kwargs) if guided else model(x, t, **kwargs)
-    except TypeError as e:
-        if not first:
-            raise
-        keys = f" and keyword arguments {', '.join(map(repr, kwargs))} (from cond)" if kwargs else ""
-        raise ValueError(f"the model raised TypeError at its first call: {e}.  fastdiff calls model(x, t, **cond) "
-                         f"with x [B, ...], t [B] the model times{keys}: give a model that takes these (wrap another "
-                         "signature, e.g. lambda x, t, **cond: net(x, t.long(), **cond))") from e
-    if type(out) is not torch.Tensor:
-        out = _output_tensor(out)
+def _model_error(e: TypeError, kwargs) -> ValueError:
+    """The error for a model that raised TypeError at its first call: say how fastdiff calls it."""
+    keys = f" and keyword arguments {', '.join(map(repr, kwargs))} (from cond)" if kwargs else ""
+    return ValueError(f"the model raised TypeError at its first call: {e}.  fastdiff calls model(x, t, **cond) with "
+                      f"x [B, ...], t [B] the model times{keys}: give a model that takes these (wrap another "
+                      "signature, e.g. lambda x, t, **cond: net(x, t.long(), **cond))")
+
+
+def _model_output(out, x, expect, guided):
+    """A model's return value as the stage's output: a tensor of shape ``expect`` in x's dtype on x's device,
+    contiguous (the loop's inline check sends here only what is not that already), else ValueError."""
+    out = _output_tensor(out)
     if not isinstance(out, torch.Tensor) or out.shape != expect:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"the model returned {got}, expected a tensor of shape {tuple(expect)}"
                          + (" ([uncond; cond] outputs for the [uncond; cond] batch)" if guided else ""))
-    if out.dtype is not x.dtype:  # (a no-op .to() still costs a microsecond: skip it)
-        if not out.is_floating_point():
-            raise ValueError(f"the model returned a {out.dtype} tensor: its output must be floating-point")
-        out = out.to(x.dtype)
+    if not out.is_floating_point():
+        raise ValueError(f"the model returned a {out.dtype} tensor: its output must be floating-point")
     if out.device != x.device:
         raise ValueError(f"the model returned its output on {out.device} but x is on {x.device}: return it on "
                          "x's device")
-    return out if out.is_contiguous() else out.contiguous()
+    return out.to(x.dtype).contiguous()
 
 
 def _unit_noise(noise_fn, k, x):
@@ -421,7 +416,7 @@ class _Workspace:
         """The step contract's checks of every stage's arguments, once: the loop's tensors keep these layouts (the
         seeds [B] int64 and the guidance weight [1] that ``_request`` makes; the model output is checked per call)."""
         seeds = torch.zeros(self.state.shape[0], dtype=torch.int64, device=self.state.device)
-        out = self.x2 if guided else self.state  # the layout of a model output, as _call_model returns it
+        out = self.x2 if guided else self.state  # the layout of a model output, as the loop checks it
         for st in self.stages:
             ops._check_step_args(self.state, out, self.slots, st.row, seeds, st.draw, self.no_guidance, st.reads,
                                  st.writes, st.use_out, st.cfg, None, None, "torch", None, self.nonfinite)
@@ -481,15 +476,24 @@ def _loop(model, plan, x, seeds_t, backend, w, kwargs, ws: _Workspace, callback=
     kernel = None if noise_fn is not None or torch.compiler.is_compiling() or type(x) is not torch.Tensor \
         else ops._step_kernel(backend)
     state, (s0, s1), expect, x2 = ws.state, ws.state_span, ws.out_shape, ws.x2
+    dtype, device = x.dtype, x.device
     out_bytes = expect.numel() * state.element_size()
     fresh = callback is not None  # every x' a tensor of its own
     first_call = True
     for k, row, draw, reads, writes, use_out, cfg, noise, langevin, t, last in ws.stages:
-        out = x  # not read by a stage without a model call
-        dst = state
+        out, dst = x, state  # (out is not read by a stage without a model call)
         if use_out:
-            out = _call_model(model, x, t, x2, kwargs, first_call, expect)
+            try:
+                out = model(torch.cat([x, x], out=x2), t, **kwargs) if guided else model(x, t, **kwargs)
+            except TypeError as e:
+                if first_call:
+                    raise _model_error(e, kwargs) from e
+                raise
             first_call = False
+            # the checks of every model output, inline: a loop step costs a few microseconds of Python in all
+            if (type(out) is not torch.Tensor or out.shape != expect or out.dtype is not dtype
+                    or out.device != device or not out.is_contiguous()):
+                out = _model_output(out, x, expect, guided)
             o0 = out.data_ptr()
             if o0 < s1 and s0 < o0 + out_bytes:  # the model returned (a view of) x: keep it intact
                 dst = None
