@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import importlib
 import threading
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -48,6 +49,13 @@ def data_estimate(rows, x, out):
 _REFUSED_ROW = np.full(row_length(0), np.nan)
 _REFUSED_ROW[GAIN:len(ROW_HEADER)] = 0.0  # no noise, no Langevin term: only D and x' are NaN
 _REFUSED_FLAGS = StageFlags(0, 0, True, False, False)
+
+
+@functools.lru_cache(maxsize=None)
+def _output_class(path: str):
+    """The diffusers class ``module.class`` under diffusers.schedulers (looked up once per name, not per step)."""
+    module, name = path.split(".")
+    return getattr(importlib.import_module(f"diffusers.schedulers.{module}"), name)
 
 
 def _numbered_draws(flags):
@@ -106,9 +114,10 @@ class _Program:
         self._device = {}
 
     def on(self, device, dtype):
-        """Device tensors (rows, x0 rows, draws, noise gain, input scale, timesteps, alpha_next), cached."""
+        """Device tensors (rows, x0 rows, draws, noise gain, input scale, timesteps, alpha_next), cached; ``stages``
+        holds each stage's kernel arguments (``_StageArgs``: row and draw views, Python flags), made once."""
         cdt = torch.float64 if dtype == torch.float64 else torch.float32
-        key = (str(device), cdt)
+        key = (device, cdt)
         hit = self._device.get(key)
         if hit is None:
             def t(a, dt=cdt):
@@ -121,8 +130,26 @@ class _Program:
             hit.update({k: t(v) for k, v in self.extra.items()})
             hit["no_draw"] = torch.full((1,), -1, dtype=torch.int64, device=device)
             hit["no_guidance"] = torch.zeros(1, dtype=torch.float32, device=device)
+            hit["stages"] = tuple(
+                _StageArgs(hit["rows"][k : k + 1], hit["x0_rows"][k : k + 1], hit["draws"][k : k + 1],
+                           int(f.slot_reads), int(f.slot_writes), bool(f.use_out), bool(f.noise), bool(f.langevin))
+                for k, f in enumerate(self.flags))
             self._device[key] = hit
         return hit
+
+
+class _StageArgs(NamedTuple):
+    """One stage's kernel arguments on a device: [1, R] row views (the plan's and the x0-input one), the draw [1],
+    and the flags as Python ints / bools (what ``ops._step_kernel`` takes)."""
+
+    rows: torch.Tensor
+    x0_rows: torch.Tensor
+    draws: torch.Tensor
+    reads: int
+    writes: int
+    use_out: bool
+    noise: bool
+    langevin: bool
 
 
 _PROGRAMS: dict = {}  # programs by (class, config, begin/eta, timesteps, sigmas), oldest first
@@ -175,8 +202,7 @@ class _FastdiffStep:
     def _fd_output(self, prev, x0):
         """diffusers' output of step: ``_output`` (module.class under diffusers.schedulers) with prev_sample, and
         pred_original_sample where the scheduler ``_returns_x0``."""
-        module, name = self._output.split(".")
-        output = getattr(importlib.import_module(f"diffusers.schedulers.{module}"), name)
+        output = _output_class(self._output)
         return output(prev_sample=prev, pred_original_sample=x0) if self._returns_x0 else output(prev_sample=prev)
 
     def _fd_tuple(self, prev, x0):
@@ -217,6 +243,7 @@ class _FastdiffStep:
         self._fd_programs = {}  # (begin index, eta) -> _Program, built on first use
         self._fd_slots_own = None
         self._fd_begin = 0
+        self._fd_transform = self._fd_x0_transform()  # diffusers' config is frozen: decided once, not per step
 
     def _fd_programs_or_init(self):
         programs = getattr(self, "_fd_programs", None)
@@ -346,8 +373,9 @@ class _FastdiffStep:
 
     def _fd_step(self, model_output, timestep, sample, *, generator=None, variance_noise=None, seeds=None,
                  step_index=None, state=None, return_dict=True, eta=None, raw_eps=False):
-        if not isinstance(sample, torch.Tensor) or not isinstance(model_output, torch.Tensor):
-            raise ValueError("model_output and sample must be tensors")
+        if type(sample) is not torch.Tensor or type(model_output) is not torch.Tensor:
+            if not isinstance(sample, torch.Tensor) or not isinstance(model_output, torch.Tensor):
+                raise ValueError("model_output and sample must be tensors")
         if model_output.shape != sample.shape:
             raise ValueError(f"model_output has shape {tuple(model_output.shape)} but sample has "
                              f"{tuple(sample.shape)}: the model must predict one value per sample element (learned "
@@ -358,22 +386,30 @@ class _FastdiffStep:
             raise ValueError("pass either generator or variance_noise, not both")
         B = sample.shape[0]
         prog, k = self._fd_where(timestep, step_index, state, eta)
-        per_sample = not isinstance(k, int)
+        per_sample = type(k) is not int
         if not per_sample and not 0 <= k < prog.num_stages:
             raise ValueError(f"step {k} is outside the {prog.num_stages} steps of this run: call set_timesteps "
                              "again (or set_begin_index) before a new sampling run")
         if not per_sample and k in prog.refused:
             raise ValueError(f"{type(self).__name__} cannot step from timestep {prog.timesteps[k]:g}: "
                              f"{prog.refused[k]}")
-        dev = prog.on(sample.device, sample.dtype)
-        flags = prog.union if per_sample else prog.flags[k]
-        noise = flags.noise
-        rows = self._fd_gather(prog, dev, "rows", k, B)
-        x = sample.contiguous()
-        out = model_output.to(x.dtype).contiguous()
+        x = sample if sample.is_contiguous() else sample.contiguous()
+        out = model_output if model_output.dtype is x.dtype else model_output.to(x.dtype)
+        out = out if out.is_contiguous() else out.contiguous()
+        dev = prog.on(x.device, x.dtype)
+        if per_sample:  # rows of different stages gathered per sample, run with the union of their flags
+            st = None
+            f = prog.union
+            reads, writes, use_out, noise, langevin = (int(f.slot_reads), int(f.slot_writes), bool(f.use_out),
+                                                       bool(f.noise), bool(f.langevin))
+            rows = self._fd_gather(prog, dev, "rows", k, B)
+        else:  # a stage's precomputed arguments
+            st = dev["stages"][k]
+            rows, reads, writes, use_out, noise, langevin = st.rows, st.reads, st.writes, st.use_out, st.noise, \
+                st.langevin
         bshape = (-1,) + (1,) * (x.dim() - 1)
         x0 = D_raw = None
-        transform = self._fd_x0_transform()
+        transform = self._fd_transform
         if transform is not None or self._returns_x0:
             # the stage's data estimate (pred_original_sample) with torch ops: one more pass over x and out
             x0 = D_raw = data_estimate(rows, x, out)
@@ -381,7 +417,7 @@ class _FastdiffStep:
             # the predicted x0 of the whole sample, clipped / thresholded, is the model output of an x0-row
             x0 = transform(D_raw)
             if not raw_eps:
-                rows = self._fd_gather(prog, dev, "x0_rows", k, B)
+                rows = self._fd_gather(prog, dev, "x0_rows", k, B) if st is None else st.x0_rows
                 out = x0.to(x.dtype).contiguous()
         # noise: diffusers' own draw when a generator or variance_noise is given, else Philox per sample
         external = variance_noise
@@ -394,13 +430,28 @@ class _FastdiffStep:
             noise = False
         else:
             seeds_t = self._fd_seeds(seeds, B, x.device)
-            draws = self._fd_gather(prog, dev, "draws", k, B)
-        prev = ops.step(x, out, self._fd_slots(state, prog, x), rows, seeds_t, draws, dev["no_guidance"],
-                        slot_reads=flags.slot_reads, slot_writes=flags.slot_writes, use_out=flags.use_out, cfg=False,
-                        noise=noise, langevin=flags.langevin, backend=self._fd_kernel(x))
+            draws = self._fd_gather(prog, dev, "draws", k, B) if st is None else st.draws
+        slots = self._fd_slots(state, prog, x)
+        backend = self._fd_kernel(x)
+        if slots is not None and type(x) is torch.Tensor and type(out) is torch.Tensor \
+                and not torch.compiler.is_compiling():
+            # the layout whose arguments passed ops.step's checks when these slots were made (x and out: above)
+            prev = ops._step_kernel(backend)(x, out, slots, rows, seeds_t, draws, dev["no_guidance"], reads, writes,
+                                             use_out, False, noise, langevin, None, None, None)
+        else:  # a new layout of x (the slots follow its shape, dtype, device), a tensor subclass or compile
+            new_slots = slots is None
+            if new_slots:
+                slots = torch.zeros((prog.num_slots,) + tuple(x.shape), dtype=x.dtype, device=x.device)
+            prev = ops.step(x, out, slots, rows, seeds_t, draws, dev["no_guidance"], slot_reads=reads,
+                            slot_writes=writes, use_out=use_out, cfg=False, noise=noise, langevin=langevin,
+                            backend=backend)
+            if new_slots:  # kept only once ops.step accepted them
+                self._fd_keep_slots(state, slots)
         if external is not None:
             gain = self._fd_gather(prog, dev, "gain", k, B).reshape(bshape)
-            prev = (prev + gain * external.to(device=x.device, dtype=gain.dtype)).to(x.dtype)
+            if external.device != x.device or external.dtype is not gain.dtype:
+                external = external.to(device=x.device, dtype=gain.dtype)
+            prev = (prev + gain * external).to(x.dtype)
         if transform is not None and raw_eps:
             # DDIM without use_clipped_model_output keeps the raw eps: x' = row(x, D_raw) + alpha' (x0 - D_raw)
             a = self._fd_gather(prog, dev, "alpha_next", k, B).reshape(bshape)
@@ -434,13 +485,19 @@ class _FastdiffStep:
         return kernel
 
     def _fd_slots(self, state, prog, x):
-        holder, attr = (state, "slots") if state is not None else (self, "_fd_slots_own")
-        slots = getattr(holder, attr, None)
-        shape = (prog.num_slots,) + tuple(x.shape)
-        if slots is None or tuple(slots.shape) != shape or slots.dtype != x.dtype or slots.device != x.device:
-            slots = torch.zeros(shape, dtype=x.dtype, device=x.device)
-            setattr(holder, attr, slots)
+        """The run's history slots [K, *x.shape] (``state``'s, else the scheduler's own), or None where x has a new
+        layout (shape, dtype, device): then ``_fd_step`` makes new ones and checks every argument once."""
+        slots = state.slots if state is not None else getattr(self, "_fd_slots_own", None)
+        if (slots is None or slots.shape[0] != prog.num_slots or slots.shape[1:] != x.shape or slots.dtype != x.dtype
+                or slots.device != x.device):
+            return None
         return slots
+
+    def _fd_keep_slots(self, state, slots):
+        if state is not None:
+            state.slots = slots
+        else:
+            self._fd_slots_own = slots
 
     def _fd_advance(self, state, explicit):
         if explicit or self._index_by == "timestep":
@@ -454,7 +511,7 @@ class _FastdiffStep:
 
     def _fd_seeds(self, seeds, batch, device):
         if seeds is None:  # default seeds 0 .. B-1 (cached: a step allocates nothing it need not)
-            key = (batch, str(device))
+            key = (batch, device)
             hit = self._ARANGE.get(key)
             if hit is None:
                 hit = self._ARANGE[key] = torch.arange(batch, dtype=torch.int64, device=device)
