@@ -239,6 +239,12 @@ class _FastdiffStep:
         """Host copies of the timesteps and noise levels, taken once per schedule, so that no later step copies
         from the device (a sync); programs are built from them on first use."""
         self._fd_ts_host = _f64(self.timesteps)
+        # timestep value -> its step as diffusers' index_for_timestep picks it: the second of a repeated one
+        self._fd_ts_index, seen = {}, {}
+        for i, t in enumerate(self._fd_ts_host.tolist()):
+            seen[t] = seen.get(t, 0) + 1
+            if seen[t] <= 2:
+                self._fd_ts_index[t] = i
         self._fd_sig_host = _f64(self.sigmas) if hasattr(self, "sigmas") else np.zeros(0)
         self._fd_programs = {}  # (begin index, eta) -> _Program, built on first use
         self._fd_slots_own = None
@@ -295,12 +301,11 @@ class _FastdiffStep:
         if isinstance(timestep, torch.Tensor):
             if timestep.device.type != "cpu":
                 return "device"
-            timestep = timestep.reshape(-1)[0].item()
-        ts = self._fd_ts_host
-        hit = np.flatnonzero(ts == float(timestep))
-        if hit.size == 0:
-            return len(ts) - 1 if self._unknown_timestep_is_last else None
-        return int(hit[1] if hit.size > 1 else hit[0])
+            timestep = timestep.reshape(-1)[0].item() if timestep.dim() else timestep.item()
+        hit = self._fd_ts_index.get(float(timestep))
+        if hit is None:
+            return len(self._fd_ts_host) - 1 if self._unknown_timestep_is_last else None
+        return hit
 
     def _fd_where(self, timestep, step_index, state, eta=None):
         """(program, k) with k the stage of the program: int, or a device-side selector for per-sample steps."""
