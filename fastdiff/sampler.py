@@ -396,7 +396,8 @@ class _Workspace:
         self.no_guidance = torch.zeros(1, dtype=cdt, device=device)  # the step's guidance argument without cfg
         self.busy = False
         # the bytes of state, so that the loop sees a model output that aliases it without asking torch
-        self.state_span = (self.state.data_ptr(), self.state.data_ptr() + self.state.numel() * self.state.element_size())
+        start = self.state.data_ptr()
+        self.state_span = (start, start + self.state.numel() * self.state.element_size())
         stages, written, unset = [], 0, 0
         for k in range(plan.num_stages):
             reads, writes, use_out, noise, langevin = plan.stage_flags[k]
