@@ -247,7 +247,9 @@ class _FastdiffStep:
                 self._fd_ts_index[t] = i
         self._fd_sig_host = _f64(self.sigmas) if hasattr(self, "sigmas") else np.zeros(0)
         self._fd_programs = {}  # (begin index, eta) -> _Program, built on first use
-        self._fd_slots_own = None
+        slots = getattr(self, "_fd_slots_own", None)
+        if slots is not None and slots.numel():  # a new run starts from clean history (kept: its layout is checked)
+            slots.zero_()
         self._fd_begin = 0
         self._fd_transform = self._fd_x0_transform()  # diffusers' config is frozen: decided once, not per step
 
@@ -275,8 +277,8 @@ class _FastdiffStep:
         prog = programs.get(key)
         if prog is None:
             # the same configuration and timesteps give the same program: shared across set_timesteps calls
-            gkey = (type(self).__name__, tuple(sorted((k, repr(v)) for k, v in self.config.items())), key,
-                    self._fd_ts_host.tobytes(), self._fd_sig_host.tobytes())
+            gkey = (type(self).__name__, self._fd_config_key(), key, self._fd_ts_host.tobytes(),
+                    self._fd_sig_host.tobytes())
             with _PROGRAMS_LOCK:
                 prog = _PROGRAMS.get(gkey)
             if prog is None:
@@ -287,6 +289,13 @@ class _FastdiffStep:
                     _PROGRAMS[gkey] = prog
             programs[key] = prog
         return prog
+
+    def _fd_config_key(self):
+        """The configuration as a hashable key, made once (diffusers' config is frozen after __init__)."""
+        key = self.__dict__.get("_fd_config_key_cache")
+        if key is None:
+            key = self._fd_config_key_cache = tuple(sorted((k, repr(v)) for k, v in self.config.items()))
+        return key
 
     def new_state(self, begin_index: int = 0) -> StepState:
         """A fresh per-run state for ``step(..., state=...)`` (thread-safe sampling with one scheduler)."""
@@ -327,8 +336,10 @@ class _FastdiffStep:
             k, begin = state.step_index, state.begin_index
         else:
             k, begin = self._fd_counter(timestep), self._fd_begin
-        prog = self._fd_program(begin, eta)
-        return prog, k - (begin if self._stateful else 0)
+        if not self._stateful:
+            begin = 0
+        prog = self._fd_programs.get((begin, eta)) or self._fd_program(begin, eta)
+        return prog, k - begin
 
     def _fd_counter(self, timestep):
         """diffusers' step counter: set on the first call from the begin index, else from the timestep (a host
@@ -412,7 +423,6 @@ class _FastdiffStep:
             st = dev["stages"][k]
             rows, reads, writes, use_out, noise, langevin = st.rows, st.reads, st.writes, st.use_out, st.noise, \
                 st.langevin
-        bshape = (-1,) + (1,) * (x.dim() - 1)
         x0 = D_raw = None
         transform = self._fd_transform
         if transform is not None or self._returns_x0:
@@ -437,12 +447,12 @@ class _FastdiffStep:
             seeds_t = self._fd_seeds(seeds, B, x.device)
             draws = self._fd_gather(prog, dev, "draws", k, B) if st is None else st.draws
         slots = self._fd_slots(state, prog, x)
-        backend = self._fd_kernel(x)
+        backend, kernel = self._fd_kernel(x)
         if slots is not None and type(x) is torch.Tensor and type(out) is torch.Tensor \
                 and not torch.compiler.is_compiling():
             # the layout whose arguments passed ops.step's checks when these slots were made (x and out: above)
-            prev = ops._step_kernel(backend)(x, out, slots, rows, seeds_t, draws, dev["no_guidance"], reads, writes,
-                                             use_out, False, noise, langevin, None, None, None)
+            prev = kernel(x, out, slots, rows, seeds_t, draws, dev["no_guidance"], reads, writes, use_out, False, noise,
+                          langevin, None, None, None)
         else:  # a new layout of x (the slots follow its shape, dtype, device), a tensor subclass or compile
             new_slots = slots is None
             if new_slots:
@@ -452,6 +462,7 @@ class _FastdiffStep:
                             backend=backend)
             if new_slots:  # kept only once ops.step accepted them
                 self._fd_keep_slots(state, slots)
+        bshape = (-1,) + (1,) * (x.dim() - 1)
         if external is not None:
             gain = self._fd_gather(prog, dev, "gain", k, B).reshape(bshape)
             if external.device != x.device or external.dtype is not gain.dtype:
@@ -481,13 +492,15 @@ class _FastdiffStep:
         return None
 
     def _fd_kernel(self, x):
+        """(backend name, its kernel function ``ops._step_kernel``) for x, resolved once per (backend, device type)."""
         if x.dtype == torch.float64 and self.backend == "auto":
-            return "torch"
+            return "torch", ops._step_kernel("torch")
         key = (self.backend, x.device.type)
-        kernel = _KERNELS.get(key)
-        if kernel is None:
-            kernel = _KERNELS[key] = resolve(self.backend, x.device.type)
-        return kernel
+        hit = _KERNELS.get(key)
+        if hit is None:
+            name = resolve(self.backend, x.device.type)
+            hit = _KERNELS[key] = (name, ops._step_kernel(name))
+        return hit
 
     def _fd_slots(self, state, prog, x):
         """The run's history slots [K, *x.shape] (``state``'s, else the scheduler's own), or None where x has a new
