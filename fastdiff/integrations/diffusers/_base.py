@@ -130,9 +130,11 @@ class _Program:
             hit.update({k: t(v) for k, v in self.extra.items()})
             hit["no_draw"] = torch.full((1,), -1, dtype=torch.int64, device=device)
             hit["no_guidance"] = torch.zeros(1, dtype=torch.float32, device=device)
+            host = self.rows64.astype(np.float32) if cdt == torch.float32 else self.rows64  # the device rows' values
             hit["stages"] = tuple(
                 _StageArgs(hit["rows"][k : k + 1], hit["x0_rows"][k : k + 1], hit["draws"][k : k + 1],
-                           int(f.slot_reads), int(f.slot_writes), bool(f.use_out), bool(f.noise), bool(f.langevin))
+                           int(f.slot_reads), int(f.slot_writes), bool(f.use_out), bool(f.noise), bool(f.langevin),
+                           float(host[k, CX]), float(host[k, CO]), float(host[k, GAIN]))
                 for k, f in enumerate(self.flags))
             self._device[key] = hit
         return hit
@@ -150,6 +152,9 @@ class _StageArgs(NamedTuple):
     use_out: bool
     noise: bool
     langevin: bool
+    cx: float  # the row's cx, co and noise gain as host numbers (exactly the device row's values): torch ops of x
+    co: float  # in the rows' dtype with these scalars round as with the row's [1] columns, without gathers
+    gain: float
 
 
 _PROGRAMS: dict = {}  # programs by (class, config, begin/eta, timesteps, sigmas), oldest first
@@ -425,9 +430,10 @@ class _FastdiffStep:
                 st.langevin
         x0 = D_raw = None
         transform = self._fd_transform
+        host = st is not None and x.dtype is st.rows.dtype  # the row's host scalars apply to x as they are
         if transform is not None or self._returns_x0:
             # the stage's data estimate (pred_original_sample) with torch ops: one more pass over x and out
-            x0 = D_raw = data_estimate(rows, x, out)
+            x0 = D_raw = x * st.cx + out * st.co if host else data_estimate(rows, x, out)
         if transform is not None:
             # the predicted x0 of the whole sample, clipped / thresholded, is the model output of an x0-row
             x0 = transform(D_raw)
@@ -463,20 +469,23 @@ class _FastdiffStep:
             if new_slots:  # kept only once ops.step accepted them
                 self._fd_keep_slots(state, slots)
         bshape = (-1,) + (1,) * (x.dim() - 1)
-        if external is not None:
+        if external is not None and host and external.dtype is x.dtype and external.device == x.device:
+            prev += external * st.gain  # (prev is the kernel's new tensor)
+        elif external is not None:
             gain = self._fd_gather(prog, dev, "gain", k, B).reshape(bshape)
-            if external.device != x.device or external.dtype is not gain.dtype:
-                external = external.to(device=x.device, dtype=gain.dtype)
-            prev = (prev + gain * external).to(x.dtype)
+            prev = (prev + gain * external.to(device=x.device, dtype=gain.dtype)).to(x.dtype)
         if transform is not None and raw_eps:
             # DDIM without use_clipped_model_output keeps the raw eps: x' = row(x, D_raw) + alpha' (x0 - D_raw)
             a = self._fd_gather(prog, dev, "alpha_next", k, B).reshape(bshape)
             prev = (prev.to(a.dtype) + a * (x0 - D_raw)).to(x.dtype)
         self._fd_advance(state, per_sample or step_index is not None)
         extra = self._fd_extra(prog, dev, k, B, x, model_output, x0)
-        x0_out = extra if extra is not None else (None if x0 is None else x0.to(x.dtype))
-        if not self._returns_x0 and extra is None:
+        if extra is not None:
+            x0_out = extra
+        elif x0 is None or not self._returns_x0:
             x0_out = None
+        else:
+            x0_out = x0 if x0.dtype is x.dtype else x0.to(x.dtype)
         return self._fd_output(prev, x0_out) if return_dict else self._fd_tuple(prev, x0_out)
 
     def _fd_x0_transform(self):
