@@ -135,8 +135,9 @@ HOST_CALLS = 20  # calls per timed sample: a 1-step loop is tens of microseconds
 
 
 def kernel_alone(plan, x_T, out, seeds):
-    """The plan's stages as direct calls of the backend's kernel on precomputed arguments, in place (what
-    ``fastdiff.sample`` runs per step, without any Python around it)."""
+    """The plan's stages as direct calls of the backend's kernel on precomputed arguments, in place, with the
+    per-sample non-finite flags that ``fastdiff.sample`` passes by default (what it runs per step, without any
+    Python around it; the start state is copied in first, one pass per loop, counted in)."""
     from fastdiff import ops, rng
     from fastdiff.sampler import device_rows
 
@@ -149,6 +150,8 @@ def kernel_alone(plan, x_T, out, seeds):
                bool(f.noise), bool(f.langevin)) for k, f in enumerate(plan.stage_flags)]
 
     def run():
+        x.copy_(x_T)  # from the start state each time: a loop repeated on its own result runs into NaN / Inf
+        slots.zero_()
         for row, draw, reads, writes, use_out, cfg, noise, langevin in stages:
             kernel(x, out, slots, row, seeds_t, draw, w, reads, writes, use_out, cfg, noise, langevin, x, None, flags)
 
