@@ -32,7 +32,9 @@ def _unsupported(what: str):
 
 
 def _f64(t) -> np.ndarray:
-    return np.asarray(torch.as_tensor(t).detach().to("cpu", torch.float64).numpy(), dtype=np.float64)
+    if isinstance(t, torch.Tensor):
+        return t.detach().to(device="cpu", dtype=torch.float64).numpy()
+    return np.asarray(t, dtype=np.float64)
 
 
 CX, CO, GAIN = (ROW_HEADER.index(name) for name in ("cx", "co", "g"))  # columns of a flat row
@@ -195,6 +197,9 @@ class _FastdiffStep:
     _ready_at_init = False  # diffusers' __init__ holds the training schedule and its step may run on it
     _unknown_timestep_is_last = False  # diffusers treats a timestep off the schedule as the last step
     backend = "auto"  # fastdiff backend for step: "auto", "cpu", "cuda", "triton" or "torch"
+    # set per instance; class defaults so that a lookup before then never reaches diffusers' slow __getattr__
+    _fd_programs = None
+    _fd_slots_own = None
 
     # -- what each scheduler provides --------------------------------------------------------------------------
 
@@ -245,11 +250,14 @@ class _FastdiffStep:
         from the device (a sync); programs are built from them on first use."""
         self._fd_ts_host = _f64(self.timesteps)
         # timestep value -> its step as diffusers' index_for_timestep picks it: the second of a repeated one
-        self._fd_ts_index, seen = {}, {}
-        for i, t in enumerate(self._fd_ts_host.tolist()):
-            seen[t] = seen.get(t, 0) + 1
-            if seen[t] <= 2:
-                self._fd_ts_index[t] = i
+        ts = self._fd_ts_host.tolist()
+        self._fd_ts_index = {t: i for i, t in enumerate(ts)}  # the last occurrence
+        if len(self._fd_ts_index) < len(ts):  # repeats: the second occurrence
+            seen = {}
+            for i, t in enumerate(ts):
+                seen[t] = seen.get(t, 0) + 1
+                if seen[t] == 2:
+                    self._fd_ts_index[t] = i
         self._fd_sig_host = _f64(self.sigmas) if hasattr(self, "sigmas") else np.zeros(0)
         self._fd_programs = {}  # (begin index, eta) -> _Program, built on first use
         slots = getattr(self, "_fd_slots_own", None)
