@@ -138,7 +138,7 @@ class ContinuousBatcher:
         self._thread: threading.Thread | None = None
         self._done = False  # the loop returned after close
         self.ticks = 0  # model calls made
-        self._checked = set()  # (batch, slots, use_out, cfg) layouts whose step arguments ops.step has checked
+        self._checked = set()  # (x's shape, slots, use_out, cfg): layouts whose step arguments ops.step checked
         self.steps = 0  # batch steps (ticks with or without a model call)
         self.stats = collections.Counter()  # submitted, completed, cancelled, timed_out, rejected, restarts, rows, ...
         self.errors = collections.Counter()  # failed requests by exception class name
@@ -481,7 +481,7 @@ class ContinuousBatcher:
                 torch.tensor([r.guidance if guided else 0.0 for r in batch], dtype=torch.float32, device=dev),
                 (1 << K) - 1, int(flags.slot_writes), bool(flags.use_out), bool(guided and flags.use_out),
                 bool(flags.noise), bool(flags.langevin))
-        layout = (B, K, args[9], args[10])
+        layout = (x.shape, K, args[9], args[10])
         if layout in self._checked and type(out) is torch.Tensor:  # the tick's tensors are made here, in this layout
             x_new = ops._step_kernel(self.kernel)(*args, None, None, None)
         else:  # the first tick of a layout: the public op checks every argument
