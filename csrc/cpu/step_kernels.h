@@ -3,14 +3,15 @@
 // storage).  No torch here: csrc/cpu/bindings.cpp checks the tensors and hands raw pointers down.  Every kernel
 // implements fastdiff.ops.step_reference:
 //
-//   D  = cx x + co out          (out = out_u + w (out_c - out_u) with cfg)
+//   D  = cx x + co out          (out = out_u + w (out_c - out_u) with cfg, times m_b with guidance_rescale)
 //   x' = M[0].[x, D, S] + g z (+ eps s + sqrt(2 eps) z, s = lsx x + lsD D, Langevin)
 //   S_i = M[1+i].[x, D, S]      for the slots written (every right-hand side reads the values from before the step)
+// CFG++ rows (uncond) have one more column, U = cx x + co out_u: M . [x, D, U, S].
 //
-// Memory: ONE pass over x, out (both CFG halves), the slots read, x' and the slots written.  Work is split into
-// OpenMP items of (sample, tile of TILE elements); an item walks its tile in CHUNKs of 256 elements.  With fp32
-// (fp64) storage x, out and the slots are read straight from memory; fp16 / bf16 chunks are converted into fp32
-// temporaries.  D, the noise and partial sums live in per-thread temporaries that stay in L1, so every element of
+// Memory: ONE pass over x, out (both CFG halves), the slots read, x' and the slots written (a large fp32 x' with
+// streaming stores, see STREAM_MIN).  Work is split into OpenMP items of (sample, tile of TILE elements); an item
+// walks its tile in CHUNKs of 256 elements.  With fp32 (fp64) storage x, out and the slots are read straight from
+// memory; fp16 / bf16 chunks are converted into fp32 temporaries.  D, the noise and partial sums live in per-thread temporaries that stay in L1, so every element of
 // DRAM / L3 is touched once while each inner loop is a simple unit-stride loop over a chunk.  Outputs are summed
 // two terms per pass in the reference's order (three in one pass for the common a x + b D + g z), the last pass
 // converting and storing; they are written in an order where none overwrites a register that a later output
@@ -42,6 +43,10 @@
 #include "normals_simd.h"
 #include "storage.h"
 
+#if defined(__SSE__)
+#include <immintrin.h>
+#endif
+
 namespace fdcpu {
 
 constexpr int64_t CHUNK = 256;     // elements per inner chunk (multiple of 4: Philox blocks never straddle chunks)
@@ -55,6 +60,11 @@ constexpr int ROW_HEAD = 7;        // cx, co, g, snr, r, lsx, lsD
 // set_parallel_min.
 inline int64_t g_parallel_min = 1 << 15;
 constexpr int64_t NOISE_COST = 8;
+// fp32 x' of at least this many elements per call (32 MB: with x and out, more than a last-level cache slice) is
+// written with non-temporal (streaming) stores: it is not read again within the step and would not stay in cache
+// for the next one, and a streaming store skips the read-for-ownership of the line that a normal store makes (a
+// third more memory traffic).  Smaller x' stays in cache for the next step.
+constexpr int64_t STREAM_MIN = 1 << 23;
 
 // Philox normals of a chunk (normals_simd.h): blocks [blk0, blk0 + nb), nb <= CHUNK / 4
 using fastdiff::simd::normals_blocks;
@@ -79,11 +89,14 @@ struct StepArgs {
   const A* guidance;
   int64_t guid_stride;
   const A* thresholds;  // [B] dynamic thresholds, or nullptr
+  const A* cfg_rescale;  // [B] guidance_rescale's factors (with cfg), or nullptr
   int32_t* nonfinite;   // [B] flags: 1 OR-ed in for a sample whose stored x' has NaN / Inf; or nullptr
   int64_t B, N;
   int K;
   unsigned reads, writes;
   bool use_out, cfg, noise, langevin;
+  bool uncond;  // CFG++ rows: M's columns are [x, D, U, S_0 ..]
+  int base() const { return uncond ? 3 : 2; }  // column (register id) of slot 0
 };
 
 // Per-thread temporaries of one chunk, in math type A (fp32 for fp32 / fp16 / bf16 storage).
@@ -91,9 +104,11 @@ template <class A>
 struct Chunk {
   alignas(64) A x[CHUNK];
   alignas(64) A D[CHUNK];
+  alignas(64) A U[CHUNK];  // CFG++: the unconditional data estimate
   alignas(64) A acc[CHUNK];
   alignas(64) A z[CHUNK];
   alignas(64) A s[CHUNK];  // the Langevin score lsx x + lsD D
+  alignas(64) A xs[CHUNK];  // x' on its way to a streaming store
   alignas(64) float zf[CHUNK];
   alignas(64) A slot[KMAX][CHUNK];
 };
@@ -164,7 +179,8 @@ static void emit(typename St<T>::S* dst, const Term<A>* t, int nt, A* acc, int64
   }
 }
 
-// Register ids: 0 = x, 1 = D, 2 + i = slot i.  Output ids: 0 = x', 1 + i = slot i.
+// Register ids (= columns of M): 0 = x, 1 = D, (2 = U with uncond,) base + i = slot i.  Output ids: 0 = x',
+// 1 + i = slot i.
 // With fp32 (fp64) storage the kernel reads x and the slots straight from memory; then outputs are written in an
 // order where none overwrites a register a later output still reads (in place, a slot read and rewritten), and a
 // register is copied to a temporary only when the reads form a cycle (e.g. two slots swapped).
@@ -176,14 +192,14 @@ struct OutputOrder {
 
 template <class T, class A>
 static OutputOrder plan_outputs(const StepArgs<T, A>& p, const A* M, bool direct) {
-  const int W = 2 + p.K;
+  const int base = p.base(), W = base + p.K;
   unsigned reads[KMAX + 1];
   int clobbers[KMAX + 1];
   unsigned remaining = 0;
   auto regs_read = [&](const A* row) {
     unsigned r = row[0] != (A)0 ? 1u : 0u;
     for (int i = 0; i < p.K; ++i)
-      if (((p.reads >> i) & 1u) && row[2 + i] != (A)0) r |= 1u << (2 + i);
+      if (((p.reads >> i) & 1u) && row[base + i] != (A)0) r |= 1u << (base + i);
     return r;
   };
   reads[0] = regs_read(M);
@@ -192,7 +208,7 @@ static OutputOrder plan_outputs(const StepArgs<T, A>& p, const A* M, bool direct
   for (int i = 0; i < p.K; ++i) {
     if (!((p.writes >> i) & 1u)) continue;
     reads[1 + i] = regs_read(M + (1 + i) * W);
-    clobbers[1 + i] = 2 + i;
+    clobbers[1 + i] = base + i;
     remaining |= 1u << (1 + i);
   }
   OutputOrder o;
@@ -233,7 +249,14 @@ static inline void compute_D(const StepArgs<T, A>& p, int64_t b, int64_t off, co
   using S = typename St<T>::S;
   const A cx = c[0], co = c[1];
   const S* __restrict ou = p.out + off;
-  if (p.cfg) {
+  if (p.cfg && p.cfg_rescale) {  // guidance_rescale: the guided output times m_b
+    const A w = p.guidance[b * p.guid_stride], m = p.cfg_rescale[b];
+    const S* __restrict oc = p.out + p.B * p.N + off;
+    for (int64_t j = 0; j < n; ++j) {
+      const A u = (A)St<T>::get(ou[j]);
+      D[j] = cx * xr[j] + co * (m * (u + w * ((A)St<T>::get(oc[j]) - u)));
+    }
+  } else if (p.cfg) {
     const A w = p.guidance[b * p.guid_stride];
     const S* __restrict oc = p.out + p.B * p.N + off;
     for (int64_t j = 0; j < n; ++j) {
@@ -248,6 +271,23 @@ static inline void compute_D(const StepArgs<T, A>& p, int64_t b, int64_t off, co
     for (int64_t j = 0; j < n; ++j) {
       const A d = D[j];
       D[j] = (d > s ? s : (d < -s ? -s : d)) / s;
+    }
+  }
+}
+
+// CFG++'s U = cx x + co out_u (thresholded as D); only with cfg (without it U is D itself).
+template <class T, class A>
+static inline void compute_U(const StepArgs<T, A>& p, int64_t b, int64_t off, const A* c, const A* xr, A* U,
+                             int64_t n) {
+  using S = typename St<T>::S;
+  const A cx = c[0], co = c[1];
+  const S* __restrict ou = p.out + off;
+  for (int64_t j = 0; j < n; ++j) U[j] = cx * xr[j] + co * (A)St<T>::get(ou[j]);
+  if (p.thresholds) {
+    const A s = p.thresholds[b];
+    for (int64_t j = 0; j < n; ++j) {
+      const A d = U[j];
+      U[j] = (d > s ? s : (d < -s ? -s : d)) / s;
     }
   }
 }
@@ -322,21 +362,34 @@ static inline bool has_nonfinite(const typename St<T>::S* v, int64_t n) {
   return bad != 0;
 }
 
+// dst[0, n) = src[0, n) with streaming stores; dst 16-byte aligned, n a multiple of 4.  The caller fences.
+static inline void stream_store(float* dst, const float* src, int64_t n) {
+#if defined(__SSE__)
+  for (int64_t j = 0; j < n; j += 4) _mm_stream_ps(dst + j, _mm_load_ps(src + j));
+#else
+  for (int64_t j = 0; j < n; ++j) dst[j] = src[j];
+#endif
+}
+
 // The affine pass over elements [e0, e1) of sample b; eps / sq: the sample's Langevin step and sqrt(2 eps).
 template <class T, class A>
 static void step_range(const StepArgs<T, A>& p, int64_t b, int64_t e0, int64_t e1, A eps, A sq) {
   using S = typename St<T>::S;
   constexpr bool direct = std::is_same<S, A>::value;
   const A* c = p.rows + b * p.row_stride;
-  const int W = 2 + p.K;
+  const int base = p.base(), W = base + p.K;
   const A* M = c + ROW_HEAD;
   const bool has_draw = p.draws[b * p.draw_stride] >= 0;
   const bool add_g = p.noise && has_draw && c[2] != (A)0;
   const bool add_l = p.langevin && has_draw && c[3] != (A)0 && eps != (A)0;
   const OutputOrder ord = plan_outputs(p, M, direct);
+  // x' streams (see STREAM_MIN) when it is fp32, large, not written in place and aligned (the chunks keep it so)
+  constexpr bool f32 = std::is_same<S, float>::value;
+  const bool stream = f32 && p.B * p.N >= STREAM_MIN && p.xo != p.x &&
+                      reinterpret_cast<uintptr_t>(p.xo + b * p.N + e0) % 16 == 0;
   Chunk<A> ch;
-  const A* reg[2 + KMAX];
-  Term<A> terms[2 + KMAX + 3];
+  const A* reg[3 + KMAX];
+  Term<A> terms[3 + KMAX + 3];
   bool bad = false;
   for (int64_t e = e0; e < e1; e += CHUNK) {
     const int64_t n = std::min(CHUNK, e1 - e);
@@ -348,20 +401,24 @@ static void step_range(const StepArgs<T, A>& p, int64_t b, int64_t e0, int64_t e
     } else {
       reg[0] = reinterpret_cast<const A*>(p.x + off);
     }
-    reg[1] = nullptr;
+    reg[1] = reg[2] = nullptr;
     if (p.use_out) {
       compute_D(p, b, off, c, reg[0], ch.D, n);
       reg[1] = ch.D;
+      if (p.uncond) {
+        if (p.cfg) compute_U(p, b, off, c, reg[0], ch.U, n);
+        reg[2] = p.cfg ? ch.U : ch.D;
+      }
     }
     for (int i = 0; i < p.K; ++i) {
-      reg[2 + i] = nullptr;
+      reg[base + i] = nullptr;
       if (!((p.reads >> i) & 1u)) continue;
       const S* src = p.slots + ((int64_t)i * p.B) * p.N + off;
-      if (!direct || ((ord.temps >> (2 + i)) & 1u)) {
+      if (!direct || ((ord.temps >> (base + i)) & 1u)) {
         load<T, A>(src, ch.slot[i], n);
-        reg[2 + i] = ch.slot[i];
+        reg[base + i] = ch.slot[i];
       } else {
-        reg[2 + i] = reinterpret_cast<const A*>(src);
+        reg[base + i] = reinterpret_cast<const A*>(src);
       }
     }
     if (add_g || add_l) noise_chunk(p.seeds[b], (uint32_t)p.draws[b * p.draw_stride], e, n, ch.zf, ch.z);
@@ -379,6 +436,14 @@ static void step_range(const StepArgs<T, A>& p, int64_t b, int64_t e0, int64_t e
           terms[nt++] = {eps, ch.s};
           terms[nt++] = {sq, ch.z};
         }
+        if constexpr (f32) {
+          if (stream && n % 4 == 0) {  // x' into L1, checked there, then streamed out
+            emit<T, A>(ch.xs, terms, nt, ch.acc, n);
+            if (p.nonfinite && !bad) bad = has_nonfinite<T, A>(ch.xs, n);
+            stream_store(p.xo + off, ch.xs, n);
+            continue;
+          }
+        }
         emit<T, A>(p.xo + off, terms, nt, ch.acc, n);
         if (p.nonfinite && !bad) bad = has_nonfinite<T, A>(p.xo + off, n);
       } else {
@@ -386,6 +451,9 @@ static void step_range(const StepArgs<T, A>& p, int64_t b, int64_t e0, int64_t e
       }
     }
   }
+#if defined(__SSE__)
+  if (stream) _mm_sfence();  // streaming stores are weakly ordered: visible before the kernel returns
+#endif
   if (bad) __atomic_store_n(&p.nonfinite[b], 1, __ATOMIC_RELAXED);  // only ever set: work items of b may race
 }
 

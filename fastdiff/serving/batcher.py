@@ -218,6 +218,9 @@ class ContinuousBatcher:
         """
         if not isinstance(plan, Plan):
             raise ValueError(f"plan must be a fastdiff Plan (from fastdiff.plan(...)), got {type(plan).__name__}")
+        if plan.uncond_column:  # its rows have CFG++'s U column, which the shared launch of a tick does not lay out
+            raise ValueError(f"the batcher does not run CFG++ plans (guidance='cfg++', solver {plan.solver!r}): "
+                             "submit the plain solver's plan, or sample CFG++ with fastdiff.sample / Sampler")
         seed = rng.check_seed(seed)
         shape = self._check_shape(shape)
         guided = guidance_scale is not None
