@@ -236,11 +236,16 @@ class _FastdiffStep:
         if stock is None or "set_timesteps" in cls.__dict__ or not cls.__module__.startswith(__package__):
             return  # an intermediate mixin, or a class that defines its own
 
+        try:
+            stock_set_timesteps = stock.set_timesteps
+        except ImportError:  # diffusers' placeholder for a class whose optional dependency (torchsde) is missing:
+            return  # instantiating it raises diffusers' own ImportError, which says what to install
+
         # diffusers' own signature (timesteps= / sigmas= / mu= ...): its retrieve_timesteps inspects it
-        @functools.wraps(stock.set_timesteps)
+        @functools.wraps(stock_set_timesteps)
         def set_timesteps(self, *args, **kwargs):
             self._fd_check_config()
-            stock.set_timesteps(self, *args, **kwargs)
+            stock_set_timesteps(self, *args, **kwargs)
             self._fd_take_schedule()
 
         cls.set_timesteps = set_timesteps
