@@ -529,6 +529,45 @@ def step(x, out, slots, rows, seeds, draws, guidance=None, *, slot_reads=None, s
     return _call_step(backend, args, thresholds, z, x_out, nonfinite, cfg_rescale, uncond)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The lean path: loops that checked their argument layout once (the Sampler's workspaces, the diffusers drop-ins'
+# programs, the batcher) call the backend's step directly, without ``step``'s checks and dispatch
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _reference_kernel(x, out, slots, rows, seeds, draws, guidance, slot_reads, slot_writes, use_out, cfg, noise,
+                      langevin, x_out=None, thresholds=None, nonfinite=None, cfg_rescale=None, uncond=False):
+    """``step_reference`` in the kernels' argument order (x_out, thresholds, nonfinite, cfg_rescale, uncond last; no
+    external noise)."""
+    return step_reference(x, out, slots, rows, seeds, draws, guidance, slot_reads, slot_writes, use_out, cfg, noise,
+                          langevin, thresholds, None, x_out, nonfinite, cfg_rescale, uncond)
+
+
+def _step_kernel(backend: str):
+    """The backend's step function itself, no checks: ``fn(x, out, slots, rows, seeds, draws, guidance, slot_reads,
+    slot_writes, use_out, cfg, noise, langevin, x_out, thresholds, nonfinite, cfg_rescale, uncond)`` (the last five
+    optional) with Python ints / bools for the flags, returning x' (``x_out`` when given).
+
+    Only for callers whose arguments passed ``_check_step_args`` once for their layout (shapes, dtypes, devices,
+    contiguity, flags) and who keep that layout: plain tensors (no compile, no tensor subclasses), a model output
+    checked per call, ``x_out`` not overlapping x, out or slots.  The cpu backend's is the C++ extension's function
+    (a pybind call, no Python frame in between); the torch backend's is ``step_reference``.
+    """
+    fn = _IMPLS.get((backend, "kernel"))
+    if fn is None:
+        if backend == "torch":
+            fn = _reference_kernel
+        elif backend not in BACKENDS:
+            raise _unknown_backend(backend)
+        else:
+            from . import backends
+
+            module = backends.load(backend)
+            fn = module.step_kernel() if hasattr(module, "step_kernel") else module.OPS["step"]
+        _IMPLS[(backend, "kernel")] = fn
+    return fn
+
+
 def _seeds_arg(seeds, B, device) -> torch.Tensor:
     """Seeds as an int64 tensor [B] on ``device``: an int64 tensor as is, else a sequence of B integers in
     [0, 2**64) (checked by ``fastdiff.rng.seeds_tensor``)."""

@@ -29,6 +29,8 @@ _MADE: dict = {}
 def make(package, name, **config):
     """A fresh scheduler: a copy of one constructed once per class and config (the KDPM2 family's and DPMSolverSDE's
     __init__ runs set_timesteps over all training timesteps, about a second)."""
+    if name == "DPMSolverSDEScheduler":
+        pytest.importorskip("torchsde", reason="diffusers' DPMSolverSDEScheduler needs torchsde (in the test extra)")
     key = (package.__name__, name, repr(sorted(config.items())))
     if key not in _MADE:
         _MADE[key] = getattr(package, name)(**config)

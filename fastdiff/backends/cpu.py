@@ -219,6 +219,12 @@ def step(x, out, slots, rows, seeds, draws, guidance, slot_reads, slot_writes, u
                       bool(uncond))
 
 
+def step_kernel():
+    """The extension's step itself, for ``fastdiff.ops._step_kernel``: ``step``'s arguments, all positional, with
+    Python ints / bools for the masks and flags (no conversion layer: a loop calls it once per stage)."""
+    return ext().step
+
+
 def add_noise(x0, alpha, sigma, seeds, draws):
     """x_t = alpha x0 + sigma z (per-sample alpha, sigma [B | 1], Philox z of (seed, draw))."""
     return ext().add_noise(x0, alpha, sigma, seeds, draws)
@@ -231,4 +237,4 @@ def randn(seeds, draws, shape, dtype, out=None):
 
 OPS = {"step": step, "add_noise": add_noise, "randn": randn}
 
-__all__ = ["OPS", "add_noise", "available", "build", "build_directory", "ext", "randn", "status", "step"]
+__all__ = ["OPS", "add_noise", "available", "build", "build_directory", "ext", "randn", "status", "step", "step_kernel"]
