@@ -39,6 +39,8 @@ SCHEDULERS = {
     "UniPCMultistepScheduler": dict(SD),
     "FlowMatchEulerDiscreteScheduler": dict(num_train_timesteps=1000),
     "LCMScheduler": dict(SD),
+    # a seeded Brownian tree: the drop-in then takes diffusers' own tree draws (unseeded, each draws at random)
+    "DPMSolverSDEScheduler": dict(SD, noise_sampler_seed=0),
 }
 SIZES = [(1, 4, 64, 64), (1, 16, 128, 128)]
 STEPS = 20

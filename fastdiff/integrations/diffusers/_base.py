@@ -159,6 +159,28 @@ class _StageArgs(NamedTuple):
     gain: float
 
 
+class _Hot(NamedTuple):
+    """What the common step repeats (the scheduler's own counter or a host timestep, no state / step_index / seeds /
+    eta / x0 transform, the layout of the last step): recorded by a checked step, valid until set_timesteps or a
+    new run start (``_fd_counter``) clears it; ``_fd_step_hot`` then skips the per-call resolution."""
+
+    programs: dict  # the set_timesteps this belongs to
+    begin: int  # the program's begin index (counter-indexed schedulers: stage = step counter - begin)
+    num_stages: int
+    stages: tuple  # _StageArgs per stage, None for a refused one (the slow path raises its error)
+    peer_draws: tuple
+    in_scale: tuple  # scale_model_input's factor per stage (host floats)
+    shape: torch.Size
+    dtype: torch.dtype
+    device: torch.device
+    slots: torch.Tensor
+    seeds: torch.Tensor
+    no_draw: torch.Tensor
+    no_guidance: torch.Tensor
+    kernel: object
+    backend: str  # the scheduler's backend attribute when recorded
+
+
 _PROGRAMS: dict = {}  # programs by (class, config, begin/eta, timesteps, sigmas), oldest first
 _PROGRAMS_LOCK = threading.Lock()
 _KERNELS: dict = {}
@@ -200,6 +222,8 @@ class _FastdiffStep:
     # set per instance; class defaults so that a lookup before then never reaches diffusers' slow __getattr__
     _fd_programs = None
     _fd_slots_own = None
+    _fd_hot = None  # _Hot of the common step, or None
+    _fd_hot_ok = False  # set per class: the step resolution hooks are the mixin's own, so _fd_step_hot applies
 
     # -- what each scheduler provides --------------------------------------------------------------------------
 
@@ -232,6 +256,7 @@ class _FastdiffStep:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
+        cls._fd_hot_ok = all(getattr(cls, h) is getattr(_FastdiffStep, h) for h in _HOT_HOOKS)
         stock = next((b for b in cls.__mro__ if b.__module__.startswith("diffusers.")), None)
         if stock is None or "set_timesteps" in cls.__dict__ or not cls.__module__.startswith(__package__):
             return  # an intermediate mixin, or a class that defines its own
@@ -265,6 +290,7 @@ class _FastdiffStep:
                     self._fd_ts_index[t] = i
         self._fd_sig_host = _f64(self.sigmas) if hasattr(self, "sigmas") else np.zeros(0)
         self._fd_programs = {}  # (begin index, eta) -> _Program, built on first use
+        self._fd_hot = None
         slots = getattr(self, "_fd_slots_own", None)
         if slots is not None and slots.numel():  # a new run starts from clean history (kept: its layout is checked)
             slots.zero_()
@@ -371,6 +397,7 @@ class _FastdiffStep:
                     self._fd_off_schedule(timestep, None)
                 start = 0 if start == "device" else start
             self._step_index = self._fd_begin = int(start)
+            self._fd_hot = None  # a new run start: its begin may differ
         return self._step_index
 
     def _fd_gather(self, prog, dev, name, k, batch):
@@ -398,6 +425,13 @@ class _FastdiffStep:
         if not self._scales_input:
             return sample
         self.is_scale_input_called = True
+        hot = self._fd_hot
+        if (hot is not None and step_index is None and state is None and self._index_by == "counter"
+                and self._step_index is not None and hot.programs is self._fd_programs
+                and not (type(timestep) is torch.Tensor and timestep.numel() > 1)):
+            k = self._step_index - hot.begin
+            if 0 <= k < hot.num_stages:
+                return sample * hot.in_scale[k]
         prog, k = self._fd_where(timestep, step_index, state)
         if isinstance(k, int):  # a host constant: no gather
             return sample * float(prog.in_scale[k])
@@ -407,6 +441,12 @@ class _FastdiffStep:
 
     def _fd_step(self, model_output, timestep, sample, *, generator=None, variance_noise=None, seeds=None,
                  step_index=None, state=None, return_dict=True, eta=None, raw_eps=False):
+        hot = self._fd_hot
+        if (hot is not None and state is None and step_index is None and seeds is None and variance_noise is None
+                and eta is None and type(sample) is torch.Tensor and type(model_output) is torch.Tensor):
+            done = self._fd_step_hot(hot, model_output, timestep, sample, generator, return_dict)
+            if done is not None:
+                return done
         if type(sample) is not torch.Tensor or type(model_output) is not torch.Tensor:
             if not isinstance(sample, torch.Tensor) or not isinstance(model_output, torch.Tensor):
                 raise ValueError("model_output and sample must be tensors")
@@ -467,6 +507,7 @@ class _FastdiffStep:
             draws = self._fd_gather(prog, dev, "draws", k, B) if st is None else st.draws
         slots = self._fd_slots(state, prog, x)
         backend, kernel = self._fd_kernel(x)
+        new_slots = False
         if slots is not None and type(x) is torch.Tensor and type(out) is torch.Tensor \
                 and not torch.compiler.is_compiling():
             # the layout whose arguments passed ops.step's checks when these slots were made (x and out: above)
@@ -492,6 +533,9 @@ class _FastdiffStep:
             a = self._fd_gather(prog, dev, "alpha_next", k, B).reshape(bshape)
             prev = (prev.to(a.dtype) + a * (x0 - D_raw)).to(x.dtype)
         self._fd_advance(state, per_sample or step_index is not None)
+        if (self._fd_hot_ok and host and state is None and step_index is None and seeds is None and eta is None
+                and transform is None and slots is self._fd_slots_own and slots is not None):
+            self._fd_record_hot(prog, dev, x, out, slots, seeds_t, kernel)
         extra = self._fd_extra(prog, dev, k, B, x, model_output, x0)
         if extra is not None:
             x0_out = extra
@@ -500,6 +544,60 @@ class _FastdiffStep:
         else:
             x0_out = x0 if x0.dtype is x.dtype else x0.to(x.dtype)
         return self._fd_output(prev, x0_out) if return_dict else self._fd_tuple(prev, x0_out)
+
+    def _fd_record_hot(self, prog, dev, x, out, slots, seeds_t, kernel):
+        """Keep what a step of this layout repeats (``_Hot``) once a checked step ran with plain tensors."""
+        if type(x) is not torch.Tensor or type(out) is not torch.Tensor or torch.compiler.is_compiling():
+            return
+        begin = self._fd_begin if self._stateful and self._index_by == "counter" else 0
+        stages = tuple(None if k in prog.refused else st for k, st in enumerate(dev["stages"]))
+        self._fd_hot = _Hot(self._fd_programs, begin, prog.num_stages, stages, prog.peer_draws,
+                            tuple(float(v) for v in prog.in_scale), x.shape, x.dtype, x.device, slots, seeds_t,
+                            dev["no_draw"], dev["no_guidance"], kernel, self.backend)
+
+    def _fd_step_hot(self, hot, model_output, timestep, sample, generator, return_dict):
+        """The common step on a recorded layout (``_Hot``): the same arguments and results as the checked path
+        below, without resolving them again; None where the call is not the common case (the caller then takes the
+        checked path)."""
+        if hot.programs is not self._fd_programs or self.backend != hot.backend:
+            return None
+        if type(timestep) is torch.Tensor and timestep.numel() > 1:
+            return None  # per-sample timesteps
+        counter = self._index_by == "counter"
+        if counter:
+            if self._step_index is None:
+                return None
+            k = self._step_index - hot.begin
+        else:
+            k = self._fd_host_index(timestep)
+            if type(k) is not int:
+                return None
+        if not 0 <= k < hot.num_stages:
+            return None
+        st = hot.stages[k]
+        x, out = sample, model_output
+        if (st is None or x.shape != hot.shape or out.shape != hot.shape or x.dtype is not hot.dtype
+                or out.dtype is not hot.dtype or x.device != hot.device or out.device != hot.device
+                or not x.is_contiguous() or not out.is_contiguous() or self._fd_slots_own is not hot.slots
+                or torch.compiler.is_compiling()):
+            return None
+        noise = st.noise
+        external = None
+        if generator is not None and hot.peer_draws[k]:
+            ndt = torch.float32 if self._noise_fp32 else out.dtype
+            if ndt is not x.dtype:
+                return None
+            external = randn_tensor(out.shape, generator=generator, device=out.device, dtype=ndt)
+            noise = False
+        x0 = x * st.cx + out * st.co if self._returns_x0 else None
+        prev = hot.kernel(x, out, hot.slots, st.rows, hot.seeds, st.draws if noise else hot.no_draw,
+                          hot.no_guidance, st.reads, st.writes, st.use_out, False, noise, st.langevin, None, None,
+                          None)
+        if external is not None:
+            prev += external * st.gain  # (prev is the kernel's new tensor)
+        if counter:
+            self._step_index += 1
+        return self._fd_output(prev, x0) if return_dict else self._fd_tuple(prev, x0)
 
     def _fd_x0_transform(self):
         cfg = self.config
@@ -595,6 +693,11 @@ class _FastdiffStep:
         cdt = torch.float64 if original_samples.dtype == torch.float64 else torch.float32
         x = a.to(cdt).reshape(shape) * original_samples.to(cdt) + s.to(cdt).reshape(shape) * noise.to(cdt)
         return x.to(original_samples.dtype)
+
+
+# hooks that resolve a step; a class that overrides one keeps the checked path of _fd_step for every call
+_HOT_HOOKS = ("_fd_where", "_fd_counter", "_fd_advance", "_fd_extra", "_fd_host_index", "_fd_program", "_fd_slots",
+              "_fd_seeds", "_fd_kernel")
 
 
 def _betas_of(alphas_cumprod: np.ndarray, betas: np.ndarray) -> np.ndarray:
