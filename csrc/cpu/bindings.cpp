@@ -53,6 +53,11 @@ static bool overlaps(const at::Tensor& a, const at::Tensor& b) {
 // the math type of a storage type: float64 for float64, else float32
 static at::ScalarType math_type(at::ScalarType s) { return s == at::kDouble ? at::kDouble : at::kFloat; }
 
+// t in the math type, contiguous: t itself when it already is
+static at::Tensor as_math(const at::Tensor& t, at::ScalarType mt) {
+  return t.scalar_type() == mt && t.is_contiguous() ? t : t.to(mt).contiguous();
+}
+
 at::Tensor step(const at::Tensor& x, const at::Tensor& out, const at::Tensor& slots, const at::Tensor& rows,
                 const at::Tensor& seeds, const at::Tensor& draws, const at::Tensor& guidance, int64_t slot_reads,
                 int64_t slot_writes, bool use_out, bool cfg, bool noise, bool langevin,
@@ -77,10 +82,11 @@ at::Tensor step(const at::Tensor& x, const at::Tensor& out, const at::Tensor& sl
   }
   const at::ScalarType mt = math_type(x.scalar_type());
   const int64_t R = ROW_HEAD + (1 + K) * ((uncond ? 3 : 2) + K);
-  const at::Tensor rows_c = rows.to(mt).contiguous();
-  const at::Tensor draws_c = draws.contiguous();
-  const at::Tensor guid_c = guidance.to(mt).contiguous();
-  const at::Tensor seeds_c = seeds.contiguous();
+  // a converted copy only where needed: a loop's precomputed rows / guidance are already right (no dispatch per call)
+  const at::Tensor rows_c = as_math(rows, mt);
+  const at::Tensor draws_c = draws.is_contiguous() ? draws : draws.contiguous();
+  const at::Tensor guid_c = as_math(guidance, mt);
+  const at::Tensor seeds_c = seeds.is_contiguous() ? seeds : seeds.contiguous();
   at::Tensor thr_c;
   if (thresholds.has_value()) {
     check_cpu(*thresholds, "thresholds");

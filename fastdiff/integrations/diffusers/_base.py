@@ -179,6 +179,9 @@ class _Hot(NamedTuple):
     no_guidance: torch.Tensor
     kernel: object
     backend: str  # the scheduler's backend attribute when recorded
+    eta: object  # the program key's second entry (step's eta / order / ...) it was recorded with
+    prog: _Program
+    dev: dict  # prog.on(device, dtype)
 
 
 _PROGRAMS: dict = {}  # programs by (class, config, begin/eta, timesteps, sigmas), oldest first
@@ -224,6 +227,7 @@ class _FastdiffStep:
     _fd_slots_own = None
     _fd_hot = None  # _Hot of the common step, or None
     _fd_hot_ok = False  # set per class: the step resolution hooks are the mixin's own, so _fd_step_hot applies
+    _fd_has_extra = False  # set per class: it overrides _fd_extra
 
     # -- what each scheduler provides --------------------------------------------------------------------------
 
@@ -257,6 +261,7 @@ class _FastdiffStep:
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         cls._fd_hot_ok = all(getattr(cls, h) is getattr(_FastdiffStep, h) for h in _HOT_HOOKS)
+        cls._fd_has_extra = cls._fd_extra is not _FastdiffStep._fd_extra
         stock = next((b for b in cls.__mro__ if b.__module__.startswith("diffusers.")), None)
         if stock is None or "set_timesteps" in cls.__dict__ or not cls.__module__.startswith(__package__):
             return  # an intermediate mixin, or a class that defines its own
@@ -443,7 +448,7 @@ class _FastdiffStep:
                  step_index=None, state=None, return_dict=True, eta=None, raw_eps=False):
         hot = self._fd_hot
         if (hot is not None and state is None and step_index is None and seeds is None and variance_noise is None
-                and eta is None and type(sample) is torch.Tensor and type(model_output) is torch.Tensor):
+                and eta == hot.eta and type(sample) is torch.Tensor and type(model_output) is torch.Tensor):
             done = self._fd_step_hot(hot, model_output, timestep, sample, generator, return_dict)
             if done is not None:
                 return done
@@ -533,9 +538,9 @@ class _FastdiffStep:
             a = self._fd_gather(prog, dev, "alpha_next", k, B).reshape(bshape)
             prev = (prev.to(a.dtype) + a * (x0 - D_raw)).to(x.dtype)
         self._fd_advance(state, per_sample or step_index is not None)
-        if (self._fd_hot_ok and host and state is None and step_index is None and seeds is None and eta is None
-                and transform is None and slots is self._fd_slots_own and slots is not None):
-            self._fd_record_hot(prog, dev, x, out, slots, seeds_t, kernel)
+        if (self._fd_hot_ok and host and state is None and step_index is None and seeds is None
+                and variance_noise is None and transform is None and slots is self._fd_slots_own and slots is not None):
+            self._fd_record_hot(prog, dev, x, out, slots, seeds_t, kernel, eta)
         extra = self._fd_extra(prog, dev, k, B, x, model_output, x0)
         if extra is not None:
             x0_out = extra
@@ -545,7 +550,7 @@ class _FastdiffStep:
             x0_out = x0 if x0.dtype is x.dtype else x0.to(x.dtype)
         return self._fd_output(prev, x0_out) if return_dict else self._fd_tuple(prev, x0_out)
 
-    def _fd_record_hot(self, prog, dev, x, out, slots, seeds_t, kernel):
+    def _fd_record_hot(self, prog, dev, x, out, slots, seeds_t, kernel, eta):
         """Keep what a step of this layout repeats (``_Hot``) once a checked step ran with plain tensors."""
         if type(x) is not torch.Tensor or type(out) is not torch.Tensor or torch.compiler.is_compiling():
             return
@@ -553,7 +558,7 @@ class _FastdiffStep:
         stages = tuple(None if k in prog.refused else st for k, st in enumerate(dev["stages"]))
         self._fd_hot = _Hot(self._fd_programs, begin, prog.num_stages, stages, prog.peer_draws,
                             tuple(float(v) for v in prog.in_scale), x.shape, x.dtype, x.device, slots, seeds_t,
-                            dev["no_draw"], dev["no_guidance"], kernel, self.backend)
+                            dev["no_draw"], dev["no_guidance"], kernel, self.backend, eta, prog, dev)
 
     def _fd_step_hot(self, hot, model_output, timestep, sample, generator, return_dict):
         """The common step on a recorded layout (``_Hot``): the same arguments and results as the checked path
@@ -597,6 +602,8 @@ class _FastdiffStep:
             prev += external * st.gain  # (prev is the kernel's new tensor)
         if counter:
             self._step_index += 1
+        if self._fd_has_extra:
+            x0 = self._fd_extra(hot.prog, hot.dev, k, x.shape[0], x, out, x0)
         return self._fd_output(prev, x0) if return_dict else self._fd_tuple(prev, x0)
 
     def _fd_x0_transform(self):
@@ -696,7 +703,7 @@ class _FastdiffStep:
 
 
 # hooks that resolve a step; a class that overrides one keeps the checked path of _fd_step for every call
-_HOT_HOOKS = ("_fd_where", "_fd_counter", "_fd_advance", "_fd_extra", "_fd_host_index", "_fd_program", "_fd_slots",
+_HOT_HOOKS = ("_fd_where", "_fd_counter", "_fd_advance", "_fd_host_index", "_fd_program", "_fd_slots",
               "_fd_seeds", "_fd_kernel")
 
 
