@@ -555,9 +555,11 @@ class _FastdiffStep:
         if type(x) is not torch.Tensor or type(out) is not torch.Tensor or torch.compiler.is_compiling():
             return
         begin = self._fd_begin if self._stateful and self._index_by == "counter" else 0
-        stages = tuple(None if k in prog.refused else st for k, st in enumerate(dev["stages"]))
-        self._fd_hot = _Hot(self._fd_programs, begin, prog.num_stages, stages, prog.peer_draws,
-                            tuple(float(v) for v in prog.in_scale), x.shape, x.dtype, x.device, slots, seeds_t,
+        host = dev.get("hot")  # made once per program and device
+        if host is None:
+            host = dev["hot"] = (tuple(None if k in prog.refused else st for k, st in enumerate(dev["stages"])),
+                                 tuple(float(v) for v in prog.in_scale))
+        self._fd_hot = _Hot(self._fd_programs, begin, prog.num_stages, host[0], prog.peer_draws, host[1], x.shape, x.dtype, x.device, slots, seeds_t,
                             dev["no_draw"], dev["no_guidance"], kernel, self.backend, eta, prog, dev)
 
     def _fd_step_hot(self, hot, model_output, timestep, sample, generator, return_dict):
