@@ -195,3 +195,86 @@ def test_dropin_checks_its_arguments_once_per_run(monkeypatch):
     assert len(calls) == 2  # the first step of the first run of each layout; no other step, no second run
     with pytest.raises(ValueError, match="must be tensors"):
         s.step(out, s.timesteps[0], "x")
+
+
+def _every_dropin():
+    fdd = pytest.importorskip("fastdiff.integrations.diffusers")
+    import diffusers
+
+    names = []
+    for n in fdd.__all__:
+        cls = getattr(fdd, n)
+        if isinstance(cls, type) and hasattr(cls, "_fd_step") and hasattr(diffusers, n):
+            names.append(n)
+    return names
+
+
+def _hot_run(name, x_T, out, shape_steps=5):
+    """A standard diffusers loop (the scheduler's own counter, a torch.Generator where step takes one)."""
+    fdd = pytest.importorskip("fastdiff.integrations.diffusers")
+    cls = getattr(fdd, name)
+    import inspect
+
+    kw = {"beta_schedule": "scaled_linear"} if "beta_schedule" in inspect.signature(cls.__init__).parameters else {}
+    try:
+        s = cls(**kw)
+    except ImportError:
+        pytest.skip(f"{name} needs an optional dependency of diffusers")
+    s.backend = "cpu" if "cpu" in backends() else "torch"
+    g = torch.Generator().manual_seed(5)
+    kw = {"generator": g} if "generator" in s.step.__code__.co_varnames else {}
+    results = []
+    for _ in range(2):  # a second run on the same scheduler: the hot record of the first must not leak into it
+        s.set_timesteps(shape_steps)
+        x = x_T
+        for t in s.timesteps:
+            x = s.step(out, t, getattr(s, "scale_model_input", lambda x, t: x)(x, t), **kw).prev_sample
+        results.append(x)
+    return torch.stack(results), s._fd_hot_ok and s._fd_transform is None
+
+
+@pytest.mark.parametrize("name", _every_dropin())
+def test_dropin_hot_path_matches_the_checked_path_bitwise(monkeypatch, name):
+    from fastdiff.integrations.diffusers import _base
+
+    x_T = torch.randn(1, 3, 5, 7, generator=torch.Generator().manual_seed(3))
+    out = 0.3 * torch.randn(1, 3, 5, 7, generator=torch.Generator().manual_seed(4))
+    taken = []
+    hot = _base._FastdiffStep._fd_step_hot
+
+    def spy(self, *a):
+        r = hot(self, *a)
+        taken.append(r is not None)
+        return r
+
+    monkeypatch.setattr(_base._FastdiffStep, "_fd_step_hot", spy)
+    fast, eligible = _hot_run(name, x_T, out)
+    monkeypatch.setattr(_base._FastdiffStep, "_fd_step_hot", lambda self, *a: None)  # every call checked
+    checked, _ = _hot_run(name, x_T, out)
+    assert torch.equal(fast, checked)
+    if eligible:  # its step resolution is the mixin's own and it has no clipping / thresholding
+        assert any(taken), f"{name} never took its hot path"
+
+
+def test_dropin_hot_path_follows_a_new_layout_and_backend():
+    fdd = pytest.importorskip("fastdiff.integrations.diffusers")
+    s = fdd.EulerDiscreteScheduler(beta_schedule="scaled_linear")
+    fresh = fdd.EulerDiscreteScheduler(beta_schedule="scaled_linear")
+    for shape, dtype, backend in (((1, 3, 4, 4), torch.float32, "auto"), ((2, 3, 5, 3), torch.float32, "torch"),
+                                  ((2, 3, 5, 3), torch.float64, "auto")):
+        x_T = torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(1))
+        out = torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(2))
+        results = []
+        for sch in (s, fresh):
+            sch.backend = backend
+            sch.set_timesteps(4)
+            x = x_T
+            for t in sch.timesteps:
+                x = sch.step(out, t, sch.scale_model_input(x, t)).prev_sample
+            results.append(x)
+            fresh = fdd.EulerDiscreteScheduler(beta_schedule="scaled_linear")  # a new one each time
+        assert results[0].dtype == dtype and torch.equal(results[0], results[1])
+    with pytest.raises(ValueError, match="shape"):  # a changed layout mid-run still meets the checks
+        s.set_timesteps(4)
+        s.step(out, s.timesteps[0], x_T)
+        s.step(out[:1], s.timesteps[1], x_T)

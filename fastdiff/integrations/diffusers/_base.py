@@ -499,10 +499,11 @@ class _FastdiffStep:
                 rows = self._fd_gather(prog, dev, "x0_rows", k, B) if st is None else st.x0_rows
                 out = x0.to(x.dtype).contiguous()
         # noise: diffusers' own draw when a generator or variance_noise is given, else Philox per sample
-        external = variance_noise
+        external, own = variance_noise, False
         if external is None and generator is not None and (per_sample or prog.peer_draws[k]):
             ndt = torch.float32 if self._noise_fp32 else model_output.dtype
             external = randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=ndt)
+            own = True  # a fresh tensor of ours: may be scaled in place
         if external is not None or not noise:
             seeds_t = self._fd_seeds(None, B, x.device)  # not read: no stage draws
             draws = dev["no_draw"]
@@ -529,7 +530,7 @@ class _FastdiffStep:
                 self._fd_keep_slots(state, slots)
         bshape = (-1,) + (1,) * (x.dim() - 1)
         if external is not None and host and external.dtype is x.dtype and external.device == x.device:
-            prev += external * st.gain  # (prev is the kernel's new tensor)
+            prev += external.mul_(st.gain) if own else external * st.gain  # (prev is the kernel's new tensor)
         elif external is not None:
             gain = self._fd_gather(prog, dev, "gain", k, B).reshape(bshape)
             prev = (prev + gain * external.to(device=x.device, dtype=gain.dtype)).to(x.dtype)
@@ -600,8 +601,8 @@ class _FastdiffStep:
         prev = hot.kernel(x, out, hot.slots, st.rows, hot.seeds, st.draws if noise else hot.no_draw,
                           hot.no_guidance, st.reads, st.writes, st.use_out, False, noise, st.langevin, None, None,
                           None)
-        if external is not None:
-            prev += external * st.gain  # (prev is the kernel's new tensor)
+        if external is not None:  # our own draw and the kernel's new tensor: both scaled / added in place
+            prev += external.mul_(st.gain)
         if counter:
             self._step_index += 1
         if self._fd_has_extra:
