@@ -597,7 +597,7 @@ class _FastdiffStep:
                 return None
             external = randn_tensor(out.shape, generator=generator, device=out.device, dtype=ndt)
             noise = False
-        x0 = x * st.cx + out * st.co if self._returns_x0 else None
+        x0 = (x * st.cx).add_(out * st.co) if self._returns_x0 else None  # x cx + out co, one temporary less
         prev = hot.kernel(x, out, hot.slots, st.rows, hot.seeds, st.draws if noise else hot.no_draw,
                           hot.no_guidance, st.reads, st.writes, st.use_out, False, noise, st.langevin, None, None,
                           None)

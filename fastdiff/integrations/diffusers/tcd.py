@@ -50,8 +50,8 @@ class TCDScheduler(_FastdiffStep, _d.TCDScheduler):
             # one step: host numbers rounded to the rows' dtype (as the device columns are), so these torch ops
             # round exactly as the gathered [1] columns below would, without the gathers
             st, rnd = dev["stages"][k], (np.float32 if x.dtype == torch.float32 else float)
-            D = x * st.cx + model_output * st.co
-            return x * float(rnd(prog.extra["xs_x"][k])) + D * float(rnd(prog.extra["xs_D"][k]))
+            D = (x * st.cx).add_(model_output * st.co)  # in place: the same roundings, fewer temporaries
+            return D.mul_(float(rnd(prog.extra["xs_D"][k]))).add_(x * float(rnd(prog.extra["xs_x"][k])))
         bshape = (-1,) + (1,) * (x.dim() - 1)
         rows = self._fd_gather(prog, dev, "rows", k, B)
         D = data_estimate(rows, x, model_output)

@@ -147,9 +147,9 @@ class LCMScheduler(_OneStepStages, _d.LCMScheduler):
             # one step: its coefficients as host numbers rounded to the rows' dtype (as the device rows are), so
             # these torch ops round exactly as the gathered [1] columns below would, without the gathers
             st, rnd = dev["stages"][k], (np.float32 if x.dtype == torch.float32 else float)
-            if x0 is None:
-                x0 = x * st.cx + model_output * st.co
-            return x * float(rnd(prog.extra["c_skip"][k])) + x0 * float(rnd(prog.extra["c_out"][k]))
+            if x0 is None:  # in place: the same roundings, fewer temporaries
+                x0 = (x * st.cx).add_(model_output * st.co)
+            return (x * float(rnd(prog.extra["c_skip"][k]))).add_(x0 * float(rnd(prog.extra["c_out"][k])))
         bshape = (-1,) + (1,) * (x.dim() - 1)
         rows = self._fd_gather(prog, dev, "rows", k, B)
         cdt = rows.dtype
