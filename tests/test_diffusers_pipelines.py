@@ -1,0 +1,251 @@
+"""fastdiff's drop-in schedulers inside real diffusers pipelines give the stock schedulers' outputs.
+
+Each pipeline is built locally from tiny random-weight components (fixed torch seed, no hub access), the way
+diffusers' own pipeline tests build them, and run twice with the same generator seed: once with diffusers' scheduler
+and once with fastdiff's class of the same name made by ``from_config`` of the stock one's config.  The outputs must
+agree to fp32 tolerance.  Compared are the final latents (``output_type="latent"``: exactly what the scheduler
+produced; the VAE decode after it is the same deterministic function on both sides and its [0, 1] clamp would hide
+differences) and, for DDPMPipeline, which has no VAE, the images.  The drop-in's ``step`` is counted, so a pipeline
+that swapped the scheduler for a stock one (DDIMPipeline does: its ``__init__`` converts any scheduler to diffusers'
+DDIMScheduler, so it is not used here) fails instead of comparing stock with stock.
+
+Text encoders are never built: the text-conditioned pipelines get ``prompt_embeds`` (and the pooled / negative
+embeddings) directly, with ``text_encoder`` / ``tokenizer`` = None.  diffusers still imports those pipeline modules
+only when ``transformers`` is installed (they import the encoder classes at module level), so those tests skip
+without it; the test extra installs it.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import pytest
+import torch
+
+from peers import FP32_RTOL, assert_close
+
+diffusers = pytest.importorskip("diffusers")
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning", "ignore::DeprecationWarning")
+import fastdiff.integrations.diffusers as fdd  # noqa: E402
+
+needs_transformers = pytest.mark.skipif(
+    importlib.util.find_spec("transformers") is None,
+    reason="diffusers imports StableDiffusionPipeline / FluxPipeline / StableDiffusion3Pipeline only with "
+           "transformers installed (pip install -e '.[test]' installs it)")
+
+SD = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+# the scheduler configs of the released checkpoints (their scheduler_config.json)
+SD3 = dict(num_train_timesteps=1000, shift=3.0)
+FLUX = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+            base_image_seq_len=256, max_image_seq_len=4096)
+
+
+def tiny(build):
+    """``build()`` under torch seed 0, without disturbing the global RNG of other tests."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return build().eval()
+
+
+def scheduler_pair(name, config):
+    stock = getattr(diffusers, name)(**config)
+    ours = getattr(fdd, name).from_config(stock.config)
+    assert type(ours).__name__ == name and isinstance(ours, getattr(diffusers, name))
+    return stock, ours
+
+
+def count_steps(scheduler):
+    """Wrap the instance's ``step`` (signature kept: pipelines inspect it for ``eta`` / ``generator``) to count calls."""
+    calls = []
+    inner = scheduler.step
+
+    @functools.wraps(inner)
+    def step(*args, **kwargs):
+        calls.append(1)
+        return inner(*args, **kwargs)
+
+    scheduler.step = step
+    return calls
+
+
+def run_both(make_pipe, name, config, **call):
+    """The pipeline's output with the stock scheduler and with the drop-in: (ours, stock)."""
+    stock, ours = scheduler_pair(name, config)
+    calls = count_steps(ours)
+    outputs = []
+    for scheduler in (stock, ours):
+        pipe = make_pipe(scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        assert pipe.scheduler is scheduler
+        with torch.no_grad():
+            out = pipe(generator=torch.Generator().manual_seed(11), **call)
+        outputs.append(torch.as_tensor(out.images).float())
+    assert len(calls) == len(ours.timesteps) > 0, f"{name}: the pipeline did not step the drop-in scheduler"
+    assert torch.equal(ours.timesteps, stock.timesteps)
+    return outputs[1], outputs[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DDPMPipeline (UNet2DModel, pixel space, no text): needs diffusers only
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ddpm_unet():
+    return tiny(lambda: diffusers.UNet2DModel(
+        sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
+        norm_num_groups=4, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D")))
+
+
+@pytest.mark.parametrize("name,config,steps", [
+    ("DDPMScheduler", dict(SD), 4),  # stochastic: the pipeline's generator drives diffusers' noise on both sides
+    ("DDPMScheduler", dict(SD, clip_sample=True, timestep_spacing="trailing"), 3),
+    ("DDIMScheduler", dict(SD), 4),
+    ("DDIMScheduler", dict(SD, clip_sample=True, set_alpha_to_one=False), 3),
+])
+def test_ddpm_pipeline(ddpm_unet, name, config, steps):
+    got, ref = run_both(lambda s: diffusers.DDPMPipeline(unet=ddpm_unet, scheduler=s), name, config,
+                        batch_size=2, num_inference_steps=steps, output_type="np")
+    assert ref.shape == (2, 8, 8, 3)
+    assert_close(f"DDPMPipeline with {name}", got, ref, FP32_RTOL)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# StableDiffusionPipeline (UNet2DConditionModel, classifier-free guidance on given prompt embeddings)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sd_parts():
+    unet = tiny(lambda: diffusers.UNet2DConditionModel(
+        block_out_channels=(4, 8), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, norm_num_groups=2))
+    vae = tiny(lambda: diffusers.AutoencoderKL(
+        block_out_channels=(4, 8), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=2,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D")))
+    g = torch.Generator().manual_seed(5)
+    embeds = dict(prompt_embeds=torch.randn(2, 7, 32, generator=g), negative_prompt_embeds=torch.randn(2, 7, 32, generator=g))
+    return unet, vae, embeds
+
+
+def sd_pipeline(sd_parts):
+    unet, vae, _ = sd_parts
+    return lambda s: diffusers.StableDiffusionPipeline(
+        vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=s, safety_checker=None,
+        feature_extractor=None, image_encoder=None, requires_safety_checker=False)
+
+
+SD_CASES = [
+    ("DDIMScheduler", dict(SD, timestep_spacing="trailing"), dict(num_inference_steps=4)),
+    ("DDIMScheduler", dict(SD), dict(num_inference_steps=3, eta=0.5)),  # eta > 0: generator noise
+    ("DDPMScheduler", dict(SD), dict(num_inference_steps=3)),
+    ("EulerDiscreteScheduler", dict(SD), dict(num_inference_steps=4)),
+    ("EulerDiscreteScheduler", dict(SD), dict(timesteps=[999, 760, 420, 130, 15])),
+    ("EulerDiscreteScheduler", dict(SD), dict(sigmas=[14.6, 5.2, 1.9, 0.45, 0.0])),
+    ("EulerAncestralDiscreteScheduler", dict(SD), dict(num_inference_steps=4)),  # generator noise
+    ("DPMSolverMultistepScheduler", dict(SD, use_karras_sigmas=True), dict(num_inference_steps=4)),
+    ("DPMSolverMultistepScheduler", dict(SD, use_karras_sigmas=True, algorithm_type="sde-dpmsolver++"),
+     dict(num_inference_steps=4)),
+    ("DPMSolverMultistepScheduler", dict(SD), dict(timesteps=[999, 700, 400, 150, 20])),
+    ("UniPCMultistepScheduler", dict(SD), dict(num_inference_steps=4)),
+    ("HeunDiscreteScheduler", dict(SD), dict(num_inference_steps=3)),
+    ("HeunDiscreteScheduler", dict(SD), dict(timesteps=[999, 600, 250, 40])),
+    ("LCMScheduler", dict(SD), dict(num_inference_steps=4)),
+    ("LCMScheduler", dict(SD), dict(timesteps=[999, 759, 499, 259])),
+]
+
+
+@needs_transformers
+@pytest.mark.parametrize("name,config,call", SD_CASES,
+                         ids=[f"{n}-{'-'.join(c)}-{i}" for i, (n, _, c) in enumerate(SD_CASES)])
+def test_stable_diffusion_pipeline(sd_parts, name, config, call):
+    got, ref = run_both(sd_pipeline(sd_parts), name, config, **sd_parts[2], height=32, width=32,
+                        guidance_scale=3.0, output_type="latent", **call)
+    assert ref.shape == (2, 4, 16, 16)
+    assert_close(f"StableDiffusionPipeline with {name} {call}", got, ref, FP32_RTOL)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FluxPipeline and StableDiffusion3Pipeline (transformers on flow matching; the pipelines pass sigmas= themselves)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def flux_parts():
+    transformer = tiny(lambda: diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8]))
+    vae = tiny(lambda: diffusers.AutoencoderKL(
+        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+        latent_channels=1, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+        shift_factor=0.0609, scaling_factor=1.5035))
+    g = torch.Generator().manual_seed(5)
+    embeds = dict(prompt_embeds=torch.randn(2, 5, 32, generator=g), pooled_prompt_embeds=torch.randn(2, 32, generator=g))
+    return transformer, vae, embeds
+
+
+FLUX_CASES = [
+    (FLUX, dict(num_inference_steps=4)),  # the pipeline's own sigmas= (linspace) and mu= (resolution shift)
+    (FLUX, dict(sigmas=[1.0, 0.72, 0.41, 0.13])),  # the user's sigmas=
+    (dict(num_train_timesteps=1000, shift=3.0), dict(num_inference_steps=3)),  # static shift (FLUX.1-schnell)
+    (dict(FLUX, use_karras_sigmas=True), dict(num_inference_steps=4)),
+]
+
+
+@needs_transformers
+@pytest.mark.parametrize("config,call", FLUX_CASES)
+def test_flux_pipeline(flux_parts, config, call):
+    transformer, vae, embeds = flux_parts
+
+    def make(s):
+        return diffusers.FluxPipeline(scheduler=s, vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                                      tokenizer_2=None, transformer=transformer)
+
+    got, ref = run_both(make, "FlowMatchEulerDiscreteScheduler", config, **embeds, height=16, width=16,
+                        guidance_scale=3.5, output_type="latent", **call)
+    assert ref.shape == (2, 64, 4)  # packed latents: 16 x 16 latent pixels, 1 channel, as 64 patches of 2 x 2
+    assert_close(f"FluxPipeline {call}", got, ref, FP32_RTOL)
+
+
+@pytest.fixture(scope="module")
+def sd3_parts():
+    transformer = tiny(lambda: diffusers.SD3Transformer2DModel(
+        sample_size=32, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=4,
+        caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64, out_channels=4))
+    vae = tiny(lambda: diffusers.AutoencoderKL(
+        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+        latent_channels=4, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+        shift_factor=0.0609, scaling_factor=1.5035))
+    g = torch.Generator().manual_seed(6)
+    embeds = dict(prompt_embeds=torch.randn(2, 6, 32, generator=g),
+                  negative_prompt_embeds=torch.randn(2, 6, 32, generator=g),
+                  pooled_prompt_embeds=torch.randn(2, 64, generator=g),
+                  negative_pooled_prompt_embeds=torch.randn(2, 64, generator=g))
+    return transformer, vae, embeds
+
+
+SD3_CASES = [
+    (SD3, dict(num_inference_steps=4)),
+    (SD3, dict(sigmas=[1.0, 0.8, 0.5, 0.2])),  # the user's sigmas= (SD3's pipeline has no timesteps=)
+    (dict(SD3, use_dynamic_shifting=True), dict(num_inference_steps=3, mu=0.8)),  # the user's mu=
+]
+
+
+@needs_transformers
+@pytest.mark.parametrize("config,call", SD3_CASES)
+def test_stable_diffusion_3_pipeline(sd3_parts, config, call):
+    transformer, vae, embeds = sd3_parts
+
+    def make(s):
+        return diffusers.StableDiffusion3Pipeline(
+            scheduler=s, vae=vae, transformer=transformer, text_encoder=None, tokenizer=None, text_encoder_2=None,
+            tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
+
+    got, ref = run_both(make, "FlowMatchEulerDiscreteScheduler", config, **embeds, height=16, width=16,
+                        guidance_scale=4.0, output_type="latent", **call)
+    assert ref.shape == (2, 4, 16, 16)
+    assert_close(f"StableDiffusion3Pipeline {call}", got, ref, FP32_RTOL)
