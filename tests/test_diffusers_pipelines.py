@@ -35,6 +35,9 @@ needs_transformers = pytest.mark.skipif(
            "transformers installed (pip install -e '.[test]' installs it)")
 
 SD = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+# Stable Diffusion 2.x style: v-prediction, and with zero terminal SNR (the pipeline's guidance_rescale goes with it)
+V = dict(SD, prediction_type="v_prediction")
+ZERO_SNR = dict(V, rescale_betas_zero_snr=True, timestep_spacing="trailing")
 # the scheduler configs of the released checkpoints (their scheduler_config.json)
 SD3 = dict(num_train_timesteps=1000, shift=3.0)
 FLUX = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
@@ -158,8 +161,12 @@ def sd_parts():
 SD_CASES = [
     ("DDIMScheduler", dict(SD, timestep_spacing="trailing"), dict(num_inference_steps=4)),
     ("DDIMScheduler", dict(SD), dict(num_inference_steps=3, eta=0.5)),  # eta > 0: generator noise
+    ("DDIMScheduler", ZERO_SNR, dict(num_inference_steps=4, guidance_rescale=0.7)),
     ("DDPMScheduler", dict(SD), dict(num_inference_steps=3)),
     ("EulerDiscreteScheduler", dict(SD), dict(num_inference_steps=4)),
+    # (Euler at zero terminal SNR starts from sigma 4096: fp32 rounding of diffusers' own arithmetic there is about the
+    # tolerance here; tests/test_integration_diffusers.py covers it on a model of fixed scale)
+    ("EulerDiscreteScheduler", V, dict(num_inference_steps=4, guidance_rescale=0.7)),
     ("EulerDiscreteScheduler", dict(SD), dict(timesteps=[999, 760, 420, 130, 15])),
     ("EulerDiscreteScheduler", dict(SD), dict(sigmas=[14.6, 5.2, 1.9, 0.45, 0.0])),
     ("EulerAncestralDiscreteScheduler", dict(SD), dict(num_inference_steps=4)),  # generator noise
@@ -168,7 +175,7 @@ SD_CASES = [
      dict(num_inference_steps=4)),
     ("DPMSolverMultistepScheduler", dict(SD), dict(timesteps=[999, 700, 400, 150, 20])),
     ("UniPCMultistepScheduler", dict(SD), dict(num_inference_steps=4)),
-    ("HeunDiscreteScheduler", dict(SD), dict(num_inference_steps=3)),
+    ("HeunDiscreteScheduler", V, dict(num_inference_steps=3)),
     ("HeunDiscreteScheduler", dict(SD), dict(timesteps=[999, 600, 250, 40])),
     ("LCMScheduler", dict(SD), dict(num_inference_steps=4)),
     ("LCMScheduler", dict(SD), dict(timesteps=[999, 759, 499, 259])),
