@@ -242,13 +242,15 @@ def flux_parts():
 FLUX_CASES = [
     (FLUX, dict(num_inference_steps=4)),  # the pipeline's own sigmas= (linspace) and mu= (resolution shift)
     (FLUX, dict(sigmas=[1.0, 0.72, 0.41, 0.13])),  # the user's sigmas=
+    (FLUX, dict(sigmas=[1.0, 0.5, 0.5, 0.2])),  # a repeated sigma: a step of length 0
     (dict(num_train_timesteps=1000, shift=3.0), dict(num_inference_steps=3)),  # static shift, no mu
     (dict(FLUX, use_karras_sigmas=True), dict(num_inference_steps=4)),
 ]
 
 
 @needs_transformers
-@pytest.mark.parametrize("config,call", FLUX_CASES)
+@pytest.mark.parametrize("config,call", FLUX_CASES,
+                         ids=["default", "sigmas", "repeated-sigma", "static-shift", "karras"])
 def test_flux_pipeline(flux_parts, config, call):
     components, embeds = flux_parts
     got, ref = run_both("FluxPipeline", components, "FlowMatchEulerDiscreteScheduler", config, **embeds, height=16,
@@ -258,7 +260,7 @@ def test_flux_pipeline(flux_parts, config, call):
 
 
 @needs_transformers
-@pytest.mark.parametrize("config", [FLUX, dict(num_train_timesteps=1000, shift=3.0)])
+@pytest.mark.parametrize("config", [FLUX, dict(num_train_timesteps=1000, shift=3.0)], ids=["dynamic", "static"])
 def test_flux_img2img_pipeline(flux_parts, config):
     """Starts part-way from scale_noise of the encoded image."""
     components, embeds = flux_parts
@@ -296,7 +298,7 @@ SD3_CASES = [
 
 
 @needs_transformers
-@pytest.mark.parametrize("config,call", SD3_CASES)
+@pytest.mark.parametrize("config,call", SD3_CASES, ids=["default", "sigmas", "mu"])
 def test_stable_diffusion_3_pipeline(sd3_parts, config, call):
     components, embeds = sd3_parts
     got, ref = run_both("StableDiffusion3Pipeline", components, "FlowMatchEulerDiscreteScheduler", config, **embeds,
