@@ -193,6 +193,33 @@ def test_stable_diffusion_pipeline(sd_parts, name, config, call):
     assert_close(f"StableDiffusionPipeline with {name} {config} {call}", got, ref, FP32_RTOL)
 
 
+# the drop-ins added after the first ten (each case runs once its class is in fastdiff.integrations.diffusers);
+# DPMSolverSDE is not here: its Brownian-tree noise is Philox noise of the same law in fastdiff, other numbers
+MORE_SD_CASES = [
+    ("LMSDiscreteScheduler", dict(SD), dict(num_inference_steps=5)),
+    ("LMSDiscreteScheduler", dict(SD, use_karras_sigmas=True), dict(num_inference_steps=4)),
+    ("KDPM2DiscreteScheduler", dict(SD), dict(num_inference_steps=3)),
+    ("KDPM2AncestralDiscreteScheduler", dict(SD), dict(num_inference_steps=3)),  # generator noise
+    ("DEISMultistepScheduler", dict(SD), dict(num_inference_steps=5)),
+    ("IPNDMScheduler", {}, dict(num_inference_steps=5)),
+    ("PNDMScheduler", dict(SD, skip_prk_steps=True), dict(num_inference_steps=5)),  # Stable Diffusion's PLMS
+    ("PNDMScheduler", dict(SD), dict(num_inference_steps=4)),  # Runge-Kutta warm-up
+    ("SASolverScheduler", dict(SD), dict(num_inference_steps=5)),  # generator noise
+    ("TCDScheduler", dict(SD), dict(num_inference_steps=4, eta=0.3)),  # the pipeline's eta is TCD's gamma
+    ("EDMEulerScheduler", {}, dict(num_inference_steps=4)),
+    ("EDMDPMSolverMultistepScheduler", {}, dict(num_inference_steps=5)),
+]
+
+
+@needs_transformers
+@pytest.mark.parametrize("name,config,call", MORE_SD_CASES,
+                         ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(MORE_SD_CASES)])
+def test_stable_diffusion_pipeline_more_dropins(sd_parts, name, config, call):
+    if name not in fdd.__all__:
+        pytest.skip(f"fastdiff has no {name} drop-in yet")
+    test_stable_diffusion_pipeline(sd_parts, name, config, call)
+
+
 IMG2IMG_CASES = [
     ("DDIMScheduler", dict(SD), 5),
     ("DDPMScheduler", dict(SD), 4),
@@ -305,6 +332,17 @@ def test_stable_diffusion_3_pipeline(sd3_parts, config, call):
                         height=16, width=16, guidance_scale=4.0, output_type="latent", **call)
     assert ref.shape == (2, 4, 16, 16)
     assert_close(f"StableDiffusion3Pipeline {config} {call}", got, ref, FP32_RTOL)
+
+
+@needs_transformers
+def test_stable_diffusion_3_pipeline_flow_match_heun(sd3_parts):
+    """FlowMatchHeun in SD3's pipeline (Flux's passes sigmas=, which FlowMatchHeun's set_timesteps lacks)."""
+    if "FlowMatchHeunDiscreteScheduler" not in fdd.__all__:
+        pytest.skip("fastdiff has no FlowMatchHeunDiscreteScheduler drop-in yet")
+    components, embeds = sd3_parts
+    got, ref = run_both("StableDiffusion3Pipeline", components, "FlowMatchHeunDiscreteScheduler", SD3, **embeds,
+                        height=16, width=16, guidance_scale=4.0, output_type="latent", num_inference_steps=3)
+    assert_close("StableDiffusion3Pipeline with FlowMatchHeunDiscreteScheduler", got, ref, FP32_RTOL)
 
 
 @needs_transformers
