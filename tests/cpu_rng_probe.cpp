@@ -1,7 +1,8 @@
 // Test-only probes of the CPU kernels' random numbers, built by tests/test_kernel_cpu.py (never shipped): the raw
 // Philox words of philox.h (Random123 known answers), the hand-vectorized words of philox_simd.h per compiled ISA,
 // philox.h's scalar libm normals and normals_simd.h's vectorized normals per compiled ISA.  Compiled with the cpu
-// backend's flags (fastdiff.backends.cpu.CFLAGS), so it sees the same ISA paths as the kernels.
+// backend's flags (fastdiff.backends.cpu.CFLAGS), so it sees the same ISA paths as the kernels; tests/test_rng.py
+// also builds it with AVX-512 off and with AVX2 / FMA off, to check the narrower paths against each other.
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -84,6 +85,9 @@ at::Tensor normals_fast(int64_t seed, int64_t draw, int64_t blk0, int64_t nblock
 #if defined(__AVX512F__)
   else if (isa == "avx512") fn = &fastdiff::simd::normals_blocks_avx512;
 #endif
+#if defined(__AVX2__) && defined(__FMA__)
+  else if (isa == "avx2") fn = &fastdiff::simd::normals_blocks_avx2;
+#endif
   TORCH_CHECK_VALUE(fn != nullptr, "normals_fast: isa '", isa, "' is not compiled in (see normals_isas())");
   TORCH_CHECK_VALUE(nblocks >= 0, "nblocks must be >= 0");
   at::Tensor z = at::empty({nblocks * 4}, at::kFloat);
@@ -95,6 +99,12 @@ at::Tensor normals_fast(int64_t seed, int64_t draw, int64_t blk0, int64_t nblock
 
 std::vector<std::string> normals_isas() {
   std::vector<std::string> v{fastdiff::simd::normals_blocks_isa()};
+#if defined(__AVX512F__)
+  if (v[0] != "avx512") v.push_back("avx512");
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+  if (v[0] != "avx2") v.push_back("avx2");
+#endif
   if (v[0] != "portable") v.push_back("portable");
   return v;
 }

@@ -173,14 +173,15 @@ def test_normals_fast_bits_from_simd_words():
     np.testing.assert_allclose(a.numpy(), want, rtol=0, atol=NORMAL_TOL * max(1.0, float(np.abs(want).max())))
 
 
-NORMAL_ISAS = PROBE.normals_isas()  # the kernels' path first ("avx512" or "portable"), then the others compiled in
+NORMAL_ISAS = PROBE.normals_isas()  # the kernels' path first ("avx512", "avx2", "portable"), then the others compiled
 
 
 @pytest.mark.parametrize("isa", NORMAL_ISAS)
 def test_normals_isas_agree_bit_for_bit(isa):
-    """normals_simd.h's paths (AVX-512 intrinsics, g++-vectorized portable loops) are the same float32 operations:
-    the same bits, over every uniform regime (a million normals), odd run lengths and block counters past 2**32."""
-    assert NORMAL_ISAS[0] in ("avx512", "portable") and "portable" in NORMAL_ISAS
+    """normals_simd.h's paths (AVX-512 / AVX2 intrinsics, g++-vectorized portable loops) are the same float32
+    operations: the same bits, over every uniform regime (a million normals), odd run lengths and block counters
+    past 2**32."""
+    assert NORMAL_ISAS[0] in ("avx512", "avx2", "portable") and "portable" in NORMAL_ISAS
     for seed, draw, blk0, nb in [(77, 3, 0, 1 << 18), (SEEDS[1] - 2**64, 9, 2**32 - 70, 301), (SEEDS[2], 0, 5, 1),
                                  (SEEDS[3], 2**32 - 1, 2**40 + 3, 67), (0, 1, 0, 0)]:
         got = PROBE.normals_fast(seed, draw, blk0, nb, isa)
@@ -610,6 +611,30 @@ def test_empty_batch():
 def test_nonfinite_flags(dtype, noise):
     """The kernel flags exactly the samples whose stored x' has NaN / Inf (fp16 overflow included), OR-ed."""
     check_nonfinite_flags(cpu.step, "cpu", dtype, noise)
+
+
+@pytest.mark.parametrize("noise", [False, True], ids=["affine", "noisy"])
+def test_large_fp32_x_out_streams(noise):
+    """fp32 x' of 8M+ elements goes out with streaming stores: the same bits as one sample per call (below that
+    size), the reference's bits without noise, and the non-finite flags; sample 1 starts 12 bytes past a 16-byte
+    boundary (it does not stream) and the tails are not multiples of 4."""
+    B, N = 2, (1 << 22) + 3
+    g = torch.Generator().manual_seed(3)
+    x, out = torch.randn((B, N), generator=g), torch.randn((B, N), generator=g)
+    out[0, N // 2] = float("nan")
+    rows = torch.tensor([[0.0, 1.0, 0.25 if noise else 0.0, 0, 0, 0, 0, 2.0, 0.5]])
+    args = (torch.zeros((0, B, N)), rows, torch.tensor([5, 6]), torch.tensor([1]), torch.zeros(1), 0, 0, True, False,
+            noise, False)
+    flags = torch.zeros(B, dtype=torch.int32)
+    got = STEP(x, out, *args, x_out=torch.empty_like(x), nonfinite=flags)
+    assert flags.tolist() == [1, 0]
+    assert got[0].isnan().sum() == 1 and got[0, N // 2].isnan()
+    for b in range(B):
+        one = STEP(x[b:b + 1], out[b:b + 1], args[0][:, b:b + 1], rows, args[2][b:b + 1], *args[3:])[0]
+        assert torch.equal(got[b].nan_to_num(), one.nan_to_num()), b
+    if not noise:
+        want = ops.step_reference(x, out, *args)
+        assert torch.equal(got.nan_to_num(), want.nan_to_num())
 
 
 def test_nonfinite_flags_across_tiles_and_threads():

@@ -1,4 +1,9 @@
-"""Tests for fastdiff.rng: Philox4x32-10 known answers, numpy/torch agreement, noise layout and statistics."""
+"""Tests for fastdiff.rng: Philox4x32-10 known answers, numpy/torch agreement, noise layout and statistics; the cpu
+kernels' normals built for narrower instruction sets (AVX2 without AVX-512, no AVX at all) give the same bits."""
+
+import functools
+import pathlib
+import platform
 
 import numpy as np
 import pytest
@@ -291,6 +296,78 @@ def test_bad_philox_input():
         rng.philox4x32_10(np.zeros(3, dtype=np.uint32), np.zeros(2, dtype=np.uint32))
     with pytest.raises(ValueError, match=r"\[0, 2\*\*32\)"):
         rng.philox4x32_10(np.array([2**32, 0, 0, 0]), np.zeros(2, dtype=np.uint32))
+
+
+# --------------------------------------------------------------------------- cpu kernels per instruction set
+# The cpu kernels compile with -march=native and pick the widest Philox / normals path compiled in (AVX-512, AVX2 +
+# FMA, portable).  Every path must give the same bits, so a sample does not depend on the machine that drew it:
+# tests/cpu_rng_probe.cpp is built again with AVX-512 off (the AVX2 path, on an AVX-512 host) and with AVX2 / FMA
+# off (the scalar Philox and the portable Box-Muller with libm's fma), and compared with the native build.
+
+_NARROW = {"avx2": ["-mno-avx512f"], "scalar": ["-mno-avx2", "-mno-fma", "-mno-avx512f"]}
+
+
+def _host_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+@functools.cache
+def _cpu_probe(variant: str):
+    """tests/cpu_rng_probe.cpp built with the cpu backend's flags, then ``_NARROW[variant]`` ("native": none)."""
+    from fastdiff.backends import cpu
+
+    ok, why = cpu.available()
+    if not ok:
+        pytest.skip(f"cpu backend unavailable: {why}")
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("the instruction-set variants are x86-64 ones")
+    flags = _host_flags()
+    if variant == "avx2" and not {"avx2", "fma"} <= flags:
+        pytest.skip("the host has no AVX2 + FMA")
+    if variant == "avx2" and "avx512f" not in flags:
+        pytest.skip("the host has no AVX-512: the native build is the AVX2 one")
+    src = pathlib.Path(__file__).with_name("cpu_rng_probe.cpp")
+    suffix = "" if variant == "native" else f"_{variant}"
+    return cpu.build(f"fastdiff_cpu_rng_probe{suffix}", [src], cpu.include_dirs(), f"cpu rng probe ({variant})",
+                     _NARROW.get(variant, []))
+
+
+# (seed, draw, first block, blocks): every uniform regime (2**16 normals), the block counter carrying into its high
+# word and wrapping at 2**64 (as int64: negative), seeds / draws at their extremes, and run lengths around the
+# vector widths (4 and 8 blocks) and the 64-block chunk, tails included.
+_NORMAL_CASES = [(77, 3, 0, 1 << 14), (-1, 2**32 - 1, -40, 67), (-(2**63), 1, 2**32 - 9, 33), (0, 0, 0, 0)] + \
+    [(12345, 7, 2**32 - 3, nb) for nb in (*range(1, 18), 31, 63, 64, 65, 129)]
+
+
+@pytest.mark.parametrize("variant", ["avx2", "scalar"])
+def test_cpu_normals_same_bits_per_instruction_set(variant):
+    native, narrow = _cpu_probe("native"), _cpu_probe(variant)
+    want_isa = {"avx2": ("avx2", "avx2"), "scalar": ("scalar", "portable")}[variant]
+    assert (narrow.philox_isas()[0], narrow.normals_isas()[0]) == want_isa
+    for seed, draw, blk0, nb in _NORMAL_CASES:
+        want = native.normals_fast(seed, draw, blk0, nb)  # the kernels' path here
+        got = narrow.normals_fast(seed, draw, blk0, nb)
+        assert got.shape == (4 * nb,) and torch.equal(got.view(torch.int32), want.view(torch.int32)), \
+            (variant, seed, draw, blk0, nb)
+
+
+@pytest.mark.parametrize("variant", ["native", "avx2", "scalar"])
+def test_cpu_philox_words_per_instruction_set(variant):
+    """The words of every compiled Philox path of each build equal the numpy oracle (edge counters and keys)."""
+    probe = _cpu_probe(variant)
+    cases = [([M32 - 5, 0, 3, 0], [M32, M32], 21), ([M32 - 2, M32, 0, M32], [0, 1], 9), ([7, 1, M32, 5], [5, 6], 64)]
+    for isa in probe.philox_isas():
+        for ctr, key, nb in cases:
+            blk = (np.uint64(ctr[0] | (ctr[1] << 32)) + np.arange(nb, dtype=np.uint64))  # wraps at 2**64
+            c = np.stack([blk & np.uint64(M32), blk >> np.uint64(32), np.full(nb, ctr[2], np.uint64),
+                          np.full(nb, ctr[3], np.uint64)], axis=1).astype(np.uint32)
+            want = rng.philox4x32_10(c, np.array(key, dtype=np.uint32)).reshape(-1)
+            got = np.array(probe.philox_blocks_raw(ctr, key, nb, isa), dtype=np.uint32)
+            np.testing.assert_array_equal(got, want, err_msg=f"{variant} {isa} {ctr} {key} {nb}")
 
 
 # --------------------------------------------------------------------------- speed / device

@@ -7,15 +7,19 @@
 // normals, for both), so these normals agree with fastdiff.rng and libm (philox.h's philox_normals4) to a few ulp,
 // like every backend's.
 //
-// Two implementations of exactly the same float32 operations in the same order, hence the same bits (tested):
+// Three implementations of exactly the same float32 operations in the same order, hence the same bits on every
+// machine (tested bit for bit):
 //   normals_blocks_portable: plain C++ loops over a chunk that g++ vectorizes (std::fma: vfmadd where the ISA has
 //     it, else libm's correctly rounded fma);
 //   normals_blocks_avx512:   AVX-512F intrinsics with Philox and Box-Muller fused in registers.  Per 8 blocks the
 //     Philox words (w0, w2) and (w1, w3) are merged into one zmm each, so one Box-Muller pass gives all 32
 //     normals; the counters are laid out [0, 4, 1, 5, 2, 6, 3, 7] so that two unpacks interleave them into memory
-//     order.
-// normals_blocks() picks the AVX-512 path where compiled: it is the faster of the two, and fused multiply-adds are
-// faster than separate multiplies and adds (benchmarks/README.md has the numbers).
+//     order;
+//   normals_blocks_avx2:     the same on ymm (AVX2 + FMA, 4 blocks per ymm, counters [0, 2, 1, 3]), with the
+//     Box-Muller stages of 8 blocks interleaved with the Philox rounds of the next 8 (software pipelining: on a
+//     4-pipe core neither the integer Philox nor the float Box-Muller fills the pipes alone).
+// normals_blocks() picks the widest path compiled: each is faster than the portable loops, and fused multiply-adds
+// are faster than separate multiplies and adds (benchmarks/README.md has the numbers).
 #pragma once
 #include <stdint.h>
 #include <string.h>
@@ -214,19 +218,222 @@ static inline void normals_blocks_avx512(uint64_t seed, uint32_t draw, uint64_t 
 }
 #endif
 
+#if defined(__AVX2__) && defined(__FMA__)
+// The same operations on 8 lanes of a ymm (AVX2 + FMA), so the same bits.  Box-Muller is split into stages
+// (BoxMuller8) so that normals_blocks_avx2 can interleave them with the Philox rounds of the next blocks: Philox
+// is integer multiplies, shifts and XORs, Box-Muller is float multiply-adds, and out-of-order execution cannot
+// overlap the two when each comes as one long run (one Philox step is ~160 operations).
+static inline __m256 ps8(float v) { return _mm256_set1_ps(v); }
+static inline __m256 mul(__m256 a, __m256 b) { return _mm256_mul_ps(a, b); }
+static inline __m256 add(__m256 a, __m256 b) { return _mm256_add_ps(a, b); }
+static inline __m256 sub(__m256 a, __m256 b) { return _mm256_sub_ps(a, b); }
+static inline __m256 fma(__m256 a, __m256 b, __m256 c) { return _mm256_fmadd_ps(a, b, c); }
+
+static inline __m256 uniform_avx2(__m256i w) {  // uint_to_uniform: ~i for negative i is i ^ (i >> 31)
+  const __m256i i = _mm256_xor_si256(w, _mm256_srai_epi32(w, 31));
+  return mul(_mm256_cvtepi32_ps(i), ps8(4.6566127342e-10f));
+}
+
+// Box-Muller of 8 pairs (radius word, angle word), stage by stage: log_f32 and sincos_f32 above, operation for
+// operation.
+struct BoxMuller8 {
+  __m256 f, e, f2, y;  // ln u = e ln 2 + f + y: v = 2^e (1 + f), f2 = f^2, y the polynomial
+  __m256 r;            // the radius sqrt(-2 ln u)
+  __m256 t, q;         // the angle 2 pi u and its remainder after the multiple j of pi/2
+  __m256i j;
+  __m256 sp, cp;       // the polynomials of sin q, cos q
+};
+
+static inline void bm_log_begin(BoxMuller8& s, __m256i wa) {
+  const __m256 v = _mm256_max_ps(uniform_avx2(wa), ps8(1e-7f));
+  const __m256i off = _mm256_set1_epi32(0x3F3504F3);
+  const __m256i ix = _mm256_sub_epi32(_mm256_castps_si256(v), off);
+  s.e = _mm256_cvtepi32_ps(_mm256_srai_epi32(ix, 23));
+  const __m256i fb = _mm256_add_epi32(_mm256_and_si256(ix, _mm256_set1_epi32(0x007FFFFF)), off);
+  s.f = sub(_mm256_castsi256_ps(fb), ps8(1.0f));
+  s.f2 = mul(s.f, s.f);
+  s.y = fma(ps8(7.0376836292E-2f), s.f, ps8(-1.1514610310E-1f));
+}
+static inline void bm_log_horner3(BoxMuller8& s, float c0, float c1, float c2) {
+  s.y = fma(s.y, s.f, ps8(c0));
+  s.y = fma(s.y, s.f, ps8(c1));
+  s.y = fma(s.y, s.f, ps8(c2));
+}
+static inline void bm_log_end(BoxMuller8& s) {
+  s.y = fma(s.y, s.f, ps8(3.3333331174E-1f));
+  s.y = mul(mul(s.y, s.f), s.f2);
+  s.y = fma(ps8(-2.12194440E-4f), s.e, s.y);
+  s.y = fma(ps8(-0.5f), s.f2, s.y);
+}
+static inline void bm_radius(BoxMuller8& s) {
+  const __m256 ln = fma(ps8(0.693359375f), s.e, add(s.f, s.y));
+  s.r = _mm256_sqrt_ps(mul(ps8(-2.0f), ln));
+}
+static inline void bm_angle_begin(BoxMuller8& s, __m256i wb) {
+  s.t = mul(ps8(6.2831855f), uniform_avx2(wb));
+  const __m256i j = _mm256_cvttps_epi32(mul(s.t, ps8(1.27323954473516f)));
+  s.j = _mm256_and_si256(_mm256_add_epi32(j, _mm256_set1_epi32(1)), _mm256_set1_epi32(~1));
+}
+static inline void bm_angle_reduce(BoxMuller8& s) {
+  const __m256 y = _mm256_cvtepi32_ps(s.j);
+  s.q = fma(y, ps8(-3.77489497744594108e-8f), fma(y, ps8(-2.4187564849853515625e-4f), fma(y, ps8(-0.78515625f), s.t)));
+}
+static inline void bm_angle_poly(BoxMuller8& s) {
+  const __m256 z = mul(s.q, s.q);
+  __m256 sp = ps8(-1.9515295891E-4f);
+  sp = fma(sp, z, ps8(8.3321608736E-3f));
+  sp = fma(sp, z, ps8(-1.6666654611E-1f));
+  s.sp = fma(mul(sp, z), s.q, s.q);
+  __m256 cp = ps8(2.443315711809948E-5f);
+  cp = fma(cp, z, ps8(-1.388731625493765E-3f));
+  cp = fma(cp, z, ps8(4.166664568298827E-2f));
+  s.cp = fma(fma(cp, z, ps8(-0.5f)), z, ps8(1.0f));
+}
+// The normals r cos, r sin.  Quadrant q = (j >> 1) & 3 (j even): swap where bit 1 of j is set (vblendvps reads
+// the sign bit: bit 1 << 30); sin negated where bit 2 of j is set, cos where bit 2 of j + 2 is: XORs of the sign
+// bit (bit 2 << 29 = bit 31).
+static inline void bm_finish(const BoxMuller8& s, __m256& rc, __m256& rs) {
+  const __m256 swap = _mm256_castsi256_ps(_mm256_slli_epi32(s.j, 30));
+  const __m256 sv = _mm256_blendv_ps(s.sp, s.cp, swap), cv = _mm256_blendv_ps(s.cp, s.sp, swap);
+  const __m256 sign = _mm256_castsi256_ps(_mm256_set1_epi32((int)0x80000000u));
+  const __m256i j2 = _mm256_add_epi32(s.j, _mm256_set1_epi32(2));
+  const __m256 sn = _mm256_xor_ps(sv, _mm256_and_ps(_mm256_castsi256_ps(_mm256_slli_epi32(s.j, 29)), sign));
+  const __m256 cs = _mm256_xor_ps(cv, _mm256_and_ps(_mm256_castsi256_ps(_mm256_slli_epi32(j2, 29)), sign));
+  rc = mul(s.r, cs);
+  rs = mul(s.r, sn);
+}
+
+// 4 blocks of Philox words in the 64-bit-lane layout (philox_simd.h): x, y, z, w hold words 0-3 of block
+// order[i] in the low half of 64-bit lane i.
+struct Philox4 {
+  __m256i x, y, z, w;
+};
+
+// (w0, w2) and (w1, w3) of each block side by side: the odd 32-bit elements take w2 / w3 (the low halves of z /
+// w); the even elements keep w0 / w1.  Box-Muller on the pairs gives [n0, n2] and [n1, n3] of each block.
+static inline __m256i radius_words(const Philox4& p) {
+  return _mm256_blend_epi32(p.x, _mm256_shuffle_epi32(p.z, 0xA0), 0xAA);  // [0,0,2,2]
+}
+static inline __m256i angle_words(const Philox4& p) {
+  return _mm256_blend_epi32(p.y, _mm256_shuffle_epi32(p.w, 0xA0), 0xAA);
+}
+
+// The 16 normals of 4 blocks at dst: the 64-bit lanes hold blocks [0, 2, 1, 3], so per 128-bit lane k unpacklo
+// gives [n0 n1 n2 n3] of block k and unpackhi that of block 2 + k: blocks 0-1, then 2-3, in memory order.  Only
+// the first `left` blocks are stored (left >= 4: all).
+static inline void store_normals4(float* dst, __m256 rc, __m256 rs, int64_t left) {
+  const __m256 lo = _mm256_unpacklo_ps(rc, rs), hi = _mm256_unpackhi_ps(rc, rs);
+  if (left >= 4) {
+    _mm256_storeu_ps(dst, lo);
+    _mm256_storeu_ps(dst + 8, hi);
+  } else if (left > 0) {  // vmaskmovps writes the lanes whose mask has the sign bit set
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const int nlo = (int)std::min<int64_t>(left, 2), nhi = (int)left - nlo;
+    _mm256_maskstore_ps(dst, _mm256_cmpgt_epi32(_mm256_set1_epi32(4 * nlo), lane), lo);
+    if (nhi > 0) _mm256_maskstore_ps(dst + 8, _mm256_cmpgt_epi32(_mm256_set1_epi32(4 * nhi), lane), hi);
+  }
+}
+
+// Philox of 8 blocks (two Philox4): counters of blocks base + [0, 8), then one round
+static inline void philox8_begin(Philox4* p, uint64_t base, __m256i order, uint32_t draw) {
+  for (int v = 0; v < 2; ++v) philox_counters_avx2(base + 4 * v, order, draw, 0u, p[v].x, p[v].y, p[v].z, p[v].w);
+}
+static inline void philox8_round(Philox4* p, __m256i ka, __m256i kb) {
+  for (int v = 0; v < 2; ++v) philox_round_avx2(p[v].x, p[v].y, p[v].z, p[v].w, ka, kb);
+}
+
+// Philox + Box-Muller fused in registers, software-pipelined: a step takes the words of 8 blocks (two Philox4)
+// through Box-Muller while the Philox rounds of the next 8 blocks run between its stages.
+static inline void normals_blocks_avx2(uint64_t seed, uint32_t draw, uint64_t blk0, int64_t nb, float* __restrict z) {
+  if (nb <= 0) return;
+  const __m256i order = _mm256_setr_epi64x(0, 2, 1, 3);
+  __m256i ka[10], kb[10];  // the round keys, broadcast
+  {
+    uint32_t a = (uint32_t)seed, b = (uint32_t)(seed >> 32);
+    for (int round = 0; round < 10; ++round) {
+      if (round) {
+        a += PHILOX_W0;
+        b += PHILOX_W1;
+      }
+      ka[round] = _mm256_set1_epi32((int)a);
+      kb[round] = _mm256_set1_epi32((int)b);
+    }
+  }
+  Philox4 p[2];
+  philox8_begin(p, blk0, order, draw);
+  for (int round = 0; round < 10; ++round) philox8_round(p, ka[round], kb[round]);
+  BoxMuller8 s[2];
+  int64_t j = 0;
+  for (; j + 8 < nb; j += 8) {  // blocks [j, j + 8) to normals while Philox computes [j + 8, j + 16)
+    const __m256i wa0 = radius_words(p[0]), wa1 = radius_words(p[1]);
+    const __m256i wb0 = angle_words(p[0]), wb1 = angle_words(p[1]);
+    philox8_begin(p, blk0 + (uint64_t)(j + 8), order, draw);
+    philox8_round(p, ka[0], kb[0]);
+    bm_log_begin(s[0], wa0);
+    bm_log_begin(s[1], wa1);
+    philox8_round(p, ka[1], kb[1]);
+    bm_log_horner3(s[0], 1.1676998740E-1f, -1.2420140846E-1f, 1.4249322787E-1f);
+    bm_log_horner3(s[1], 1.1676998740E-1f, -1.2420140846E-1f, 1.4249322787E-1f);
+    philox8_round(p, ka[2], kb[2]);
+    bm_log_horner3(s[0], -1.6668057665E-1f, 2.0000714765E-1f, -2.4999993993E-1f);
+    bm_log_horner3(s[1], -1.6668057665E-1f, 2.0000714765E-1f, -2.4999993993E-1f);
+    philox8_round(p, ka[3], kb[3]);
+    bm_log_end(s[0]);
+    bm_log_end(s[1]);
+    philox8_round(p, ka[4], kb[4]);
+    bm_radius(s[0]);
+    bm_radius(s[1]);
+    philox8_round(p, ka[5], kb[5]);
+    bm_angle_begin(s[0], wb0);
+    bm_angle_begin(s[1], wb1);
+    philox8_round(p, ka[6], kb[6]);
+    bm_angle_reduce(s[0]);
+    bm_angle_reduce(s[1]);
+    philox8_round(p, ka[7], kb[7]);
+    bm_angle_poly(s[0]);
+    philox8_round(p, ka[8], kb[8]);
+    bm_angle_poly(s[1]);
+    philox8_round(p, ka[9], kb[9]);
+    __m256 rc0, rs0, rc1, rs1;
+    bm_finish(s[0], rc0, rs0);
+    bm_finish(s[1], rc1, rs1);
+    store_normals4(z + 4 * j, rc0, rs0, 4);
+    store_normals4(z + 4 * j + 16, rc1, rs1, 4);
+  }
+  for (int v = 0; v < 2; ++v) {  // the last 1-8 blocks: the same stages in a row
+    BoxMuller8 t;
+    bm_log_begin(t, radius_words(p[v]));
+    bm_log_horner3(t, 1.1676998740E-1f, -1.2420140846E-1f, 1.4249322787E-1f);
+    bm_log_horner3(t, -1.6668057665E-1f, 2.0000714765E-1f, -2.4999993993E-1f);
+    bm_log_end(t);
+    bm_radius(t);
+    bm_angle_begin(t, angle_words(p[v]));
+    bm_angle_reduce(t);
+    bm_angle_poly(t);
+    __m256 rc, rs;
+    bm_finish(t, rc, rs);
+    store_normals4(z + 4 * (j + 4 * v), rc, rs, nb - (j + 4 * v));
+  }
+}
+#endif
+
 // Normals of blocks [blk0, blk0 + nb) of (seed, draw, stream 0): z[4 j + lane], nb <= NORMALS_MAX_BLOCKS.
 static inline void normals_blocks(uint64_t seed, uint32_t draw, uint64_t blk0, int64_t nb, float* __restrict z) {
 #if defined(__AVX512F__)
   normals_blocks_avx512(seed, draw, blk0, nb, z);
+#elif defined(__AVX2__) && defined(__FMA__)
+  normals_blocks_avx2(seed, draw, blk0, nb, z);
 #else
   normals_blocks_portable(seed, draw, blk0, nb, z);
 #endif
 }
 
-// The path normals_blocks takes: "avx512" or "portable".
+// The path normals_blocks takes: "avx512", "avx2" or "portable".
 static inline const char* normals_blocks_isa() {
 #if defined(__AVX512F__)
   return "avx512";
+#elif defined(__AVX2__) && defined(__FMA__)
+  return "avx2";
 #else
   return "portable";
 #endif

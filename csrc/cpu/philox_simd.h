@@ -113,6 +113,36 @@ static inline void philox_blocks_avx512(uint64_t blk0, uint32_t c2, uint32_t c3,
 #endif
 
 #if defined(__AVX2__)
+// Two layouts on ymm.  The raw words (philox_blocks_avx2) keep one word of 8 counters per ymm: the products of the
+// even and the odd 32-bit lanes are put back in place with shifts and blends (18 operations per round and 8
+// counters, and the 8 words are ready to store).  The fused normals (normals_simd.h) use the AVX-512 layout on
+// ymm instead: each word of 4 counters in the low halves of the 64-bit lanes, so that one _mm256_mul_epu32 gives
+// the 4 full products and hi = their high halves moved down (16 operations per round and 8 counters; the words
+// come out as pairs of 64-bit lanes, which is what Box-Muller pairs up anyway).
+static inline __m256i hi_to_lo(__m256i p) { return _mm256_shuffle_epi32(p, 0xF5); }  // [1,1,3,3]
+
+// Counters of 4 blocks in the 64-bit-lane layout: block = base + lanes[i] (the carry into the high word comes with
+// the 64-bit add), word 2 = c2, word 3 = c3.
+static inline void philox_counters_avx2(uint64_t base, __m256i lanes, uint32_t c2, uint32_t c3, __m256i& x,
+                                        __m256i& y, __m256i& z, __m256i& w) {
+  const __m256i blk = _mm256_add_epi64(_mm256_set1_epi64x((long long)base), lanes);
+  x = blk;                         // low half: block lo
+  y = _mm256_srli_epi64(blk, 32);  // block hi
+  z = _mm256_set1_epi64x(c2);
+  w = _mm256_set1_epi64x(c3);
+}
+
+// One Philox round on 4 counters in the 64-bit-lane layout, round keys (ka, kb) broadcast to every 32-bit lane.
+// The high halves of the lanes carry garbage that no multiply reads and XOR never moves into a low half.
+static inline void philox_round_avx2(__m256i& x, __m256i& y, __m256i& z, __m256i& w, __m256i ka, __m256i kb) {
+  const __m256i p0 = _mm256_mul_epu32(x, _mm256_set1_epi64x(PHILOX_M0));
+  const __m256i p1 = _mm256_mul_epu32(z, _mm256_set1_epi64x(PHILOX_M1));
+  x = _mm256_xor_si256(hi_to_lo(p1), _mm256_xor_si256(y, ka));  // hi1 ^ y ^ ka (the key XOR off the mul's chain)
+  z = _mm256_xor_si256(hi_to_lo(p0), _mm256_xor_si256(w, kb));  // hi0 ^ w ^ kb
+  y = p1;                                                        // lo1
+  w = p0;                                                        // lo0
+}
+
 static inline void mulhilo_x8(__m256i a, __m256i m, __m256i& lo, __m256i& hi) {
   const __m256i pe = _mm256_mul_epu32(a, m);
   const __m256i po = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);

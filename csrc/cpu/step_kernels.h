@@ -7,10 +7,10 @@
 //   x' = M[0].[x, D, S] + g z (+ eps s + sqrt(2 eps) z, s = lsx x + lsD D, Langevin)
 //   S_i = M[1+i].[x, D, S]      for the slots written (every right-hand side reads the values from before the step)
 //
-// Memory: ONE pass over x, out (both CFG halves), the slots read, x' and the slots written.  Work is split into
-// OpenMP items of (sample, tile of TILE elements); an item walks its tile in CHUNKs of 256 elements.  With fp32
-// (fp64) storage x, out and the slots are read straight from memory; fp16 / bf16 chunks are converted into fp32
-// temporaries.  D, the noise and partial sums live in per-thread temporaries that stay in L1, so every element of
+// Memory: ONE pass over x, out (both CFG halves), the slots read, x' and the slots written (a large fp32 x' with
+// streaming stores, see STREAM_MIN).  Work is split into OpenMP items of (sample, tile of TILE elements); an item
+// walks its tile in CHUNKs of 256 elements.  With fp32 (fp64) storage x, out and the slots are read straight from
+// memory; fp16 / bf16 chunks are converted into fp32 temporaries.  D, the noise and partial sums live in per-thread temporaries that stay in L1, so every element of
 // DRAM / L3 is touched once while each inner loop is a simple unit-stride loop over a chunk.  Outputs are summed
 // two terms per pass in the reference's order (three in one pass for the common a x + b D + g z), the last pass
 // converting and storing; they are written in an order where none overwrites a register that a later output
@@ -42,6 +42,10 @@
 #include "normals_simd.h"
 #include "storage.h"
 
+#if defined(__SSE__)
+#include <immintrin.h>
+#endif
+
 namespace fdcpu {
 
 constexpr int64_t CHUNK = 256;     // elements per inner chunk (multiple of 4: Philox blocks never straddle chunks)
@@ -55,6 +59,11 @@ constexpr int ROW_HEAD = 7;        // cx, co, g, snr, r, lsx, lsD
 // set_parallel_min.
 inline int64_t g_parallel_min = 1 << 15;
 constexpr int64_t NOISE_COST = 8;
+// fp32 x' of at least this many elements per call (32 MB: with x and out, more than a last-level cache slice) is
+// written with non-temporal (streaming) stores: it is not read again within the step and would not stay in cache
+// for the next one, and a streaming store skips the read-for-ownership of the line that a normal store makes (a
+// third more memory traffic).  Smaller x' stays in cache for the next step.
+constexpr int64_t STREAM_MIN = 1 << 23;
 
 // Philox normals of a chunk (normals_simd.h): blocks [blk0, blk0 + nb), nb <= CHUNK / 4
 using fastdiff::simd::normals_blocks;
@@ -94,6 +103,7 @@ struct Chunk {
   alignas(64) A acc[CHUNK];
   alignas(64) A z[CHUNK];
   alignas(64) A s[CHUNK];  // the Langevin score lsx x + lsD D
+  alignas(64) A xs[CHUNK];  // x' on its way to a streaming store
   alignas(64) float zf[CHUNK];
   alignas(64) A slot[KMAX][CHUNK];
 };
@@ -322,6 +332,15 @@ static inline bool has_nonfinite(const typename St<T>::S* v, int64_t n) {
   return bad != 0;
 }
 
+// dst[0, n) = src[0, n) with streaming stores; dst 16-byte aligned, n a multiple of 4.  The caller fences.
+static inline void stream_store(float* dst, const float* src, int64_t n) {
+#if defined(__SSE__)
+  for (int64_t j = 0; j < n; j += 4) _mm_stream_ps(dst + j, _mm_load_ps(src + j));
+#else
+  for (int64_t j = 0; j < n; ++j) dst[j] = src[j];
+#endif
+}
+
 // The affine pass over elements [e0, e1) of sample b; eps / sq: the sample's Langevin step and sqrt(2 eps).
 template <class T, class A>
 static void step_range(const StepArgs<T, A>& p, int64_t b, int64_t e0, int64_t e1, A eps, A sq) {
@@ -334,6 +353,10 @@ static void step_range(const StepArgs<T, A>& p, int64_t b, int64_t e0, int64_t e
   const bool add_g = p.noise && has_draw && c[2] != (A)0;
   const bool add_l = p.langevin && has_draw && c[3] != (A)0 && eps != (A)0;
   const OutputOrder ord = plan_outputs(p, M, direct);
+  // x' streams (see STREAM_MIN) when it is fp32, large, not written in place and aligned (the chunks keep it so)
+  constexpr bool f32 = std::is_same<S, float>::value;
+  const bool stream = f32 && p.B * p.N >= STREAM_MIN && p.xo != p.x &&
+                      reinterpret_cast<uintptr_t>(p.xo + b * p.N + e0) % 16 == 0;
   Chunk<A> ch;
   const A* reg[2 + KMAX];
   Term<A> terms[2 + KMAX + 3];
@@ -379,6 +402,14 @@ static void step_range(const StepArgs<T, A>& p, int64_t b, int64_t e0, int64_t e
           terms[nt++] = {eps, ch.s};
           terms[nt++] = {sq, ch.z};
         }
+        if constexpr (f32) {
+          if (stream && n % 4 == 0) {  // x' into L1, checked there, then streamed out
+            emit<T, A>(ch.xs, terms, nt, ch.acc, n);
+            if (p.nonfinite && !bad) bad = has_nonfinite<T, A>(ch.xs, n);
+            stream_store(p.xo + off, ch.xs, n);
+            continue;
+          }
+        }
         emit<T, A>(p.xo + off, terms, nt, ch.acc, n);
         if (p.nonfinite && !bad) bad = has_nonfinite<T, A>(p.xo + off, n);
       } else {
@@ -386,6 +417,9 @@ static void step_range(const StepArgs<T, A>& p, int64_t b, int64_t e0, int64_t e
       }
     }
   }
+#if defined(__SSE__)
+  if (stream) _mm_sfence();  // streaming stores are weakly ordered: visible before the kernel returns
+#endif
   if (bad) __atomic_store_n(&p.nonfinite[b], 1, __ATOMIC_RELAXED);  // only ever set: work items of b may race
 }
 

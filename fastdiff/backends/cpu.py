@@ -58,9 +58,9 @@ def _host_tag() -> str:
     return flags
 
 
-def build_key(srcs=None, includes=None) -> str:
-    """Hash of what the built binary depends on: sources and headers (contents), torch, Python ABI, compiler, flags,
-    CPU."""
+def build_key(srcs=None, includes=None, cflags=()) -> str:
+    """Hash of what the built binary depends on: sources and headers (contents), torch, Python ABI, compiler, flags
+    (``CFLAGS`` + ``cflags``), CPU."""
     import torch
 
     h = hashlib.sha256()
@@ -70,17 +70,17 @@ def build_key(srcs=None, includes=None) -> str:
     for p in sorted(files, key=str):
         h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
     abi = sysconfig.get_config_var("SOABI") or sys.implementation.cache_tag
-    for part in (torch.__version__, abi, os.environ.get("CXX", ""), " ".join(CFLAGS), " ".join(LDFLAGS),
+    for part in (torch.__version__, abi, os.environ.get("CXX", ""), " ".join([*CFLAGS, *cflags]), " ".join(LDFLAGS),
                  _host_tag()):
         h.update(str(part).encode() + b"\0")
     return h.hexdigest()[:16]
 
 
-def build_directory(name: str = NAME, srcs=None, includes=None) -> str:
+def build_directory(name: str = NAME, srcs=None, includes=None, cflags=()) -> str:
     from torch.utils.cpp_extension import get_default_build_root
 
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
-    return os.path.join(root, f"{name}_{build_key(srcs, includes)}")
+    return os.path.join(root, f"{name}_{build_key(srcs, includes, cflags)}")
 
 
 def _built(bdir: str, name: str) -> bool:
@@ -123,9 +123,10 @@ def _tail(text: str, lines: int = 15) -> str:
     return "\n".join(str(text).strip().splitlines()[-lines:])
 
 
-def build(name: str, srcs: list, includes: list, what: str):
-    """Compile (or load the cached build of) a torch extension from ``srcs`` with the kernels' flags; returns the
-    module or raises RuntimeError saying what is missing.  Prints one line to stderr when a build starts."""
+def build(name: str, srcs: list, includes: list, what: str, cflags=()):
+    """Compile (or load the cached build of) a torch extension from ``srcs`` with the kernels' flags, then ``cflags``
+    (which can narrow the instruction sets, e.g. ``["-mno-avx512f"]``: the tests build the probes that way); returns
+    the module or raises RuntimeError saying what is missing.  Prints one line to stderr when a build starts."""
     missing = _missing_tools()
     if missing:
         raise RuntimeError(_missing_message(missing))
@@ -134,7 +135,7 @@ def build(name: str, srcs: list, includes: list, what: str):
     for src in srcs:
         if not src.is_file():
             raise RuntimeError(f"fastdiff's cpu backend source is missing: {src}")
-    bdir = build_directory(name, srcs, includes)
+    bdir = build_directory(name, srcs, includes, cflags)
     os.makedirs(bdir, exist_ok=True)
     # torch's own lock (a 'lock' file) is left behind by a killed build and then blocks forever; flock is released
     # by the kernel when its holder dies, so take it around the whole load (POSIX; elsewhere torch's lock only).
@@ -152,7 +153,8 @@ def build(name: str, srcs: list, includes: list, what: str):
                 os.remove(stale)
             if not _built(bdir, name):
                 print(f"fastdiff: building the {what} (first use, ~1 minute)...", file=sys.stderr, flush=True)
-            return load(name=name, sources=[str(s) for s in srcs], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
+            return load(name=name, sources=[str(s) for s in srcs], extra_cflags=[*CFLAGS, *cflags],
+                        extra_ldflags=LDFLAGS,
                         extra_include_paths=[str(d) for d in includes], build_directory=bdir, verbose=False)
         except Exception as e:  # the compiler's message is in the exception text
             raise RuntimeError("fastdiff's cpu backend failed to build (it needs a C++17 compiler (g++/clang++) "
