@@ -1,6 +1,6 @@
 """The whole sampling loop with the model replaced by a stored output: what the sampler itself costs.
 
-Two tables, every provider timed interleaved (round-robin) in one run, so a shared machine's slow phases hit all:
+Three tables, every provider timed interleaved (round-robin) in one run, so a shared machine's slow phases hit all:
 
 1. ``loop``: 1, 4 and 25 DPM-Solver++(2M) steps at an SD latent 1x4x64x64, 1x16x128x128 and a video latent
    1x16x21x60x104, through the public API:
@@ -12,7 +12,13 @@ Two tables, every provider timed interleaved (round-robin) in one run, so a shar
 
    Each loop's result is checked against fastdiff's before timing.
 
-2. ``bandwidth``: ``fastdiff.sample`` per step at 4M and 32M elements (one sample) for ddim, dpmpp_2m and
+2. ``host``: the host time of ``fastdiff.sample`` per step at 1x4x64x64 for dpmpp_2m, ddim and euler_ancestral:
+   per step = (loop of 25 steps - loop of 1 step) / 24, against the same stages' kernels called directly (the
+   backend's kernel function on precomputed arguments, in place: "kernel alone"); ``host_overhead_us`` is the
+   difference.  For dpmpp_2m the diffusers loop is timed the same way and ``speedup_vs_diffusers`` is the ratio of
+   the per-step times (the public API against diffusers' ``DPMSolverMultistepScheduler.step`` loop).
+
+3. ``bandwidth``: ``fastdiff.sample`` per step at 4M and 32M elements (one sample) for ddim, dpmpp_2m and
    euler_ancestral, as a fraction of torch's copy bandwidth measured in the same rounds.  Per step = (loop of
    S steps - loop of 1 step) / (S - 1), which removes the per-call costs (prior, result allocation); bytes per
    step are the streams the stage must move (x, the model output, the slots read, x', the slots written).
@@ -20,7 +26,7 @@ Two tables, every provider timed interleaved (round-robin) in one run, so a shar
 ``--quick`` (fewer repeats; 25 steps become 10 in the bandwidth table) writes ``loop_quick.json``, never the full
 results ``loop.json``.
 
-    python benchmarks/bench_loop.py [--quick] [--no-compile] [--out PATH]
+    python benchmarks/bench_loop.py [--quick] [--no-compile] [--host-only] [--out PATH]
 """
 
 from __future__ import annotations
@@ -83,11 +89,14 @@ def make_compiled_loop(plan, x_T, out):
     return run
 
 
+DIFFUSERS_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                        algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="zero")
+
+
 def loop_rows(repeats, compile_loops):
     from diffusers import DPMSolverMultistepScheduler  # noqa: F401  (fail early without diffusers)
 
-    config = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                  algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="zero")
+    config = DIFFUSERS_CONFIG
     rows = []
     for name, shape in SHAPES.items():
         g = torch.Generator().manual_seed(0)
@@ -116,6 +125,74 @@ def loop_rows(repeats, compile_loops):
                 print(f"{name:22s} {steps:3d} steps {who:14s} {q['median'] * 1e3:9.3f} ms "
                       f"({q['median'] / steps * 1e6:8.1f} us/step, x{t['diffusers']['median'] / q['median']:.2f} "
                       "vs diffusers)", flush=True)
+    return rows
+
+
+HOST_SHAPE = (1, 4, 64, 64)
+HOST_SOLVERS = ["dpmpp_2m", "ddim", "euler_ancestral"]
+HOST_STEPS = 25
+HOST_CALLS = 20  # calls per timed sample: a 1-step loop is tens of microseconds
+
+
+def kernel_alone(plan, x_T, out, seeds):
+    """The plan's stages as direct calls of the backend's kernel on precomputed arguments, in place, with the
+    per-sample non-finite flags that ``fastdiff.sample`` passes by default (what it runs per step, without any
+    Python around it; the start state is copied in first, one pass per loop, counted in)."""
+    from fastdiff import ops, rng
+    from fastdiff.sampler import device_rows
+
+    kernel = ops._step_kernel(fd.backends.resolve("auto", x_T.device.type))
+    rows, draws = device_rows(plan, x_T.device)
+    x, slots = x_T.clone(), torch.zeros((plan.num_slots,) + tuple(x_T.shape))
+    seeds_t, w = rng.seeds_tensor(seeds), torch.zeros(1)
+    flags = torch.zeros(x_T.shape[0], dtype=torch.int32)
+    stages = [(rows[k : k + 1], draws[k : k + 1], int(f.slot_reads), int(f.slot_writes), bool(f.use_out), False,
+               bool(f.noise), bool(f.langevin)) for k, f in enumerate(plan.stage_flags)]
+
+    def run():
+        x.copy_(x_T)  # from the start state each time: a loop repeated on its own result runs into NaN / Inf
+        slots.zero_()
+        for row, draw, reads, writes, use_out, cfg, noise, langevin in stages:
+            kernel(x, out, slots, row, seeds_t, draw, w, reads, writes, use_out, cfg, noise, langevin, x, None, flags)
+
+    return run
+
+
+def repeated(fn, n=HOST_CALLS):
+    def run():
+        for _ in range(n):
+            fn()
+    return run
+
+
+def host_rows(repeats, config):
+    g = torch.Generator().manual_seed(2)
+    x_T = torch.randn(HOST_SHAPE, generator=g)
+    out = torch.randn(HOST_SHAPE, generator=g)
+    model = lambda x, t: out  # noqa: E731
+    rows = []
+    for solver in HOST_SOLVERS:
+        plans = {n: fd.plan(solver, schedule(), n) for n in (1, HOST_STEPS)}
+        cases = {f"fastdiff/{n}": repeated(lambda p=p: fd.sample(model, p, x_T=x_T, seeds=[7]))
+                 for n, p in plans.items()}
+        cases["kernel"] = repeated(kernel_alone(plans[HOST_STEPS], x_T, out, [7]))
+        if solver == "dpmpp_2m":
+            for n in (1, HOST_STEPS):
+                cases[f"diffusers/{n}"] = repeated(lambda n=n: diffusers_loop(config, n, x_T, out))
+        t = {k: v["median"] / HOST_CALLS for k, v in time_interleaved(cases, repeats=repeats, warmup=1).items()}
+        per_step = (t[f"fastdiff/{HOST_STEPS}"] - t["fastdiff/1"]) / (HOST_STEPS - 1)
+        kernel = t["kernel"] / HOST_STEPS
+        row = {"table": "host", "shape": "x".join(map(str, HOST_SHAPE)), "solver": solver,
+               "per_step_us": per_step * 1e6, "kernel_alone_us": kernel * 1e6,
+               "host_overhead_us": (per_step - kernel) * 1e6, "call_of_1_step_us": t["fastdiff/1"] * 1e6}
+        line = (f"host {solver:16s} fd.sample {per_step * 1e6:7.2f} us/step  kernel alone {kernel * 1e6:7.2f}  "
+                f"host overhead {(per_step - kernel) * 1e6:6.2f} us/step")
+        if solver == "dpmpp_2m":
+            theirs = (t[f"diffusers/{HOST_STEPS}"] - t["diffusers/1"]) / (HOST_STEPS - 1)
+            row.update(diffusers_per_step_us=theirs * 1e6, speedup_vs_diffusers=theirs / per_step)
+            line += f"  diffusers {theirs * 1e6:7.1f} us/step (x{theirs / per_step:.1f})"
+        rows.append(row)
+        print(line, flush=True)
     return rows
 
 
@@ -159,11 +236,16 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats; writes loop_quick.json")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd loop")
+    parser.add_argument("--host-only", action="store_true", help="only the host table (loop_host_quick.json)")
     parser.add_argument("--out", help="output path (default results/<machine>/loop[_quick].json)")
     args = parser.parse_args(argv)
     repeats = 3 if args.quick else 15
     load0 = loadavg()
-    rows = loop_rows(repeats, not args.no_compile)
+    rows = host_rows(repeats, DIFFUSERS_CONFIG)
+    if args.host_only:
+        print(f"wrote {write('loop_host_quick' if args.quick else 'loop_host', rows, args.out)}")
+        return
+    rows += loop_rows(repeats, not args.no_compile)
     rows += bandwidth_rows(repeats, 10 if args.quick else 25)
     path = write("loop_quick" if args.quick else "loop", rows, args.out,
                  extra={"loadavg_1min": [load0, loadavg()], "torch_threads": torch.get_num_threads(),

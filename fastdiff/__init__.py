@@ -14,19 +14,20 @@ from . import backends, rng, schedules
 from .plan import PREDICTIONS, Plan, plan
 from .sampler import Sampler, sample
 from .solvers import SOLVERS as _SOLVER_TABLE
-from .solvers import solver_options
+from .solvers import cfgpp_solvers, solver_options
 from .timesteps import SPACINGS, timesteps
 
 SOLVERS = tuple(sorted(_SOLVER_TABLE))
+CFGPP_SOLVERS = tuple(sorted(cfgpp_solvers()))  # solvers with a guidance="cfg++" variant
 
 __version__ = "0.1.0"
 
 __all__ = ["backends", "rng", "schedules", "plan", "Plan", "sample", "Sampler", "timesteps", "SOLVERS", "SPACINGS",
-           "PREDICTIONS", "solver_options", "__version__"]
+           "PREDICTIONS", "CFGPP_SOLVERS", "solver_options", "__version__"]
 
 # Public submodules imported on first access (``fd.models.GaussianMixture``), so ``import fastdiff`` stays light:
 # several pull in optional dependencies (diffusers, scipy, fastapi) only when used.
-_LAZY_SUBMODULES = ("distributed", "integrations", "models", "ops", "reference", "serving", "thresholding")
+_LAZY_SUBMODULES = ("distributed", "guidance", "integrations", "models", "ops", "reference", "serving", "thresholding")
 
 
 def __getattr__(name):

@@ -26,6 +26,12 @@ The step contract (one memory pass; all coefficient reads from device memory, no
                            uses it; float32 (float64 with float64 x)
     z [B, *S], optional    unit noise used in place of the Philox draw (torch backend only: an external noise
                            source such as k-diffusion's ``noise_sampler``)
+    cfg_rescale [B], optional  guidance_rescale's per-sample factor m_b (see ``fastdiff.guidance.rescale_factors``,
+                           its reduction pass), with ``cfg`` only: out = m_b (out_u + w (out_c - out_u)); float32
+                           (float64 with float64 x)
+    uncond    bool         CFG++ rows (host constant of the plan): M has a column for U = cx x + co out_u, the data
+                           estimate of the unconditional output (thresholded as D; U = D without ``cfg``), so
+                           M is (1+K) x (3+K) over [x, D, U, S] and R = 7 + (1+K)(3+K)
 
     D  = cx x + co out ;  x' = M[0].[x, D, S] + g z (+ Langevin term) ;  S_i = M[1+i].[x, D, S] for written i
 """
@@ -43,6 +49,7 @@ from .backends import BACKENDS
 from .estimate import broadcast_column as _bcast
 from .estimate import compute_dtype, guided_output  # noqa: F401 (public here too)
 from .estimate import data_estimate as _data_estimate
+from .estimate import uncond_estimate as _uncond_estimate
 from .thresholding import apply_threshold, threshold_of, threshold_options  # noqa: F401 (re-exported)
 from .thresholding import dynamic_threshold as _dynamic_threshold
 
@@ -51,9 +58,10 @@ ROW_HEAD = 7  # cx, co, g, snr, r, lsx, lsD
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def row_length(num_slots: int) -> int:
-    """Length of a flat coefficient row for ``num_slots`` history slots: 7 + (1+K)(2+K)."""
-    return ROW_HEAD + (1 + num_slots) * (2 + num_slots)
+def row_length(num_slots: int, uncond: bool = False) -> int:
+    """Length of a flat coefficient row for ``num_slots`` history slots: 7 + (1+K)(2+K), or 7 + (1+K)(3+K) with the
+    U column of CFG++ rows (``uncond``)."""
+    return ROW_HEAD + (1 + num_slots) * (2 + bool(uncond) + num_slots)
 
 
 def per_sample_norm(t: torch.Tensor) -> torch.Tensor:
@@ -82,7 +90,7 @@ def _check_estimate_args(x, out, rows, guidance, cfg):
         _same_device_as_x("guidance", guidance, x)
 
 
-def data_estimate(x, out, rows, guidance=None, cfg: bool = False) -> torch.Tensor:
+def data_estimate(x, out, rows, guidance=None, cfg: bool = False, cfg_rescale=None) -> torch.Tensor:
     """The data estimate D = cx x + co out a stage forms from the model output, as every kernel forms it.
 
     Parameters
@@ -91,29 +99,32 @@ def data_estimate(x, out, rows, guidance=None, cfg: bool = False) -> torch.Tenso
     out : Tensor [B, *S] or [2B, *S] (with ``cfg``: [uncond; cond], combined as out_u + w (out_c - out_u))
     rows : Tensor [B or 1, R] (columns 0 and 1: cx, co)
     guidance : Tensor [B or 1], the cfg weight w (needed with ``cfg``)
+    cfg_rescale : Tensor [B], optional, guidance_rescale's factors (with ``cfg``)
 
     Returns
     -------
     Tensor [B, *S] in float32 (float64 for float64 x)
     """
     _check_estimate_args(x, out, rows, guidance, cfg)
-    return _data_estimate(x, out, rows, guidance, cfg)
+    return _data_estimate(x, out, rows, guidance, cfg, cfg_rescale if cfg else None)
 
 
-def dynamic_threshold(x, out, rows, guidance=None, cfg: bool = False, ratio=0.995, max_value=1.0) -> torch.Tensor:
+def dynamic_threshold(x, out, rows, guidance=None, cfg: bool = False, ratio=0.995, max_value=1.0,
+                      cfg_rescale=None) -> torch.Tensor:
     """``fastdiff.thresholding.dynamic_threshold`` with its arguments checked (as ``data_estimate`` checks them):
     the per-sample thresholds [B] that ``step(..., thresholds=)`` takes for this stage."""
     _check_estimate_args(x, out, rows, guidance, cfg)
-    return _dynamic_threshold(x, out, rows, guidance, cfg, ratio, max_value)
+    return _dynamic_threshold(x, out, rows, guidance, cfg, ratio, max_value, cfg_rescale)
 
 
 def step_reference(x, out, slots, rows, seeds, draws, guidance, slot_reads: int, slot_writes: int, use_out: bool,
                    cfg: bool, noise: bool, langevin: bool, thresholds=None, z=None, x_out=None,
-                   nonfinite=None) -> torch.Tensor:
+                   nonfinite=None, cfg_rescale=None, uncond: bool = False) -> torch.Tensor:
     """The step contract in plain torch, in float32 (float64 for float64 x): the torch backend and the oracle every
     kernel is tested against.  Mutates ``slots``; ``z`` (unit noise [B, *S]) replaces the Philox draw; ``x_out``
     receives x' (it may be x); ``nonfinite`` (int32 [B]) gets 1 OR-ed in for every sample whose stored x' has NaN /
-    Inf.  This oracle allocates freely: only the kernels promise a step without temporaries."""
+    Inf; ``cfg_rescale`` [B] multiplies the guided output; ``uncond``: CFG++ rows with the U column.  This oracle
+    allocates freely: only the kernels promise a step without temporaries."""
     B, K = x.shape[0], slots.shape[0]
     cdt = compute_dtype(x.dtype)
     nd = x.dim()
@@ -123,18 +134,25 @@ def step_reference(x, out, slots, rows, seeds, draws, guidance, slot_reads: int,
         return _bcast(c[:, j], nd)
 
     xf = x.to(cdt)
-    D = None
+    D = U = None
     if use_out:
-        D = _data_estimate(x, out, rows, guidance, cfg)
+        D = _data_estimate(x, out, rows, guidance, cfg, cfg_rescale if cfg else None)
+        if uncond and cfg:
+            U = _uncond_estimate(x, out, rows, cfg)
         if thresholds is not None:
             D = apply_threshold(D, thresholds)
-    regs = [xf, D] + [slots[i].to(cdt) if (slot_reads >> i) & 1 else None for i in range(K)]
+            U = None if U is None else apply_threshold(U, thresholds)
+        if uncond and not cfg:  # one model output: U is D
+            U = D
+    regs = [xf, D] + ([U] if uncond else []) + [slots[i].to(cdt) if (slot_reads >> i) & 1 else None
+                                                for i in range(K)]
+    W = len(regs)  # columns of M: x, D, (U,) S_0 .. S_{K-1}
 
     def combo(r):
         acc = torch.zeros_like(xf)
         for j, reg in enumerate(regs):
             if reg is not None:
-                acc = acc + coef(ROW_HEAD + r * (2 + K) + j) * reg
+                acc = acc + coef(ROW_HEAD + r * W + j) * reg
         return acc
 
     x_new = combo(0)
@@ -223,10 +241,14 @@ def _backend_arg(backend, kernel) -> str:
     return backend
 
 
-def _call_step(backend, args, thresholds, z, x_out=None, nonfinite=None):
-    """The backend's step on the contract's 13 arguments; thresholds, z, x_out and nonfinite as keywords, only when
-    given (only the torch backend takes z)."""
+def _call_step(backend, args, thresholds, z, x_out=None, nonfinite=None, cfg_rescale=None, uncond=False):
+    """The backend's step on the contract's 13 arguments; thresholds, z, x_out, nonfinite, cfg_rescale and uncond as
+    keywords, only when given (only the torch backend takes z)."""
     extra = {}
+    if cfg_rescale is not None:
+        extra["cfg_rescale"] = cfg_rescale
+    if uncond:
+        extra["uncond"] = True
     if thresholds is not None:
         extra["thresholds"] = thresholds
     if z is not None:
@@ -242,14 +264,15 @@ def _call_step(backend, args, thresholds, z, x_out=None, nonfinite=None):
 def _step_op(x: torch.Tensor, out: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor, seeds: torch.Tensor,
              draws: torch.Tensor, guidance: torch.Tensor, slot_reads: int, slot_writes: int, use_out: bool,
              cfg: bool, noise: bool, langevin: bool, backend: str,
-             thresholds: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None) -> torch.Tensor:
+             thresholds: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None,
+             cfg_rescale: Optional[torch.Tensor] = None, uncond: bool = False) -> torch.Tensor:
     return _call_step(backend, (x, out, slots, rows, seeds, draws, guidance, slot_reads, slot_writes, use_out, cfg,
-                                noise, langevin), thresholds, z)
+                                noise, langevin), thresholds, z, cfg_rescale=cfg_rescale, uncond=uncond)
 
 
 @_step_op.register_fake
 def _(x, out, slots, rows, seeds, draws, guidance, slot_reads, slot_writes, use_out, cfg, noise, langevin, backend,
-      thresholds=None, z=None):
+      thresholds=None, z=None, cfg_rescale=None, uncond=False):
     return torch.empty_like(x)
 
 
@@ -337,7 +360,7 @@ def _check_x(name, x):
 
 
 def _check_step_args(x, out, slots, rows, seeds, draws, guidance, slot_reads, slot_writes, use_out, cfg, thresholds,
-                     z, backend, x_out=None, nonfinite=None):
+                     z, backend, x_out=None, nonfinite=None, cfg_rescale=None, uncond=False):
     _check_x("x", x)
     B, dev = x.shape[0], x.device
     if not isinstance(slots, torch.Tensor) or slots.dim() != x.dim() + 1 or tuple(slots.shape[1:]) != tuple(x.shape):
@@ -354,9 +377,10 @@ def _check_step_args(x, out, slots, rows, seeds, draws, guidance, slot_reads, sl
             raise ValueError(f"out is {out.dtype} but x is {x.dtype}: cast the model output to x's dtype")
     elif not isinstance(out, torch.Tensor):
         raise ValueError(f"out must be a tensor (any, e.g. x, when use_out=False), got {_describe(out)}")
-    R = row_length(K)
+    R = row_length(K, uncond)
     if not isinstance(rows, torch.Tensor) or rows.dim() != 2 or rows.shape[0] not in (1, B) or rows.shape[1] != R:
-        raise ValueError(f"rows must be a tensor [B or 1, {R}] for K={K} slots, got {_describe(rows)}")
+        what = " and the U column of CFG++ rows (uncond=True)" if uncond else ""
+        raise ValueError(f"rows must be a tensor [B or 1, {R}] for K={K} slots{what}, got {_describe(rows)}")
     _check_tensor_arg("rows", rows, None, dev, floating=True)
     _check_seeds_tensor(seeds, B, dev)
     _check_column("draws", draws, B, dev, kind="an int64 (Philox draw index)", dtype=torch.int64)
@@ -375,6 +399,16 @@ def _check_step_args(x, out, slots, rows, seeds, draws, guidance, slot_reads, sl
             raise ValueError(f"thresholds must be a {want} tensor with one entry per sample ([{B}]) for {x.dtype} x "
                              f"(from fastdiff.thresholding.dynamic_threshold), got {_describe(thresholds)}")
         _check_tensor_arg("thresholds", thresholds, None, dev)
+    if cfg_rescale is not None:
+        if not cfg:
+            raise ValueError("cfg_rescale (guidance_rescale's factors) is given for a stage without guidance "
+                             "(cfg=False): drop it, it rescales the guided output")
+        want = compute_dtype(x.dtype)
+        if (not isinstance(cfg_rescale, torch.Tensor) or cfg_rescale.dtype != want
+                or tuple(cfg_rescale.shape) != (B,)):
+            raise ValueError(f"cfg_rescale must be a {want} tensor with one factor per sample ([{B}]) for {x.dtype} x "
+                             f"(from fastdiff.guidance.rescale_factors), got {_describe(cfg_rescale)}")
+        _check_tensor_arg("cfg_rescale", cfg_rescale, None, dev)
     if z is not None:
         if backend != "torch":
             raise ValueError(f"z= (external unit noise) is taken by the torch backend only; the {backend!r} kernel "
@@ -434,7 +468,7 @@ _CHECKED_LAYOUTS: set = set()
 
 def step(x, out, slots, rows, seeds, draws, guidance=None, *, slot_reads=None, slot_writes=0, use_out=True,
          cfg=False, noise=True, langevin=False, backend="torch", thresholds=None, z=None, x_out=None, nonfinite=None,
-         kernel=None) -> torch.Tensor:
+         kernel=None, cfg_rescale=None, uncond=False) -> torch.Tensor:
     """Execute one stage for a batch: returns x' and updates ``slots`` in place (see the module docstring).
 
     Parameters
@@ -442,7 +476,7 @@ def step(x, out, slots, rows, seeds, draws, guidance=None, *, slot_reads=None, s
     x : Tensor [B, *S]
     out : Tensor [B, *S] or [2B, *S] (with ``cfg``)
     slots : Tensor [K, B, *S]
-    rows : Tensor [B or 1, 7 + (1+K)(2+K)]
+    rows : Tensor [B or 1, 7 + (1+K)(2+K)]  (7 + (1+K)(3+K) with ``uncond``)
     seeds : int64 Tensor [B];  draws : int64 Tensor [B or 1];  guidance : Tensor [B or 1] (cfg weight)
     slot_reads, slot_writes : int bitmasks (default: read every slot, write none)
     use_out, cfg, noise, langevin : bool, structural flags of the stage (host constants)
@@ -457,10 +491,16 @@ def step(x, out, slots, rows, seeds, draws, guidance=None, *, slot_reads=None, s
     nonfinite : int32 Tensor [B], optional
         Per-sample flags: the step ORs in 1 for every sample whose stored x' has a NaN or Inf, as it writes (no
         extra pass, no host sync; read them when convenient, e.g. once after a loop).
+    cfg_rescale : Tensor [B], optional
+        guidance_rescale (with ``cfg``): the guided output is multiplied by m_b; float32 (float64 with float64 x),
+        from ``fastdiff.guidance.rescale_factors`` on the same out and guidance.
+    uncond : bool
+        CFG++ rows: M's columns are [x, D, U, S_0 ..] with U = cx x + co out_u (U = D without ``cfg``).
     """
     backend = _backend_arg(backend, kernel)
     if not isinstance(x, torch.Tensor) or not isinstance(slots, torch.Tensor):
-        _check_step_args(x, out, slots, rows, seeds, draws, guidance, 0, 0, use_out, cfg, thresholds, z, backend)
+        _check_step_args(x, out, slots, rows, seeds, draws, guidance, 0, 0, use_out, cfg, thresholds, z, backend,
+                         cfg_rescale=cfg_rescale, uncond=uncond)
     if guidance is None:
         plain_cpu = x.is_cpu and type(x) is torch.Tensor and not torch.compiler.is_compiling()
         guidance = _CPU_NO_GUIDANCE if plain_cpu else torch.zeros(1, dtype=torch.float32, device=x.device)
@@ -468,24 +508,64 @@ def step(x, out, slots, rows, seeds, draws, guidance=None, *, slot_reads=None, s
         slot_reads = (1 << slots.shape[0]) - 1
     args = (x, out, slots, rows, seeds, draws, guidance, int(slot_reads), int(slot_writes), bool(use_out), bool(cfg),
             bool(noise), bool(langevin))
-    tensors = (x, out, slots, rows, seeds, draws, guidance, thresholds, z, x_out, nonfinite)
+    uncond = bool(uncond)
+    tensors = (x, out, slots, rows, seeds, draws, guidance, thresholds, z, x_out, nonfinite, cfg_rescale)
     if torch.compiler.is_compiling() or any([type(t) is not torch.Tensor for t in tensors if t is not None]):
         # fake / functional tensors, compile (and non-tensor arguments, which the checks name)
-        _check_step_args(*args[:11], thresholds, z, backend, x_out, nonfinite)
-        x_new = _step_op(*args, backend, thresholds, z)
+        _check_step_args(*args[:11], thresholds, z, backend, x_out, nonfinite, cfg_rescale, uncond)
+        x_new = _step_op(*args, backend, thresholds, z, cfg_rescale, uncond)
         if nonfinite is not None:
             nonfinite.bitwise_or_((~torch.isfinite(x_new).reshape(x.shape[0], -1).all(1)).to(nonfinite.dtype))
         return x_new if x_out is None else x_out.copy_(x_new)
-    layout = (backend, args[7], args[8], args[9], args[10], *[
+    layout = (backend, args[7], args[8], args[9], args[10], uncond, *[
         None if t is None else (t.shape, t.dtype, t.device, t.is_contiguous()) for t in tensors])
     if layout not in _CHECKED_LAYOUTS:
-        _check_step_args(*args[:11], thresholds, z, backend, x_out, nonfinite)
+        _check_step_args(*args[:11], thresholds, z, backend, x_out, nonfinite, cfg_rescale, uncond)
         if len(_CHECKED_LAYOUTS) >= 256:
             _CHECKED_LAYOUTS.clear()
         _CHECKED_LAYOUTS.add(layout)
     elif x_out is not None and x_out is not x:  # aliasing depends on addresses, not on the layout
         _check_x_out_aliasing(x, out, slots, use_out, x_out)
-    return _call_step(backend, args, thresholds, z, x_out, nonfinite)
+    return _call_step(backend, args, thresholds, z, x_out, nonfinite, cfg_rescale, uncond)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The lean path: loops that checked their argument layout once (the Sampler's workspaces, the diffusers drop-ins'
+# programs, the batcher) call the backend's step directly, without ``step``'s checks and dispatch
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _reference_kernel(x, out, slots, rows, seeds, draws, guidance, slot_reads, slot_writes, use_out, cfg, noise,
+                      langevin, x_out=None, thresholds=None, nonfinite=None, cfg_rescale=None, uncond=False):
+    """``step_reference`` in the kernels' argument order (x_out, thresholds, nonfinite, cfg_rescale, uncond last; no
+    external noise)."""
+    return step_reference(x, out, slots, rows, seeds, draws, guidance, slot_reads, slot_writes, use_out, cfg, noise,
+                          langevin, thresholds, None, x_out, nonfinite, cfg_rescale, uncond)
+
+
+def _step_kernel(backend: str):
+    """The backend's step function itself, no checks: ``fn(x, out, slots, rows, seeds, draws, guidance, slot_reads,
+    slot_writes, use_out, cfg, noise, langevin, x_out, thresholds, nonfinite, cfg_rescale, uncond)`` (the last five
+    optional) with Python ints / bools for the flags, returning x' (``x_out`` when given).
+
+    Only for callers whose arguments passed ``_check_step_args`` once for their layout (shapes, dtypes, devices,
+    contiguity, flags) and who keep that layout: plain tensors (no compile, no tensor subclasses), a model output
+    checked per call, ``x_out`` not overlapping x, out or slots.  The cpu backend's is the C++ extension's function
+    (a pybind call, no Python frame in between); the torch backend's is ``step_reference``.
+    """
+    fn = _IMPLS.get((backend, "kernel"))
+    if fn is None:
+        if backend == "torch":
+            fn = _reference_kernel
+        elif backend not in BACKENDS:
+            raise _unknown_backend(backend)
+        else:
+            from . import backends
+
+            module = backends.load(backend)
+            fn = module.step_kernel() if hasattr(module, "step_kernel") else module.OPS["step"]
+        _IMPLS[(backend, "kernel")] = fn
+    return fn
 
 
 def _seeds_arg(seeds, B, device) -> torch.Tensor:

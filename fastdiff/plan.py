@@ -16,6 +16,9 @@ needs a per-sample reduction first (Song et al. 2021, Algorithm 4):
 (fastdiff's Langevin stages put the score itself in the D register, lsx = 0, lsD = 1: x and alpha D cancel in the
 score with coefficients ~ 1 / sigma^2, which float32 cannot do at small sigma, so it is done on the coefficients.)
 
+CFG++ plans (``Plan.uncond_column``) give M one more column, for U = cx x + co out_u, the data estimate of the
+unconditional output: M . [x, D, U, S_0 .. S_{K-1}] (U = D without guidance).
+
 The flat row for a kernel (``Plan.rows``) is ``[cx, co, g, snr, r, lsx, lsD, M (row-major)]``.  All numbers exist
 before the loop starts: no value-dependent branching, no host syncs, nothing a CUDA graph could go stale on.
 """
@@ -32,7 +35,7 @@ import numpy as np
 
 from ._names import unknown_name
 from .schedules import Schedule
-from .solvers import MAX_STAGES, SOLVERS, build
+from .solvers import GUIDANCE_MODES, MAX_STAGES, SOLVERS, build, cfgpp_solvers
 from .solvers.builder import PREDICTIONS, Builder, Lin, conversion  # noqa: F401  (the solver language; old home)
 from .solvers.registry import alpha_zero_error
 from .timesteps import SPACING_OPTIONS, custom_times, timesteps
@@ -62,30 +65,32 @@ class StageFlags(NamedTuple):
             any(bool(f[2]) for f in every), any(bool(f[3]) for f in every), any(bool(f[4]) for f in every))
 
 
-def row_length(num_slots: int) -> int:
-    """Length of a flat row with ``num_slots`` history slots: 7 + (1 + K)(2 + K)."""
-    return len(ROW_HEADER) + (1 + num_slots) * (2 + num_slots)
+def row_length(num_slots: int, uncond: bool = False) -> int:
+    """Length of a flat row with ``num_slots`` history slots: 7 + (1 + K)(2 + K); 7 + (1 + K)(3 + K) with CFG++'s
+    U column (``uncond``)."""
+    return len(ROW_HEADER) + (1 + num_slots) * (2 + bool(uncond) + num_slots)
 
 
-def identity_row(num_slots: int) -> np.ndarray:
+def identity_row(num_slots: int, uncond: bool = False) -> np.ndarray:
     """The flat row [R] of a stage that changes nothing: x' = x, S_i' = S_i, no model output, no noise."""
-    K = int(num_slots)
-    M = np.zeros((1 + K, 2 + K))
+    K, c0 = int(num_slots), 2 + bool(uncond)
+    M = np.zeros((1 + K, c0 + K))
     M[0, 0] = 1.0
     for i in range(K):
-        M[1 + i, 2 + i] = 1.0
+        M[1 + i, c0 + i] = 1.0
     return np.concatenate([np.zeros(len(ROW_HEADER)), M.ravel()])
 
 
-def _row_matrices(rows: np.ndarray, num_slots: int) -> np.ndarray:
+def _row_matrices(rows: np.ndarray, num_slots: int, uncond: bool = False) -> np.ndarray:
     rows = np.asarray(rows, dtype=np.float64)
     K = int(num_slots)
-    if rows.ndim != 2 or rows.shape[1] != row_length(K):
-        raise ValueError(f"rows must be [S, {row_length(K)}] for num_slots={K}, got shape {tuple(rows.shape)}")
+    R = row_length(K, uncond)
+    if rows.ndim != 2 or rows.shape[1] != R:
+        raise ValueError(f"rows must be [S, {R}] for num_slots={K}, got shape {tuple(rows.shape)}")
     return rows
 
 
-def fold_rows(rows, num_slots: int, a_in, a_out) -> np.ndarray:
+def fold_rows(rows, num_slots: int, a_in, a_out, uncond: bool = False) -> np.ndarray:
     """Flat rows [S, R] re-expressed for a sample space y with x = a_in * y on input and y' = x' / a_out on output.
 
     ``a_in``, ``a_out``: [S] (or scalars).  The x columns (and the D conversion's cx, the score's lsx) are scaled by
@@ -93,7 +98,7 @@ def fold_rows(rows, num_slots: int, a_in, a_out) -> np.ndarray:
     Langevin stages only fold with a_out = 1 (their noise is not a row coefficient).
     """
     K = int(num_slots)
-    out = _row_matrices(rows, K).copy()
+    out = _row_matrices(rows, K, uncond).copy()
     S = out.shape[0]
     a_in = np.broadcast_to(np.asarray(a_in, dtype=np.float64), (S,))
     a_out = np.broadcast_to(np.asarray(a_out, dtype=np.float64), (S,))
@@ -102,7 +107,7 @@ def fold_rows(rows, num_slots: int, a_in, a_out) -> np.ndarray:
     if np.any((out[:, 3] != 0) & (a_out != 1.0)):
         raise ValueError("fold_rows: a Langevin stage (snr != 0) cannot be folded with a_out != 1")
     H = len(ROW_HEADER)
-    M = out[:, H:].reshape(S, 1 + K, 2 + K)
+    M = out[:, H:].reshape(S, 1 + K, 2 + bool(uncond) + K)
     out[:, 0] *= a_in  # D = cx x + co out with x = a_in y
     out[:, 5] *= a_in  # the Langevin score's x coefficient
     M[:, :, 0] *= a_in[:, None]
@@ -151,7 +156,9 @@ class Plan:
                                      Langevin stages the register holds the score, formed in float64 (see below)
     denoised_coefs : ndarray [S, 2]  (cx, co) of the data estimate at every stage (what callbacks report and
                                      thresholding clamps; equal to ``data_coefs`` except on Langevin stages)
-    transitions : ndarray [S, 1+K, 2+K]  rows (x', S_0'..), columns (x, D, S_0..)  (old name: ``update``)
+    transitions : ndarray [S, 1+K, 2+K]  rows (x', S_0'..), columns (x, D, S_0..)  (old name: ``update``);
+                                     [S, 1+K, 3+K] with columns (x, D, U, S_0..) in CFG++ plans
+    uncond_column : bool             CFG++ plan (``guidance="cfg++"``): M has the U column
     noise_gain : ndarray [S]
     langevin : ndarray [S, 4]        (snr, r, lsx, lsD); snr = 0 means no corrector term
     writes : ndarray bool [S, K]     slot rows that are written
@@ -161,7 +168,7 @@ class Plan:
     """
 
     def __init__(self, *, key, solver, schedule, steps, prediction, spacing, final, options, times, stages,
-                 num_slots):
+                 num_slots, uncond_column=False):
         self._key = key
         self.solver, self.schedule, self.steps = solver, schedule, steps
         self.prediction, self.spacing, self.final, self.options = prediction, spacing, final, options
@@ -173,6 +180,7 @@ class Plan:
         self.alphas, self.sigmas = _ro(alphas), _ro(sigmas)
         self.init_scale = prior_std(schedule, float(times[0]))
         self.num_slots = K = int(num_slots)
+        self.uncond_column = u = bool(uncond_column)
 
         S = len(stages)
         self.stage_times = _ro(np.array([st.t for st in stages], dtype=np.float64))
@@ -181,9 +189,9 @@ class Plan:
         self.data_coefs = _ro(np.array([[st.cx, st.co] for st in stages], dtype=np.float64).reshape(S, 2))
         self.denoised_coefs = _ro(np.array([st.denoised or (st.cx, st.co) for st in stages],
                                            dtype=np.float64).reshape(S, 2))
-        upd = np.zeros((S, 1 + K, 2 + K))
+        upd = np.zeros((S, 1 + K, 2 + u + K))
         writes = np.zeros((S, K), dtype=bool)
-        cols = {"x": 0, "D": 1, **{i: 2 + i for i in range(K)}}
+        cols = {"x": 0, "D": 1, **({"U": 2} if u else {}), **{i: 2 + u + i for i in range(K)}}
         for k, st in enumerate(stages):
             for reg, v in st.x.c.items():
                 upd[k, 0, cols[reg]] += v
@@ -191,7 +199,7 @@ class Plan:
                 writes[k, i] = True
                 for reg, v in lin.c.items():
                     upd[k, 1 + i, cols[reg]] += v
-        _drop_dead_writes(upd, writes)
+        _drop_dead_writes(upd, writes, 2 + u)
         self.transitions = _ro(upd)
         self.writes = _ro(writes)
         self.noise_gain = _ro(np.array([st.g for st in stages], dtype=np.float64))
@@ -244,7 +252,7 @@ class Plan:
 
     def slot_reads(self, k: int) -> int:
         """Bitmask of the history slots stage k reads (bit i: slot i); lets kernels skip dead loads."""
-        cols = np.any(self.transitions[k, :, 2:] != 0, axis=0)
+        cols = np.any(self.transitions[k, :, 2 + self.uncond_column:] != 0, axis=0)
         return int(sum(1 << i for i in range(self.num_slots) if cols[i]))
 
     def slot_writes(self, k: int) -> int:
@@ -259,20 +267,20 @@ class Plan:
         """``rows()`` re-laid for ``num_slots`` >= K slots, with the identity S_i' = S_i on every slot a stage does
         not write: rows of different stages (or plans) then share one launch with the union of their slot masks
         (continuous batching, per-sample steps). Read-only, cached per ``num_slots``."""
-        K0 = self.num_slots
+        K0, u = self.num_slots, int(self.uncond_column)
         K = K0 if num_slots is None else int(num_slots)
         if K < K0:
             raise ValueError(f"num_slots={K} is below the plan's {K0} history slots")
         hit = self._shared.get(K)
         if hit is None:
             S = self.num_stages
-            M = np.zeros((S, 1 + K, 2 + K))
-            M[:, : 1 + K0, : 2 + K0] = self.transitions
+            M = np.zeros((S, 1 + K, 2 + u + K))
+            M[:, : 1 + K0, : 2 + u + K0] = self.transitions
             for k in range(S):
                 for i in range(K):
                     if i >= K0 or not self.writes[k, i]:
                         M[k, 1 + i, :] = 0.0
-                        M[k, 1 + i, 2 + i] = 1.0
+                        M[k, 1 + i, 2 + u + i] = 1.0
             head = self._rows[:, : len(ROW_HEADER)]
             hit = self._shared[K] = _ro(np.concatenate([head, M.reshape(S, -1)], axis=1))
         return hit
@@ -280,7 +288,7 @@ class Plan:
     def folded_rows(self, a_in, a_out, num_slots: int | None = None) -> np.ndarray:
         """``fold_rows(self.shared_rows(num_slots), ...)``: rows for a sample y with x = a_in y, y' = x' / a_out."""
         K = self.num_slots if num_slots is None else int(num_slots)
-        return fold_rows(self.shared_rows(K), K, a_in, a_out)
+        return fold_rows(self.shared_rows(K), K, a_in, a_out, self.uncond_column)
 
     def _flat_rows(self):
         S = self.num_stages
@@ -308,8 +316,9 @@ def prior_std(schedule: Schedule, t: float) -> float:
     return float(schedule.init_scale)
 
 
-def _drop_dead_writes(upd, writes):
-    """Remove slot writes that no later stage reads before overwriting them (saves a store per element)."""
+def _drop_dead_writes(upd, writes, c0=2):
+    """Remove slot writes that no later stage reads before overwriting them (saves a store per element); ``c0``:
+    the column of slot 0."""
     S, K = writes.shape
     live = np.zeros(K, dtype=bool)  # slot read later (before being overwritten)
     for k in range(S - 1, -1, -1):
@@ -317,7 +326,7 @@ def _drop_dead_writes(upd, writes):
             if writes[k, i] and not live[i]:
                 writes[k, i] = False
                 upd[k, 1 + i, :] = 0.0
-        reads = np.any(upd[k, :, 2:] != 0, axis=0)
+        reads = np.any(upd[k, :, c0:] != 0, axis=0)
         # slots written here are dead before this stage unless this stage reads them
         live = (live & ~writes[k]) | reads
 
@@ -405,6 +414,10 @@ def plan(solver: str, schedule: Schedule, steps: int | None = None, prediction: 
         themselves, ending on ``schedule.t_zero`` (the clean point) or a time >= t_min.
     **options
         Solver options (``eta``, ``s_churn``, ``order``, ...); ``fastdiff.solver_options(name)`` lists them.
+        ``guidance="cfg++"`` (default ``"cfg"``) builds the solver's CFG++ variant (Chung et al. 2024: the
+        renoising direction uses the unconditional data estimate; ``cfgpp_solvers()`` lists the solvers that have
+        one); its rows carry the U column (``Plan.uncond_column``).  Run it with the guidance scale of CFG++'s
+        lambda (typically 0.5 - 2, not CFG's 7.5): D = U + w (C - U) as with CFG.
 
     Every bad argument raises a ValueError that names it.  A plan has at most ``MAX_STAGES`` stages.
     """
@@ -497,9 +510,18 @@ def _build_plan(key) -> Plan:
         if "steps_offset" in spacing_opts and times[0] > schedule.t_max:
             raise ValueError(f"steps_offset={spacing_opts['steps_offset']} moves the first timestep to "
                              f"{times[0]:g}, above the schedule's t_max={schedule.t_max:g}")
-    stages, num_slots, opts_used = build(solver, schedule, prediction, times, final, opts)
+    guidance = opts.pop("guidance", "cfg")
+    if not isinstance(guidance, str) or guidance not in GUIDANCE_MODES:
+        raise unknown_name("guidance", guidance, GUIDANCE_MODES)
+    cfgpp = guidance == "cfg++"
+    if cfgpp and not SOLVERS[solver].cfgpp:
+        raise ValueError(f"solver {solver!r} has no CFG++ variant; guidance='cfg++' works with "
+                         f"{', '.join(cfgpp_solvers())}")
+    stages, num_slots, opts_used = build(solver, schedule, prediction, times, final, opts, cfgpp=cfgpp)
+    if cfgpp:
+        opts_used = {**opts_used, "guidance": guidance}
     return Plan(key=key, solver=solver, schedule=schedule, steps=int(steps), prediction=prediction,
                 spacing=spacing or (None if ts is not None or sg is not None or bd is not None
                                     else schedule.default_spacing),
                 final=final, options=tuple(sorted(opts_used.items())), times=times, stages=stages,
-                num_slots=num_slots)
+                num_slots=num_slots, uncond_column=cfgpp)

@@ -36,6 +36,7 @@ from ._names import unknown_name
 from .backends import BACKENDS, resolve
 from .plan import Plan
 from .ops import _describe
+from .guidance import rescale_factors, rescale_option
 from .thresholding import apply_threshold, dynamic_threshold, threshold_options
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -61,8 +62,10 @@ def _check_guidance_scale(value) -> Optional[float]:
     return float(value)
 
 
-def _check_options(plan, backend, guidance_scale, max_graphs, dynamic_threshold, sample_max_value):
+def _check_options(plan, backend, guidance_scale, max_graphs, dynamic_threshold, sample_max_value,
+                   guidance_rescale=0.0):
     """Sampler's construction options: (guidance weight or None, thresholding (ratio, max_value) or None)."""
+    rescale_option(guidance_rescale)
     _check_plan(plan)
     if backend != "auto" and backend not in BACKENDS:
         raise unknown_name("backend", backend, ("auto",) + BACKENDS)
@@ -222,6 +225,9 @@ def _request(sampler, shape_or_x, x_T, shape, noise, seeds, cond, uncond, guidan
     if seeds is None and plan.num_draws > 1:
         raise ValueError(f"solver {plan.solver!r} draws noise: pass seeds= (one integer per sample)")
     w = sampler.guidance_scale if guidance_scale is None else _check_guidance_scale(guidance_scale)
+    if sampler.guidance_rescale and w is None:
+        raise ValueError(f"guidance_rescale={sampler.guidance_rescale} rescales classifier-free guidance: give "
+                         "guidance_scale= (and uncond=) too, or drop guidance_rescale")
     kwargs = _batched_cond(cond, uncond, w is not None, batch, device)
     # float64 and external noise run on the torch backend only (the kernels compute in fp32 and draw their own noise)
     torch_only = dtype == torch.float64 or noise_fn is not None
@@ -268,28 +274,27 @@ def _output_tensor(out):
     return out
 
 
-def _call_model(model, x, t, x2, kwargs, first: bool):
-    """The model output of one stage ([uncond; cond] with guidance: ``x2`` is the [2B] input buffer, ``t`` the
-    stage's model times [B] or [2B]) in x's dtype, contiguous."""
-    batch = x.shape[0]
-    guided = x2 is not None
-    try:
-        out = model(torch.cat([x, x], out=x2), t, **kwargs) if guided else model(x, t, **kwargs)
-    except TypeError as e:
-        if not first:
-            raise
-        keys = f" and keyword arguments {', '.join(map(repr, kwargs))} (from cond)" if kwargs else ""
-        raise ValueError(f"the model raised TypeError at its first call: {e}.  fastdiff calls model(x, t, **cond) "
-                         f"with x [B, ...], t [B] the model times{keys}: give a model that takes these (wrap another "
-                         "signature, e.g. lambda x, t, **cond: net(x, t.long(), **cond))") from e
+def _model_error(e: TypeError, kwargs) -> ValueError:
+    """The error for a model that raised TypeError at its first call: say how fastdiff calls it."""
+    keys = f" and keyword arguments {', '.join(map(repr, kwargs))} (from cond)" if kwargs else ""
+    return ValueError(f"the model raised TypeError at its first call: {e}.  fastdiff calls model(x, t, **cond) with "
+                      f"x [B, ...], t [B] the model times{keys}: give a model that takes these (wrap another "
+                      "signature, e.g. lambda x, t, **cond: net(x, t.long(), **cond))")
+
+
+def _model_output(out, x, expect, guided):
+    """A model's return value as the stage's output: a tensor of shape ``expect`` in x's dtype on x's device,
+    contiguous (the loop's inline check sends here only what is not that already), else ValueError."""
     out = _output_tensor(out)
-    expect = (2 * batch if guided else batch,) + tuple(x.shape[1:])
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != expect:
+    if not isinstance(out, torch.Tensor) or out.shape != expect:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(f"the model returned {got}, expected a tensor of shape {expect}"
+        raise ValueError(f"the model returned {got}, expected a tensor of shape {tuple(expect)}"
                          + (" ([uncond; cond] outputs for the [uncond; cond] batch)" if guided else ""))
     if not out.is_floating_point():
         raise ValueError(f"the model returned a {out.dtype} tensor: its output must be floating-point")
+    if out.device != x.device:
+        raise ValueError(f"the model returned its output on {out.device} but x is on {x.device}: return it on "
+                         "x's device")
     return out.to(x.dtype).contiguous()
 
 
@@ -358,17 +363,20 @@ def _denoised_row(plan, k, row):
 
 
 class _Stage(NamedTuple):
-    """What one stage needs that does not depend on the data, precomputed once per workspace."""
+    """What one stage needs that does not depend on the data, precomputed once per workspace: the kernel's
+    arguments in its order (Python ints and bools for the flags)."""
 
     k: int
+    row: torch.Tensor  # [1, R] coefficient row (compute dtype, on the device)
+    draw: torch.Tensor  # int64 [1] Philox draw index
     reads: int
     writes: int
     use_out: bool
+    cfg: bool  # guided and use_out
     noise: bool
     langevin: bool
-    row: torch.Tensor  # [1, R] coefficient row (compute dtype, on the device)
-    draw: torch.Tensor  # int64 [1] Philox draw index
     t: Optional[torch.Tensor]  # model times [B] ([2B] with guidance), None without a model call
+    last: bool  # the last stage: it writes the result, a fresh tensor
 
 
 class _Workspace:
@@ -377,7 +385,9 @@ class _Workspace:
     ``state`` holds x between stages (the steps update it in place), ``slots`` the solver's history, ``x2`` the
     [uncond; cond] model input with guidance, ``nonfinite`` int32 [B] flags raised by the kernels.  Reused across
     calls of one thread (``_workspace``), so a loop allocates nothing per step; only the slots that a stage reads
-    before any stage wrote them are zeroed per call.
+    before any stage wrote them are zeroed per call.  Every stage's kernel arguments are checked here, once
+    (``ops._check_step_args``): the loop then calls the backend's kernel directly (``ops._step_kernel``), checking
+    per step only the model output.
     """
 
     def __init__(self, plan, shape, dtype, device, guided):
@@ -387,9 +397,13 @@ class _Workspace:
         self.state = torch.empty(shape, dtype=dtype, device=device)
         self.slots = torch.empty((plan.num_slots,) + tuple(shape), dtype=dtype, device=device)
         self.x2 = torch.empty((2 * batch,) + tuple(shape[1:]), dtype=dtype, device=device) if guided else None
+        self.out_shape = torch.Size((2 * batch if guided else batch,) + tuple(shape[1:]))
         self.nonfinite = torch.zeros(batch, dtype=torch.int32, device=device)
         self.no_guidance = torch.zeros(1, dtype=cdt, device=device)  # the step's guidance argument without cfg
         self.busy = False
+        # the bytes of state, so that the loop sees a model output that aliases it without asking torch
+        start = self.state.data_ptr()
+        self.state_span = (start, start + self.state.numel() * self.state.element_size())
         stages, written, unset = [], 0, 0
         for k in range(plan.num_stages):
             reads, writes, use_out, noise, langevin = plan.stage_flags[k]
@@ -399,9 +413,22 @@ class _Workspace:
             if use_out:  # a host constant: no sync, graph-safe
                 t = torch.full((2 * batch if guided else batch,), float(plan.schedule.model_time(plan.stage_times[k])),
                                dtype=cdt, device=device)
-            stages.append(_Stage(k, reads, writes, use_out, noise, langevin, rows[k : k + 1], draws[k : k + 1], t))
+            stages.append(_Stage(k, rows[k : k + 1], draws[k : k + 1], int(reads), int(writes), bool(use_out),
+                                 bool(guided and use_out), bool(noise), bool(langevin), t, k == plan.num_stages - 1))
         self.stages = tuple(stages)
         self.unset_slots = [i for i in range(plan.num_slots) if (unset >> i) & 1]
+        self.uncond = bool(plan.uncond_column)  # CFG++ rows: the U column
+        self._check_stages(guided)
+
+    def _check_stages(self, guided):
+        """The step contract's checks of every stage's arguments, once: the loop's tensors keep these layouts (the
+        seeds [B] int64 and the guidance weight [1] that ``_request`` makes; the model output is checked per call)."""
+        seeds = torch.zeros(self.state.shape[0], dtype=torch.int64, device=self.state.device)
+        out = self.x2 if guided else self.state  # the layout of a model output, as the loop checks it
+        for st in self.stages:
+            ops._check_step_args(self.state, out, self.slots, st.row, seeds, st.draw, self.no_guidance, st.reads,
+                                 st.writes, st.use_out, st.cfg, None, None, "torch", None, self.nonfinite,
+                                 uncond=self.uncond)
 
     def begin(self, check_finite):
         """Reset what a call must find clean; returns the flags tensor to pass to the steps (None: no checks)."""
@@ -436,50 +463,71 @@ def _workspace(plan, shape, dtype, device, guided) -> _Workspace:
     return ws
 
 
-def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
-    a0, b0 = a.data_ptr(), b.data_ptr()
-    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
-
-
 def _loop(model, plan, x, seeds_t, backend, w, kwargs, ws: _Workspace, callback=None, check_finite="off", bar=None,
-          noise_fn=None, threshold=None):
-    """Run every stage with ``fastdiff.ops.step``. ``x``: the start state (the caller's, or ``ws.state`` holding the
-    prior); ``w``: guidance tensor [1] or None; ``threshold``: (ratio, max_value) of dynamic thresholding or None;
-    ``ws``: the loop's buffers; returns the sample, a new tensor (x itself without stages).
+          noise_fn=None, threshold=None, rescale=0.0):
+    """Run every stage's step. ``x``: the start state (the caller's, or ``ws.state`` holding the prior); ``w``:
+    guidance tensor [1] or None; ``threshold``: (ratio, max_value) of dynamic thresholding or None; ``rescale``:
+    guidance_rescale's phi (0: off); ``ws``: the loop's buffers and checked per-stage arguments; returns the sample,
+    a new tensor (x itself without stages).
 
     Every stage but the last writes x' into ``ws.state`` in place; the last writes a fresh tensor, the result.  With
     a callback every x' is a fresh tensor (a callback may keep what it is given).  The kernels raise per-sample
     non-finite flags as they write: ``check_finite="step"`` reads them after every stage, ``"end"`` once, here.
     With ``check_finite="off"`` and no callback this does no host sync, so it can be captured in a CUDA graph
     (dynamic thresholding included: its reduction pass is device-side torch ops).
+
+    The steps call the backend's kernel directly (``ops._step_kernel``; ``ws`` checked their arguments once); a
+    model output that is a tensor subclass, external noise (``noise_fn``) and torch.compile take ``ops.step``.
     """
     guided = w is not None
     slots, flags = ws.slots, ws.begin(check_finite)
     w_t = w if guided else ws.no_guidance
     x = x.contiguous()
-    first_call, last = True, len(ws.stages) - 1
-    for i, (k, reads, writes, use_out, noise, langevin, row, draw, t) in enumerate(ws.stages):
-        cfg = guided and use_out
-        out = None
+    kernel = None if noise_fn is not None or torch.compiler.is_compiling() or type(x) is not torch.Tensor \
+        else ops._step_kernel(backend)
+    state, (s0, s1), expect, x2 = ws.state, ws.state_span, ws.out_shape, ws.x2
+    dtype, device = x.dtype, x.device
+    out_bytes = expect.numel() * state.element_size()
+    fresh = callback is not None  # every x' a tensor of its own
+    uncond = bool(plan.uncond_column)  # CFG++ rows
+    first_call = True
+    for k, row, draw, reads, writes, use_out, cfg, noise, langevin, t, last in ws.stages:
+        out, dst = x, state  # (out is not read by a stage without a model call)
         if use_out:
-            out = _call_model(model, x, t, ws.x2, kwargs, first_call)
+            try:
+                out = model(torch.cat([x, x], out=x2), t, **kwargs) if guided else model(x, t, **kwargs)
+            except TypeError as e:
+                if first_call:
+                    raise _model_error(e, kwargs) from e
+                raise
             first_call = False
+            # the checks of every model output, inline: a loop step costs a few microseconds of Python in all
+            if (type(out) is not torch.Tensor or out.shape != expect or out.dtype is not dtype
+                    or out.device != device or not out.is_contiguous()):
+                out = _model_output(out, x, expect, guided)
+            o0 = out.data_ptr()
+            if o0 < s1 and s0 < o0 + out_bytes:  # the model returned (a view of) x: keep it intact
+                dst = None
+        if last or fresh or dst is None:
+            dst = torch.empty_like(x)  # the result; or kept by a callback; or the model output lives in state
+        # guidance_rescale: a per-sample factor on the guided output, from a reduction pass (as thresholding)
+        m = rescale_factors(out, w_t, rescale) if rescale and cfg else None
         # thresholding clamps the data estimate; a Langevin stage's D register is the score, not a data estimate
-        thr = (dynamic_threshold(x, out, row, w_t, cfg, *threshold)
+        thr = (dynamic_threshold(x, out, row, w_t, cfg, *threshold, cfg_rescale=m)
                if threshold is not None and use_out and not langevin else None)
-        z = _unit_noise(noise_fn, k, x) if noise_fn is not None and (noise or langevin) else None
-        if i == last or callback is not None or (use_out and _overlaps(out, ws.state)):
-            dst = torch.empty_like(x)  # the result; or kept by a callback; or the model returned (a view of) x
+        if kernel is not None and type(out) is torch.Tensor:
+            x_new = kernel(x, out, slots, row, seeds_t, draw, w_t, reads, writes, use_out, cfg, noise, langevin, dst,
+                           thr, flags, m, uncond)
         else:
-            dst = ws.state
-        x_new = ops.step(x, x if out is None else out, slots, row, seeds_t, draw, w_t, slot_reads=reads,
-                         slot_writes=writes, use_out=use_out, cfg=cfg, noise=noise, langevin=langevin,
-                         backend=backend, thresholds=thr, z=z, x_out=dst, nonfinite=flags)
+            z = _unit_noise(noise_fn, k, x) if noise_fn is not None and (noise or langevin) else None
+            x_new = ops.step(x, out, slots, row, seeds_t, draw, w_t, slot_reads=reads, slot_writes=writes,
+                             use_out=use_out, cfg=cfg, noise=noise, langevin=langevin, backend=backend,
+                             thresholds=thr, z=z, x_out=dst, nonfinite=flags, cfg_rescale=m, uncond=uncond)
         if callback is not None and use_out:
-            D = ops.data_estimate(x, out, _denoised_row(plan, k, row), w_t, cfg)
+            D = ops.data_estimate(x, out, _denoised_row(plan, k, row), w_t, cfg, cfg_rescale=m)
             callback(k, x_new, (D if thr is None else apply_threshold(D, thr)).to(x.dtype))
         if check_finite == "step" and bool(flags.any()):
-            _check_stage(x_new, out, plan, k, w if cfg else None, _flagged(flags))
+            _check_stage(x_new, out if use_out else None, plan, k, w if cfg else None, _flagged(flags))
         if bar is not None:
             bar.update(1)
         x = x_new
@@ -548,13 +596,18 @@ class Sampler:
         sample_max_value) and D = clamp(D, -s, s) / s before the update uses it.  For data scaled to [-1, 1].
     sample_max_value : float
         The largest threshold (diffusers' ``sample_max_value``; default 1.0).
+    guidance_rescale : float in [0, 1]
+        diffusers' ``guidance_rescale`` (Lin et al. 2023, for zero-terminal-SNR models; they use 0.7): the guided
+        output out_g is rescaled per sample to phi out_g std(out_c) / std(out_g) + (1 - phi) out_g.  0 (default)
+        is off; needs guidance.
     """
 
     def __init__(self, model, plan: Plan, backend: str = "auto", compile=None, cuda_graph: bool = True,
                  guidance_scale=None, progress=None, max_graphs: int = 8, dynamic_threshold=None,
-                 sample_max_value: float = 1.0):
+                 sample_max_value: float = 1.0, guidance_rescale: float = 0.0):
         w, self._threshold = _check_options(plan, backend, guidance_scale, max_graphs, dynamic_threshold,
-                                            sample_max_value)
+                                            sample_max_value, guidance_rescale)
+        self.guidance_rescale = float(guidance_rescale)
         self.model, self.plan, self.backend = model, plan, backend
         self.compile, self.cuda_graph, self.guidance_scale = compile, cuda_graph, w
         self.progress, self.max_graphs = progress, max_graphs
@@ -598,7 +651,7 @@ class Sampler:
             try:
                 x = _prior(plan, req.x_T, ws, req.seeds, req.backend)
                 x = _loop(model, plan, x, req.seeds, req.backend, req.guidance, req.cond, ws, callback, check_finite,
-                          bar, req.noise_fn, self._threshold)
+                          bar, req.noise_fn, self._threshold, self.guidance_rescale)
                 if x is ws.state:  # a plan without stages: the drawn prior is the sample
                     x = x.clone()
             finally:
@@ -650,7 +703,8 @@ class Sampler:
             pick_u = None if uncond is None else {k: v[idx] for k, v in uncond.items()}
             runner = Sampler(self.model, sub, backend=self.backend, compile=self.compile, cuda_graph=self.cuda_graph,
                              guidance_scale=self.guidance_scale, progress=self.progress,
-                             dynamic_threshold=self.dynamic_threshold, sample_max_value=self.sample_max_value)
+                             dynamic_threshold=self.dynamic_threshold, sample_max_value=self.sample_max_value,
+                             guidance_rescale=self.guidance_rescale)
             out[idx] = runner.sample(x_T=x_start, seeds=seeds_b, cond=pick or None, uncond=pick_u,
                                      guidance_scale=guidance_scale, check_finite=check_finite)
         return out
@@ -662,7 +716,7 @@ class Sampler:
         with self._lock:
             entry = self._graphs.get(key)
             if entry is None:
-                entry = _GraphEntry(model, self.plan, req, self._threshold)
+                entry = _GraphEntry(model, self.plan, req, self._threshold, self.guidance_rescale)
                 self._graphs[key] = entry
                 while len(self._graphs) > self.max_graphs:
                     self._graphs.popitem(last=False)
@@ -674,8 +728,9 @@ class Sampler:
 class _GraphEntry:
     """One captured loop with its static input buffers; replays are serialized by a lock."""
 
-    def __init__(self, model, plan, req: _Request, threshold=None):
+    def __init__(self, model, plan, req: _Request, threshold=None, rescale=0.0):
         self.plan, self.backend, self.model, self.threshold = plan, req.backend, model, threshold
+        self.rescale = rescale
         self.x = None if req.x_T is None else torch.empty_like(req.x_T)
         self.shape, self.dtype, self.device = req.shape, req.dtype, req.device
         self.seeds = torch.empty_like(req.seeds)
@@ -707,7 +762,7 @@ class _GraphEntry:
     def _run(self):
         x = _prior(self.plan, self.x, self.ws, self.seeds, self.backend)
         return _loop(self.model, self.plan, x, self.seeds, self.backend, self.w, self.cond, self.ws,
-                     threshold=self.threshold)
+                     threshold=self.threshold, rescale=self.rescale)
 
     def replay(self, req: _Request):
         with self.lock:
@@ -719,7 +774,7 @@ class _GraphEntry:
 def sample(model, plan: Plan, x_T=None, shape=None, noise=None, seeds=None, backend: str = "auto",
            guidance_scale=None, cond=None, uncond=None, callback=None, check_finite: str = "end", dtype=None,
            device=None, compile=False, cuda_graph: bool = False, progress=None, dynamic_threshold=None,
-           sample_max_value: float = 1.0) -> torch.Tensor:
+           sample_max_value: float = 1.0, guidance_rescale: float = 0.0) -> torch.Tensor:
     """Sample with ``model`` along ``plan`` (the one-call form of ``Sampler``).
 
     Parameters
@@ -755,12 +810,15 @@ def sample(model, plan: Plan, x_T=None, shape=None, noise=None, seeds=None, back
         As for ``Sampler`` (off by default in this one-call form, which keeps no cache between calls).
     dynamic_threshold : float, optional;  sample_max_value : float
         Imagen's dynamic thresholding of every data estimate (quantile ratio, largest threshold); see ``Sampler``.
+    guidance_rescale : float in [0, 1]
+        diffusers' guidance_rescale phi (0: off; needs guidance_scale); see ``Sampler``.
 
     Returns
     -------
     Tensor [B, ...]: the sample.
     """
     s = Sampler(model, plan, backend=backend, compile=compile, cuda_graph=cuda_graph, guidance_scale=guidance_scale,
-                progress=progress, dynamic_threshold=dynamic_threshold, sample_max_value=sample_max_value)
+                progress=progress, dynamic_threshold=dynamic_threshold, sample_max_value=sample_max_value,
+                guidance_rescale=guidance_rescale)
     return s.sample(x_T=x_T, shape=shape, noise=noise, seeds=seeds, cond=cond, uncond=uncond, dtype=dtype,
                     device=device, callback=callback, check_finite=check_finite)

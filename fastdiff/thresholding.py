@@ -76,7 +76,8 @@ def apply_threshold(D: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     return torch.clamp(D, -s, s) / s
 
 
-def dynamic_threshold(x, out, rows, guidance=None, cfg=False, ratio=0.995, max_value=1.0) -> torch.Tensor:
+def dynamic_threshold(x, out, rows, guidance=None, cfg=False, ratio=0.995, max_value=1.0,
+                      cfg_rescale=None) -> torch.Tensor:
     """The reduction pass of dynamic thresholding: the thresholds ``ops.step(..., thresholds=)`` takes for a stage.
 
     Forms D = cx x + co out exactly as the step does (``fastdiff.ops.data_estimate``: with ``cfg``,
@@ -91,9 +92,10 @@ def dynamic_threshold(x, out, rows, guidance=None, cfg=False, ratio=0.995, max_v
     guidance : Tensor [B or 1], optional (the cfg weight w)
     cfg : bool
     ratio : float, the quantile of |D| (Imagen: 0.995);  max_value : float >= 1, the largest threshold
+    cfg_rescale : Tensor [B], optional, guidance_rescale's factors (the step's ``cfg_rescale``)
 
     Returns
     -------
     Tensor [B]: float32 (float64 for float64 x), each >= 1
     """
-    return threshold_of(data_estimate(x, out, rows, guidance, cfg), ratio, max_value)
+    return threshold_of(data_estimate(x, out, rows, guidance, cfg, cfg_rescale if cfg else None), ratio, max_value)

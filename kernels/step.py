@@ -125,14 +125,19 @@ def _threshold(d, thr_ptr, b):
 
 
 @triton.jit
-def _model_out(out_ptr, guid_ptr, b, B, N, e, mask, guid_stride, CFG: tl.constexpr):
-    """The model output of sample b in fp32; with CFG out_u + w (out_c - out_u) from rows b and B + b."""
+def _model_out(out_ptr, guid_ptr, resc_ptr, b, B, N, e, mask, guid_stride, CFG: tl.constexpr,
+               RESCALE: tl.constexpr):
+    """The model output of sample b in fp32; with CFG out_u + w (out_c - out_u) from rows b and B + b, times
+    guidance_rescale's factor m_b with RESCALE.  Also returns out_u (CFG++'s U is formed from it)."""
     o = tl.load(out_ptr + b.to(tl.int64) * N + e, mask=mask, other=0.0).to(tl.float32)
+    ou = o
     if CFG:
         w = tl.load(guid_ptr + b * guid_stride).to(tl.float32)
         oc = tl.load(out_ptr + (b.to(tl.int64) + B) * N + e, mask=mask, other=0.0).to(tl.float32)
         o = o + w * (oc - o)
-    return o
+        if RESCALE:
+            o = tl.load(resc_ptr + b).to(tl.float32) * o
+    return o, ou
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -142,27 +147,35 @@ def _model_out(out_ptr, guid_ptr, b, B, N, e, mask, guid_stride, CFG: tl.constex
 
 @triton.jit
 def _step_kernel(x_ptr, out_ptr, slots_ptr, rows_ptr, seeds_ptr, draws_ptr, guid_ptr, eps_ptr, thr_ptr, x_out_ptr,
-                 flag_ptr, B, N, row_stride, draw_stride, guid_stride,
+                 flag_ptr, resc_ptr, B, N, row_stride, draw_stride, guid_stride,
                  K: tl.constexpr, SLOT_READS: tl.constexpr, SLOT_WRITES: tl.constexpr, USE_OUT: tl.constexpr,
                  CFG: tl.constexpr, NOISE: tl.constexpr, LANGEVIN: tl.constexpr, THRESHOLD: tl.constexpr,
-                 FLAG: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    """One stage for BLOCK_SIZE elements of sample b: D = cx x + co out (thresholded with THRESHOLD);
-    x' = M[0].[x, D, S] + g z (+ Langevin); S_i = M[1+i].[x, D, S] for the slots in SLOT_WRITES.  Every load
+                 FLAG: tl.constexpr, RESCALE: tl.constexpr, UNCOND: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """One stage for BLOCK_SIZE elements of sample b: D = cx x + co out (thresholded with THRESHOLD; the guided
+    output times m_b with RESCALE); x' = M[0].[x, D, S] + g z (+ Langevin); S_i = M[1+i].[x, D, S] for the slots
+    in SLOT_WRITES; with UNCOND (CFG++ rows) M's columns are [x, D, U, S] with U = cx x + co out_u.  Every load
     precedes every store (in-place safe).  With FLAG, 1 is OR-ed into flag_ptr[b] when a stored x' value is NaN /
     Inf (v - v is 0 only for finite v)."""
     b = tl.program_id(1)
     blk, lane, e, mask = _tile(tl.program_id(0), N, BLOCK_SIZE)
     base = b.to(tl.int64) * N
     row = rows_ptr + b * row_stride  # row_stride 0: one row for the whole batch
-    C: tl.constexpr = 2 + K  # columns of M: x, D, S_0 .. S_{K-1}
+    SB: tl.constexpr = 3 if UNCOND else 2  # column of slot 0
+    C: tl.constexpr = SB + K  # columns of M: x, D, (U,) S_0 .. S_{K-1}
 
     xv = tl.load(x_ptr + base + e, mask=mask, other=0.0).to(tl.float32)
     d = xv  # placeholder, only used when USE_OUT
+    u = xv  # placeholder, only used when USE_OUT and UNCOND
     if USE_OUT:
-        o = _model_out(out_ptr, guid_ptr, b, B, N, e, mask, guid_stride, CFG)
+        o, ou = _model_out(out_ptr, guid_ptr, resc_ptr, b, B, N, e, mask, guid_stride, CFG, RESCALE)
         d = tl.load(row + 0).to(tl.float32) * xv + tl.load(row + 1).to(tl.float32) * o
         if THRESHOLD:
             d = _threshold(d, thr_ptr, b)
+        u = d
+        if UNCOND and CFG:
+            u = tl.load(row + 0).to(tl.float32) * xv + tl.load(row + 1).to(tl.float32) * ou
+            if THRESHOLD:
+                u = _threshold(u, thr_ptr, b)
     svals = ()
     for i in tl.static_range(K):
         if (SLOT_READS >> i) & 1:
@@ -175,9 +188,11 @@ def _step_kernel(x_ptr, out_ptr, slots_ptr, rows_ptr, seeds_ptr, draws_ptr, guid
     acc = tl.load(row + _ROW_HEAD).to(tl.float32) * xv
     if USE_OUT:
         acc = acc + tl.load(row + _ROW_HEAD + 1).to(tl.float32) * d
+        if UNCOND:
+            acc = acc + tl.load(row + _ROW_HEAD + 2).to(tl.float32) * u
     for i in tl.static_range(K):
         if (SLOT_READS >> i) & 1:
-            acc = acc + tl.load(row + _ROW_HEAD + 2 + i).to(tl.float32) * svals[i]
+            acc = acc + tl.load(row + _ROW_HEAD + SB + i).to(tl.float32) * svals[i]
 
     if NOISE or LANGEVIN:
         z = _sample_noise(seeds_ptr, draws_ptr, b, draw_stride, blk, lane)
@@ -199,9 +214,11 @@ def _step_kernel(x_ptr, out_ptr, slots_ptr, rows_ptr, seeds_ptr, draws_ptr, guid
             nv = tl.load(m_row).to(tl.float32) * xv
             if USE_OUT:
                 nv = nv + tl.load(m_row + 1).to(tl.float32) * d
+                if UNCOND:
+                    nv = nv + tl.load(m_row + 2).to(tl.float32) * u
             for i in tl.static_range(K):
                 if (SLOT_READS >> i) & 1:
-                    nv = nv + tl.load(m_row + 2 + i).to(tl.float32) * svals[i]
+                    nv = nv + tl.load(m_row + SB + i).to(tl.float32) * svals[i]
             news = news + (nv,)
         else:
             news = news + (xv,)
@@ -218,10 +235,10 @@ def _step_kernel(x_ptr, out_ptr, slots_ptr, rows_ptr, seeds_ptr, draws_ptr, guid
 
 
 @triton.jit
-def _langevin_partials_kernel(x_ptr, out_ptr, rows_ptr, seeds_ptr, draws_ptr, guid_ptr, thr_ptr, part_ptr,
+def _langevin_partials_kernel(x_ptr, out_ptr, rows_ptr, seeds_ptr, draws_ptr, guid_ptr, thr_ptr, resc_ptr, part_ptr,
                               B, N, P, row_stride, draw_stride, guid_stride,
                               USE_OUT: tl.constexpr, CFG: tl.constexpr, THRESHOLD: tl.constexpr,
-                              BLOCK_SIZE: tl.constexpr):
+                              RESCALE: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     """Per (sample, block) partial sums [sum z^2, sum s^2] (fp32) into part[b, pid, :]; s = lsx x + lsD D."""
     b = tl.program_id(1)
     pid = tl.program_id(0)
@@ -231,7 +248,7 @@ def _langevin_partials_kernel(x_ptr, out_ptr, rows_ptr, seeds_ptr, draws_ptr, gu
     lsx = tl.load(row + 5).to(tl.float32)
     lsd = tl.load(row + 6).to(tl.float32)
     if USE_OUT:
-        o = _model_out(out_ptr, guid_ptr, b, B, N, e, mask, guid_stride, CFG)
+        o, _ = _model_out(out_ptr, guid_ptr, resc_ptr, b, B, N, e, mask, guid_stride, CFG, RESCALE)
         d = tl.load(row + 0).to(tl.float32) * xv + tl.load(row + 1).to(tl.float32) * o
         if THRESHOLD:
             d = _threshold(d, thr_ptr, b)
@@ -363,7 +380,8 @@ def _stride0(t: torch.Tensor) -> int:
     return 0 if t.shape[0] == 1 else t.stride(0)
 
 
-def langevin_eps(x, out, rows, seeds, draws, guidance, use_out: bool, cfg: bool, thresholds=None) -> torch.Tensor:
+def langevin_eps(x, out, rows, seeds, draws, guidance, use_out: bool, cfg: bool, thresholds=None,
+                 cfg_rescale=None) -> torch.Tensor:
     """Per-sample Langevin step size eps [B] (fp32) on device: partial sums pass + fixed-order finalize pass."""
     B, N = x.shape[0], x[0].numel()
     block = INTERPRET_BLOCK if interpreting() else REDUCE_BLOCK
@@ -371,10 +389,11 @@ def langevin_eps(x, out, rows, seeds, draws, guidance, use_out: bool, cfg: bool,
     part = torch.empty((B, P, 2), dtype=torch.float32, device=x.device)
     eps = torch.empty((B,), dtype=torch.float32, device=x.device)
     thr = thresholds if thresholds is not None else rows  # not dereferenced without THRESHOLD
+    resc = cfg_rescale if cfg_rescale is not None else rows  # not dereferenced without RESCALE
     _langevin_partials_kernel[_grid(N, block, B)](
-        x, out, rows, seeds, draws, guidance, thr, part, B, N, P, _stride0(rows), _stride0(draws),
-        _stride0(guidance), USE_OUT=use_out, CFG=cfg, THRESHOLD=thresholds is not None and use_out, BLOCK_SIZE=block,
-        num_warps=8, enable_fp_fusion=False)
+        x, out, rows, seeds, draws, guidance, thr, resc, part, B, N, P, _stride0(rows), _stride0(draws),
+        _stride0(guidance), USE_OUT=use_out, CFG=cfg, THRESHOLD=thresholds is not None and use_out,
+        RESCALE=cfg_rescale is not None and cfg and use_out, BLOCK_SIZE=block, num_warps=8, enable_fp_fusion=False)
     fblock = min(1024, _next_pow2(P))
     _langevin_eps_kernel[(B,)](part, rows, eps, P, _stride0(rows), FBLOCK=fblock, num_warps=4,
                                enable_fp_fusion=False)
@@ -383,11 +402,12 @@ def langevin_eps(x, out, rows, seeds, draws, guidance, use_out: bool, cfg: bool,
 
 def step_forward(x, out, slots, rows, seeds, draws, guidance, slot_reads: int, slot_writes: int, use_out: bool,
                  cfg: bool, noise: bool, langevin: bool, x_out=None, *, thresholds=None, nonfinite=None,
-                 block_size=None, num_warps=None):
+                 cfg_rescale=None, uncond=False, block_size=None, num_warps=None):
     """Launch one stage (see ``fastdiff.ops.step_reference``); writes ``x_out`` (default: a new tensor; may be
     ``x`` itself) and the slots in ``slot_writes``.  One launch, or three with ``langevin``.  ``thresholds``:
     float32 [B] dynamic thresholds applied to D, or None; ``nonfinite``: int32 [B] flags set to 1 for a sample
-    whose stored x' has NaN / Inf, or None."""
+    whose stored x' has NaN / Inf, or None; ``cfg_rescale``: float32 [B] guidance_rescale factors (with cfg), or
+    None; ``uncond``: CFG++ rows (M's columns [x, D, U, S])."""
     if x_out is None:
         x_out = torch.empty_like(x)
     B = x.shape[0]
@@ -399,16 +419,19 @@ def step_forward(x, out, slots, rows, seeds, draws, guidance, slot_reads: int, s
         return x_out
     out_t = out if use_out else x  # not dereferenced without use_out
     slots_t = slots if K else x
-    eps = langevin_eps(x, out_t, rows, seeds, draws, guidance, use_out, cfg, thresholds) if langevin else rows
+    eps = (langevin_eps(x, out_t, rows, seeds, draws, guidance, use_out, cfg, thresholds, cfg_rescale)
+           if langevin else rows)
     thr = thresholds if thresholds is not None else rows  # not dereferenced without THRESHOLD
+    resc = cfg_rescale if cfg_rescale is not None else rows  # not dereferenced without RESCALE
     meta = dict(K=K, SLOT_READS=reads, SLOT_WRITES=writes, USE_OUT=bool(use_out), CFG=bool(cfg), NOISE=bool(noise),
-                LANGEVIN=bool(langevin), THRESHOLD=thresholds is not None and bool(use_out))
+                LANGEVIN=bool(langevin), THRESHOLD=thresholds is not None and bool(use_out),
+                RESCALE=cfg_rescale is not None and bool(cfg) and bool(use_out), UNCOND=bool(uncond))
     strides = (_stride0(rows), _stride0(draws), _stride0(guidance))
     flag = nonfinite is not None
 
     def run(block, warps, x_dst=x_out, s_dst=slots_t, f_dst=nonfinite if flag else seeds):
-        _step_kernel[_grid(N, block, B)](x, out_t, s_dst, rows, seeds, draws, guidance, eps, thr, x_dst, f_dst, B,
-                                         N, *strides, **meta, FLAG=flag, BLOCK_SIZE=block, num_warps=warps,
+        _step_kernel[_grid(N, block, B)](x, out_t, s_dst, rows, seeds, draws, guidance, eps, thr, x_dst, f_dst, resc,
+                                         B, N, *strides, **meta, FLAG=flag, BLOCK_SIZE=block, num_warps=warps,
                                          enable_fp_fusion=False)
 
     if block_size is None:

@@ -747,6 +747,46 @@ def test_dynamic_thresholding(target, name, dtype, cfg):
         check_thresholded_stage(target.step, name, shape, dtype, target.device, cfg=cfg)
 
 
+@pytest.mark.parametrize("thresholded", [False, True], ids=["plain", "thresholded"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_guidance_rescale_and_cfgpp_rows(target, dtype, thresholded):
+    """guidance_rescale's per-sample factors (cfg_rescale) and CFG++ rows (uncond: the U column) against the torch
+    reference, on the scalar and the vector path, continuing from the kernel's state."""
+    from fastdiff.guidance import rescale_factors
+
+    dev = target.device
+    cases = [(fd.plan("dpmpp_2m", S.DiscreteVP.scaled_linear(), 4, guidance="cfg++"), (3, 4, 9)),
+             (fd.plan("dpmpp_2s_ancestral", S.EDM(), 2, guidance="cfg++"), (2, 4, 8, 8)),
+             (fd.plan("euler", S.EDM(), 2), (2, 11))]
+    for plan, shape in cases:
+        B = shape[0]
+        seeds = rng.seeds_tensor(SEEDS[:B], device=dev)
+        x = (plan.init_scale * torch.randn(shape, generator=torch.Generator().manual_seed(B))).to(dtype).to(dev)
+        slots = torch.zeros((plan.num_slots,) + shape, dtype=dtype, device=dev)
+        guidance = torch.linspace(0.5, 6.0, B, dtype=torch.float32, device=dev)
+        for k in range(plan.num_stages):
+            rows = torch.tensor(plan.rows()[k: k + 1], dtype=torch.float32, device=dev)
+            draws = torch.tensor([int(plan.draw[k])], dtype=torch.int64, device=dev)
+            flags = stage_flags(plan, k)
+            out = model(x, k, True)
+            m = rescale_factors(out, guidance, 0.7)
+            thr = ops.dynamic_threshold(x, out, rows, guidance, True, 0.9, 2.0, cfg_rescale=m) if thresholded \
+                else None
+            kw = dict(cfg_rescale=m, uncond=plan.uncond_column, thresholds=thr)
+            s_t, s_64 = slots.clone(), slots.double()
+            same = call(ops.step_reference, x, out, s_t, rows, seeds, draws, guidance, flags, True, **kw)
+            kw64 = dict(kw, cfg_rescale=m.double(), thresholds=None if thr is None else thr.double())
+            ref = call(ops.step_reference, x.double(), out.double(), s_64, rows.double(), seeds, draws,
+                       guidance.double(), flags, True, **kw64)
+            got = call(target.step, x, out, slots, rows, seeds, draws, guidance, flags, True, **kw)
+            what = f"{plan.solver} cfg++={plan.uncond_column} stage {k} {dtype} {shape} on {target.name}"
+            assert_like_torch(got, same, ref, f"{what} x'")
+            for i in range(slots.shape[0]):
+                if (flags["slot_writes"] >> i) & 1:
+                    assert_like_torch(slots[i], s_t[i], s_64[i], f"{what} slot {i}")
+            x = got
+
+
 def test_rejects_bad_thresholds(target):
     dev = target.device
     x = torch.randn(2, 3, 5, device=dev)

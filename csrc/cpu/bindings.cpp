@@ -57,7 +57,8 @@ at::Tensor step(const at::Tensor& x, const at::Tensor& out, const at::Tensor& sl
                 const at::Tensor& seeds, const at::Tensor& draws, const at::Tensor& guidance, int64_t slot_reads,
                 int64_t slot_writes, bool use_out, bool cfg, bool noise, bool langevin,
                 const c10::optional<at::Tensor>& x_out, const c10::optional<at::Tensor>& thresholds,
-                const c10::optional<at::Tensor>& nonfinite) {
+                const c10::optional<at::Tensor>& nonfinite, const c10::optional<at::Tensor>& cfg_rescale,
+                bool uncond) {
   const char* who = "fastdiff cpu step: ";
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{x, "x"}, {slots, "slots"}, {rows, "rows"},
                                 {seeds, "seeds"}, {draws, "draws"}, {guidance, "guidance"}})
@@ -75,7 +76,7 @@ at::Tensor step(const at::Tensor& x, const at::Tensor& out, const at::Tensor& sl
     check_contiguous(out, "out");
   }
   const at::ScalarType mt = math_type(x.scalar_type());
-  const int64_t R = ROW_HEAD + (1 + K) * (2 + K);
+  const int64_t R = ROW_HEAD + (1 + K) * ((uncond ? 3 : 2) + K);
   const at::Tensor rows_c = rows.to(mt).contiguous();
   const at::Tensor draws_c = draws.contiguous();
   const at::Tensor guid_c = guidance.to(mt).contiguous();
@@ -84,6 +85,12 @@ at::Tensor step(const at::Tensor& x, const at::Tensor& out, const at::Tensor& sl
   if (thresholds.has_value()) {
     check_cpu(*thresholds, "thresholds");
     thr_c = thresholds->contiguous();
+  }
+  at::Tensor resc_c;
+  if (cfg_rescale.has_value()) {
+    check_cpu(*cfg_rescale, "cfg_rescale");
+    TORCH_CHECK_VALUE(cfg_rescale->dim() == 1 && cfg_rescale->size(0) == B, who, "cfg_rescale must be a tensor [B]");
+    resc_c = cfg_rescale->to(mt).contiguous();
   }
   if (nonfinite.has_value()) {
     check_cpu(*nonfinite, "nonfinite");
@@ -136,6 +143,8 @@ at::Tensor step(const at::Tensor& x, const at::Tensor& out, const at::Tensor& sl
     p.noise = noise;
     p.langevin = langevin;
     p.thresholds = thr_c.defined() && use_out ? thr_c.data_ptr<A>() : nullptr;
+    p.cfg_rescale = resc_c.defined() && use_out && cfg ? resc_c.data_ptr<A>() : nullptr;
+    p.uncond = uncond;
     p.nonfinite = nonfinite.has_value() ? nonfinite->data_ptr<int32_t>() : nullptr;
     step_kernel(p);
   });
@@ -205,7 +214,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("slots"), py::arg("rows"), py::arg("seeds"), py::arg("draws"), py::arg("guidance"),
         py::arg("slot_reads"), py::arg("slot_writes"), py::arg("use_out"), py::arg("cfg"), py::arg("noise"),
         py::arg("langevin"), py::arg("x_out") = py::none(), py::arg("thresholds") = py::none(),
-        py::arg("nonfinite") = py::none());
+        py::arg("nonfinite") = py::none(), py::arg("cfg_rescale") = py::none(), py::arg("uncond") = false);
   m.def("add_noise", &fdcpu::add_noise, "x_t = alpha x0 + sigma z with Philox z", py::arg("x0"), py::arg("alpha"),
         py::arg("sigma"), py::arg("seeds"), py::arg("draws"));
   m.def("randn", &fdcpu::randn, "Philox normals, batch-invariant", py::arg("seeds"), py::arg("draws"),

@@ -3,9 +3,10 @@
 // storage).  No torch here: csrc/cpu/bindings.cpp checks the tensors and hands raw pointers down.  Every kernel
 // implements fastdiff.ops.step_reference:
 //
-//   D  = cx x + co out          (out = out_u + w (out_c - out_u) with cfg)
+//   D  = cx x + co out          (out = out_u + w (out_c - out_u) with cfg, times m_b with guidance_rescale)
 //   x' = M[0].[x, D, S] + g z (+ eps s + sqrt(2 eps) z, s = lsx x + lsD D, Langevin)
 //   S_i = M[1+i].[x, D, S]      for the slots written (every right-hand side reads the values from before the step)
+// CFG++ rows (uncond) have one more column, U = cx x + co out_u: M . [x, D, U, S].
 //
 // Memory: ONE pass over x, out (both CFG halves), the slots read, x' and the slots written (a large fp32 x' with
 // streaming stores, see STREAM_MIN).  Work is split into OpenMP items of (sample, tile of TILE elements); an item
@@ -88,11 +89,14 @@ struct StepArgs {
   const A* guidance;
   int64_t guid_stride;
   const A* thresholds;  // [B] dynamic thresholds, or nullptr
+  const A* cfg_rescale;  // [B] guidance_rescale's factors (with cfg), or nullptr
   int32_t* nonfinite;   // [B] flags: 1 OR-ed in for a sample whose stored x' has NaN / Inf; or nullptr
   int64_t B, N;
   int K;
   unsigned reads, writes;
   bool use_out, cfg, noise, langevin;
+  bool uncond;  // CFG++ rows: M's columns are [x, D, U, S_0 ..]
+  int base() const { return uncond ? 3 : 2; }  // column (register id) of slot 0
 };
 
 // Per-thread temporaries of one chunk, in math type A (fp32 for fp32 / fp16 / bf16 storage).
@@ -100,6 +104,7 @@ template <class A>
 struct Chunk {
   alignas(64) A x[CHUNK];
   alignas(64) A D[CHUNK];
+  alignas(64) A U[CHUNK];  // CFG++: the unconditional data estimate
   alignas(64) A acc[CHUNK];
   alignas(64) A z[CHUNK];
   alignas(64) A s[CHUNK];  // the Langevin score lsx x + lsD D
@@ -174,7 +179,8 @@ static void emit(typename St<T>::S* dst, const Term<A>* t, int nt, A* acc, int64
   }
 }
 
-// Register ids: 0 = x, 1 = D, 2 + i = slot i.  Output ids: 0 = x', 1 + i = slot i.
+// Register ids (= columns of M): 0 = x, 1 = D, (2 = U with uncond,) base + i = slot i.  Output ids: 0 = x',
+// 1 + i = slot i.
 // With fp32 (fp64) storage the kernel reads x and the slots straight from memory; then outputs are written in an
 // order where none overwrites a register a later output still reads (in place, a slot read and rewritten), and a
 // register is copied to a temporary only when the reads form a cycle (e.g. two slots swapped).
@@ -186,14 +192,14 @@ struct OutputOrder {
 
 template <class T, class A>
 static OutputOrder plan_outputs(const StepArgs<T, A>& p, const A* M, bool direct) {
-  const int W = 2 + p.K;
+  const int base = p.base(), W = base + p.K;
   unsigned reads[KMAX + 1];
   int clobbers[KMAX + 1];
   unsigned remaining = 0;
   auto regs_read = [&](const A* row) {
     unsigned r = row[0] != (A)0 ? 1u : 0u;
     for (int i = 0; i < p.K; ++i)
-      if (((p.reads >> i) & 1u) && row[2 + i] != (A)0) r |= 1u << (2 + i);
+      if (((p.reads >> i) & 1u) && row[base + i] != (A)0) r |= 1u << (base + i);
     return r;
   };
   reads[0] = regs_read(M);
@@ -202,7 +208,7 @@ static OutputOrder plan_outputs(const StepArgs<T, A>& p, const A* M, bool direct
   for (int i = 0; i < p.K; ++i) {
     if (!((p.writes >> i) & 1u)) continue;
     reads[1 + i] = regs_read(M + (1 + i) * W);
-    clobbers[1 + i] = 2 + i;
+    clobbers[1 + i] = base + i;
     remaining |= 1u << (1 + i);
   }
   OutputOrder o;
@@ -243,7 +249,14 @@ static inline void compute_D(const StepArgs<T, A>& p, int64_t b, int64_t off, co
   using S = typename St<T>::S;
   const A cx = c[0], co = c[1];
   const S* __restrict ou = p.out + off;
-  if (p.cfg) {
+  if (p.cfg && p.cfg_rescale) {  // guidance_rescale: the guided output times m_b
+    const A w = p.guidance[b * p.guid_stride], m = p.cfg_rescale[b];
+    const S* __restrict oc = p.out + p.B * p.N + off;
+    for (int64_t j = 0; j < n; ++j) {
+      const A u = (A)St<T>::get(ou[j]);
+      D[j] = cx * xr[j] + co * (m * (u + w * ((A)St<T>::get(oc[j]) - u)));
+    }
+  } else if (p.cfg) {
     const A w = p.guidance[b * p.guid_stride];
     const S* __restrict oc = p.out + p.B * p.N + off;
     for (int64_t j = 0; j < n; ++j) {
@@ -258,6 +271,23 @@ static inline void compute_D(const StepArgs<T, A>& p, int64_t b, int64_t off, co
     for (int64_t j = 0; j < n; ++j) {
       const A d = D[j];
       D[j] = (d > s ? s : (d < -s ? -s : d)) / s;
+    }
+  }
+}
+
+// CFG++'s U = cx x + co out_u (thresholded as D); only with cfg (without it U is D itself).
+template <class T, class A>
+static inline void compute_U(const StepArgs<T, A>& p, int64_t b, int64_t off, const A* c, const A* xr, A* U,
+                             int64_t n) {
+  using S = typename St<T>::S;
+  const A cx = c[0], co = c[1];
+  const S* __restrict ou = p.out + off;
+  for (int64_t j = 0; j < n; ++j) U[j] = cx * xr[j] + co * (A)St<T>::get(ou[j]);
+  if (p.thresholds) {
+    const A s = p.thresholds[b];
+    for (int64_t j = 0; j < n; ++j) {
+      const A d = U[j];
+      U[j] = (d > s ? s : (d < -s ? -s : d)) / s;
     }
   }
 }
@@ -347,7 +377,7 @@ static void step_range(const StepArgs<T, A>& p, int64_t b, int64_t e0, int64_t e
   using S = typename St<T>::S;
   constexpr bool direct = std::is_same<S, A>::value;
   const A* c = p.rows + b * p.row_stride;
-  const int W = 2 + p.K;
+  const int base = p.base(), W = base + p.K;
   const A* M = c + ROW_HEAD;
   const bool has_draw = p.draws[b * p.draw_stride] >= 0;
   const bool add_g = p.noise && has_draw && c[2] != (A)0;
@@ -358,8 +388,8 @@ static void step_range(const StepArgs<T, A>& p, int64_t b, int64_t e0, int64_t e
   const bool stream = f32 && p.B * p.N >= STREAM_MIN && p.xo != p.x &&
                       reinterpret_cast<uintptr_t>(p.xo + b * p.N + e0) % 16 == 0;
   Chunk<A> ch;
-  const A* reg[2 + KMAX];
-  Term<A> terms[2 + KMAX + 3];
+  const A* reg[3 + KMAX];
+  Term<A> terms[3 + KMAX + 3];
   bool bad = false;
   for (int64_t e = e0; e < e1; e += CHUNK) {
     const int64_t n = std::min(CHUNK, e1 - e);
@@ -371,20 +401,24 @@ static void step_range(const StepArgs<T, A>& p, int64_t b, int64_t e0, int64_t e
     } else {
       reg[0] = reinterpret_cast<const A*>(p.x + off);
     }
-    reg[1] = nullptr;
+    reg[1] = reg[2] = nullptr;
     if (p.use_out) {
       compute_D(p, b, off, c, reg[0], ch.D, n);
       reg[1] = ch.D;
+      if (p.uncond) {
+        if (p.cfg) compute_U(p, b, off, c, reg[0], ch.U, n);
+        reg[2] = p.cfg ? ch.U : ch.D;
+      }
     }
     for (int i = 0; i < p.K; ++i) {
-      reg[2 + i] = nullptr;
+      reg[base + i] = nullptr;
       if (!((p.reads >> i) & 1u)) continue;
       const S* src = p.slots + ((int64_t)i * p.B) * p.N + off;
-      if (!direct || ((ord.temps >> (2 + i)) & 1u)) {
+      if (!direct || ((ord.temps >> (base + i)) & 1u)) {
         load<T, A>(src, ch.slot[i], n);
-        reg[2 + i] = ch.slot[i];
+        reg[base + i] = ch.slot[i];
       } else {
-        reg[2 + i] = reinterpret_cast<const A*>(src);
+        reg[base + i] = reinterpret_cast<const A*>(src);
       }
     }
     if (add_g || add_l) noise_chunk(p.seeds[b], (uint32_t)p.draws[b * p.draw_stride], e, n, ch.zf, ch.z);

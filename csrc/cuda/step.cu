@@ -9,10 +9,13 @@
 //
 // Semantics are exactly fastdiff.ops.step_reference (the oracle), per sample b and element e:
 //     o  = cfg ? out_u + w (out_c - out_u) : out                  (out_u = out[b], out_c = out[B + b])
+//     o  = m_b o                                                   (guidance_rescale's factors m [B], kRescale)
 //     D  = cx x + co o                                             (only with use_out; else D is absent)
 //     D  = clamp(D, -s_b, s_b) / s_b                               (with dynamic thresholds s [B], flag kThreshold)
 //     x' = M[0] . [x, D, S] + g z  (+ eps s + sqrt(2 eps) z with Langevin)
 //     S_i = M[1+i] . [x, D, S]     for every slot i written; slot i is read only if its bit is in slot_reads
+// CFG++ rows (flag kUncond) have a column for U = cx x + co out_u (thresholded as D; U = D without cfg):
+//     M . [x, D, U, S]
 // Every read of an element happens before any write of it, so x' may alias x.  The dot products accumulate from 0
 // in the order [x, D, S_0, S_1, ...] with separate multiplies and adds, like the reference; compile with
 // contraction off (--fmad=false) so that the result matches the other backends to the last bit or two.
@@ -44,7 +47,7 @@ namespace cuda {
 constexpr int kThreads = 256;  // block size of every kernel below (a multiple of 32; see block_sum2)
 constexpr int kMaxSlots = 8;
 constexpr int kRowHead = 7;  // cx, co, g, snr, r, lsx, lsD
-constexpr int kMaxRow = kRowHead + (1 + kMaxSlots) * (2 + kMaxSlots);
+constexpr int kMaxRow = kRowHead + (1 + kMaxSlots) * (3 + kMaxSlots);  // with CFG++'s U column
 
 // flags (host constants of the launch)
 constexpr int kUseOut = 1;
@@ -53,6 +56,8 @@ constexpr int kNoise = 4;
 constexpr int kLangevin = 8;
 constexpr int kVec = 16;  // every pointer 4-element aligned and numel % 4 == 0: vector accesses
 constexpr int kThreshold = 32;  // dynamic thresholds [B] given: D = clamp(D, -s_b, s_b) / s_b
+constexpr int kRescale = 64;  // guidance_rescale's factors [B] given (with kCfg): o = m_b (out_u + w (out_c - out_u))
+constexpr int kUncond = 128;  // CFG++ rows: M's columns are [x, D, U, S_0 ..]
 
 // ---------------------------------------------------------------------------------------------------------------
 // Storage types: fp32 as float, fp16 and bf16 as their raw 16 bits (no cuda_fp16.h / cuda_bf16.h needed, which
@@ -169,6 +174,7 @@ __device__ __forceinline__ void block_sum2(float& a, float& b, float* red) {
 struct SampleCtx {
   float cx, co, g, lsx, lsD, w;
   float thr;  // the sample's dynamic threshold (with kThreshold)
+  float m;    // the sample's guidance_rescale factor (with kRescale)
   uint64_t seed;
   uint32_t draw;
   bool has_z;  // this sample draws noise in this launch
@@ -176,12 +182,13 @@ struct SampleCtx {
 
 __device__ __forceinline__ SampleCtx sample_ctx(const float* coef, const long long* seeds, const long long* draws,
                                                 long long draw_stride, const float* guidance,
-                                                long long guidance_stride, const float* thresholds, long long b,
-                                                int flags) {
+                                                long long guidance_stride, const float* thresholds,
+                                                const float* cfg_rescale, long long b, int flags) {
   SampleCtx c;
   c.cx = coef[0]; c.co = coef[1]; c.g = coef[2]; c.lsx = coef[5]; c.lsD = coef[6];
   c.w = (flags & kCfg) ? guidance[b * guidance_stride] : 0.0f;
   c.thr = (flags & kThreshold) ? thresholds[b] : 1.0f;
+  c.m = ((flags & kRescale) && (flags & kCfg)) ? cfg_rescale[b] : 1.0f;
   const long long d = draws[b * draw_stride];
   c.has_z = (flags & (kNoise | kLangevin)) && d >= 0;  // draw < 0: this sample takes no noise
   c.draw = (uint32_t)d;
@@ -189,29 +196,46 @@ __device__ __forceinline__ SampleCtx sample_ctx(const float* coef, const long lo
   return c;
 }
 
-// D for one group (the reference: o = ou + w (oc - ou); D = cx x + co o; with thresholds D = clamp(D, -s, s) / s,
-// written with compares so NaN stays NaN, and an IEEE division), zeros without use_out.
+// Dynamic thresholding of 4 values: clamp(v, -s, s) / s, written with compares so NaN stays NaN, IEEE division.
+__device__ __forceinline__ void threshold4(float v[4], float s) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) v[j] = (v[j] > s ? s : (v[j] < -s ? -s : v[j])) / s;  // IEEE (prec-div)
+}
+
+// D for one group (the reference: o = ou + w (oc - ou), times m with kRescale; D = cx x + co o; with thresholds
+// D = clamp(D, -s, s) / s), zeros without use_out.  With kUncond also CFG++'s U = cx x + co ou (thresholded the
+// same way; U = D without cfg) into uv.
 template <class S, bool VEC>
 __device__ __forceinline__ void data_estimate(const typename S::T* out, long long batch, long long numel,
                                               long long b, long long e0, int n, int flags, const SampleCtx& c,
-                                              const float xv[4], float dv[4]) {
+                                              const float xv[4], float dv[4], float uv[4]) {
 #pragma unroll
-  for (int j = 0; j < 4; ++j) dv[j] = 0.0f;
+  for (int j = 0; j < 4; ++j) dv[j] = uv[j] = 0.0f;
   if (flags & kUseOut) {
     float o[4];
     load_group<S, VEC>(out + b * numel + e0, n, o);
+    const bool cfgpp_u = (flags & kUncond) && (flags & kCfg);
+    if (cfgpp_u) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) uv[j] = c.cx * xv[j] + c.co * o[j];
+      if (flags & kThreshold) threshold4(uv, c.thr);
+    }
     if (flags & kCfg) {
       float oc[4];
       load_group<S, VEC>(out + (batch + b) * numel + e0, n, oc);
 #pragma unroll
       for (int j = 0; j < 4; ++j) o[j] = o[j] + c.w * (oc[j] - o[j]);
+      if (flags & kRescale) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) o[j] = c.m * o[j];
+      }
     }
 #pragma unroll
     for (int j = 0; j < 4; ++j) dv[j] = c.cx * xv[j] + c.co * o[j];
-    if (flags & kThreshold) {
-      const float s = c.thr;
+    if (flags & kThreshold) threshold4(dv, c.thr);
+    if ((flags & kUncond) && !cfgpp_u) {
 #pragma unroll
-      for (int j = 0; j < 4; ++j) dv[j] = (dv[j] > s ? s : (dv[j] < -s ? -s : dv[j])) / s;  // IEEE (prec-div)
+      for (int j = 0; j < 4; ++j) uv[j] = dv[j];
     }
   }
 }
@@ -233,11 +257,13 @@ __device__ __forceinline__ void step_impl(const typename S::T* x, typename S::T*
                                           const float* guidance, long long guidance_stride,
                                           const float* thresholds, const float* partials,
                                           int num_partials, long long batch, long long numel, int K, int reads,
-                                          int writes, int flags, int* nonfinite) {
+                                          int writes, int flags, int* nonfinite, const float* cfg_rescale) {
   typedef typename S::T T;
   __shared__ float coef[kMaxRow];
   __shared__ float red[64];
-  const int W = 2 + K;  // columns of M: x, D, S_0 .. S_{K-1}
+  const bool uncond = (flags & kUncond) != 0;
+  const int SB = uncond ? 3 : 2;  // column of slot 0
+  const int W = SB + K;  // columns of M: x, D, (U,) S_0 .. S_{K-1}
   const int R = kRowHead + (1 + K) * W;
   const bool use_out = (flags & kUseOut) != 0;
   const bool langevin = (flags & kLangevin) != 0;
@@ -267,8 +293,8 @@ __device__ __forceinline__ void step_impl(const typename S::T* x, typename S::T*
     } else {
       __syncthreads();
     }
-    const SampleCtx c = sample_ctx(coef, seeds, draws, draw_stride, guidance, guidance_stride, thresholds, b,
-                                   flags);
+    const SampleCtx c = sample_ctx(coef, seeds, draws, draw_stride, guidance, guidance_stride, thresholds,
+                                   cfg_rescale, b, flags);
     const T* xb = x + b * numel;
     T* xob = x_out + b * numel;
 
@@ -276,9 +302,9 @@ __device__ __forceinline__ void step_impl(const typename S::T* x, typename S::T*
       const long long e0 = grp * 4;
       const int n = (int)(numel - e0 < 4 ? numel - e0 : 4);
       // ---- every load first (x' may alias x; slots are updated in place) ----
-      float xv[4], dv[4];
+      float xv[4], dv[4], uv[4];
       load_group<S, VEC>(xb + e0, n, xv);
-      data_estimate<S, VEC>(out, batch, numel, b, e0, n, flags, c, xv, dv);
+      data_estimate<S, VEC>(out, batch, numel, b, e0, n, flags, c, xv, dv, uv);
       float sv[KMAX][4];
 #pragma unroll
       for (int i = 0; i < KMAX; ++i) {
@@ -300,9 +326,10 @@ __device__ __forceinline__ void step_impl(const typename S::T* x, typename S::T*
         float acc = 0.0f;
         acc = acc + m[0] * xv[j];
         if (use_out) acc = acc + m[1] * dv[j];
+        if (use_out && uncond) acc = acc + m[2] * uv[j];
 #pragma unroll
         for (int i = 0; i < KMAX; ++i)
-          if (i < K && ((reads >> i) & 1)) acc = acc + m[2 + i] * sv[i][j];
+          if (i < K && ((reads >> i) & 1)) acc = acc + m[SB + i] * sv[i][j];
         if (c.has_z) acc = acc + c.g * z[j];
         if (langevin) {
           const float s = c.lsx * xv[j] + c.lsD * dv[j];
@@ -322,9 +349,10 @@ __device__ __forceinline__ void step_impl(const typename S::T* x, typename S::T*
             float acc = 0.0f;
             acc = acc + m[0] * xv[j];
             if (use_out) acc = acc + m[1] * dv[j];
+            if (use_out && uncond) acc = acc + m[2] * uv[j];
 #pragma unroll
             for (int q = 0; q < KMAX; ++q)
-              if (q < K && ((reads >> q) & 1)) acc = acc + m[2 + q] * sv[q][j];
+              if (q < K && ((reads >> q) & 1)) acc = acc + m[SB + q] * sv[q][j];
             v[j] = acc;
           }
           store_group<S, VEC>(slots + ((long long)i * batch + b) * numel + e0, n, v);
@@ -352,25 +380,25 @@ __device__ __forceinline__ void reduce_impl(const typename S::T* x, const typena
                                             long long row_stride, const long long* seeds, const long long* draws,
                                             long long draw_stride, const float* guidance, long long guidance_stride,
                                             const float* thresholds, float* partials, long long batch,
-                                            long long numel, int K, int flags) {
+                                            long long numel, int K, int flags, const float* cfg_rescale) {
   __shared__ float coef[kMaxRow];
   __shared__ float red[64];
-  const int R = kRowHead + (1 + K) * (2 + K);
+  const int R = kRowHead + (1 + K) * (((flags & kUncond) ? 3 : 2) + K);
   const long long ngroups = (numel + 3) / 4;
   const long long gstride = (long long)gridDim.x * blockDim.x;
   for (long long b = blockIdx.y; b < batch; b += gridDim.y) {
     __syncthreads();
     load_row(coef, rows, row_stride, b, R);
     __syncthreads();
-    const SampleCtx c = sample_ctx(coef, seeds, draws, draw_stride, guidance, guidance_stride, thresholds, b,
-                                   flags);
+    const SampleCtx c = sample_ctx(coef, seeds, draws, draw_stride, guidance, guidance_stride, thresholds,
+                                   cfg_rescale, b, flags);
     float zz = 0.0f, ss = 0.0f;
     for (long long grp = (long long)blockIdx.x * blockDim.x + threadIdx.x; grp < ngroups; grp += gstride) {
       const long long e0 = grp * 4;
       const int n = (int)(numel - e0 < 4 ? numel - e0 : 4);
-      float xv[4], dv[4];
+      float xv[4], dv[4], uv[4];
       load_group<S, VEC>(x + b * numel + e0, n, xv);
-      data_estimate<S, VEC>(out, batch, numel, b, e0, n, flags, c, xv, dv);
+      data_estimate<S, VEC>(out, batch, numel, b, e0, n, flags & ~kUncond, c, xv, dv, uv);
       float z[4] = {0.0f, 0.0f, 0.0f, 0.0f};
       if (c.has_z) philox_normals4(c.seed, c.draw, 0u, (uint64_t)grp, z);
 #pragma unroll
@@ -447,36 +475,41 @@ __device__ __forceinline__ void randn_impl(typename S::T* z, const long long* se
       const S::T* x, S::T* x_out, const S::T* out, S::T* slots, const float* rows, long long row_stride,            \
       const long long* seeds, const long long* draws, long long draw_stride, const float* guidance,                  \
       long long guidance_stride, const float* thresholds, const float* partials, int num_partials, long long batch,  \
-      long long numel, int num_slots, int slot_reads, int slot_writes, int flags, int* nonfinite) {                  \
+      long long numel, int num_slots, int slot_reads, int slot_writes, int flags, int* nonfinite,                   \
+      const float* cfg_rescale) {                                                                                    \
     if (flags & fastdiff::cuda::kVec)                                                                                \
       fastdiff::cuda::step_impl<S, true, fastdiff::cuda::kMaxSlots>(                                                 \
           x, x_out, out, slots, rows, row_stride, seeds, draws, draw_stride, guidance, guidance_stride, thresholds,   \
-          partials, num_partials, batch, numel, num_slots, slot_reads, slot_writes, flags, nonfinite);               \
+          partials, num_partials, batch, numel, num_slots, slot_reads, slot_writes, flags, nonfinite, cfg_rescale);  \
     else                                                                                                             \
       fastdiff::cuda::step_impl<S, false, fastdiff::cuda::kMaxSlots>(                                                \
           x, x_out, out, slots, rows, row_stride, seeds, draws, draw_stride, guidance, guidance_stride, thresholds,   \
-          partials, num_partials, batch, numel, num_slots, slot_reads, slot_writes, flags, nonfinite);               \
+          partials, num_partials, batch, numel, num_slots, slot_reads, slot_writes, flags, nonfinite, cfg_rescale);  \
   }                                                                                                                  \
   /* The common case, specialised: K <= 4 and vector accesses only (<= 64 registers: 4 blocks of 256 per SM). */     \
   extern "C" __global__ void __launch_bounds__(fastdiff::cuda::kThreads) fastdiff_step_##SUFFIX##_vec_k4(            \
       const S::T* x, S::T* x_out, const S::T* out, S::T* slots, const float* rows, long long row_stride,            \
       const long long* seeds, const long long* draws, long long draw_stride, const float* guidance,                  \
       long long guidance_stride, const float* thresholds, const float* partials, int num_partials, long long batch,  \
-      long long numel, int num_slots, int slot_reads, int slot_writes, int flags, int* nonfinite) {                  \
+      long long numel, int num_slots, int slot_reads, int slot_writes, int flags, int* nonfinite,                   \
+      const float* cfg_rescale) {                                                                                    \
     fastdiff::cuda::step_impl<S, true, 4>(x, x_out, out, slots, rows, row_stride, seeds, draws, draw_stride,         \
                                           guidance, guidance_stride, thresholds, partials, num_partials, batch,      \
-                                          numel, num_slots, slot_reads, slot_writes, flags, nonfinite);              \
+                                          numel, num_slots, slot_reads, slot_writes, flags, nonfinite, cfg_rescale); \
   }                                                                                                                  \
   extern "C" __global__ void __launch_bounds__(fastdiff::cuda::kThreads) fastdiff_step_reduce_##SUFFIX(              \
       const S::T* x, const S::T* out, const float* rows, long long row_stride, const long long* seeds,              \
       const long long* draws, long long draw_stride, const float* guidance, long long guidance_stride,               \
-      const float* thresholds, float* partials, long long batch, long long numel, int num_slots, int flags) {        \
+      const float* thresholds, float* partials, long long batch, long long numel, int num_slots, int flags,          \
+      const float* cfg_rescale) {                                                                                    \
     if (flags & fastdiff::cuda::kVec)                                                                                \
       fastdiff::cuda::reduce_impl<S, true>(x, out, rows, row_stride, seeds, draws, draw_stride, guidance,            \
-                                           guidance_stride, thresholds, partials, batch, numel, num_slots, flags);   \
+                                           guidance_stride, thresholds, partials, batch, numel, num_slots, flags,    \
+                                           cfg_rescale);                                                             \
     else                                                                                                             \
       fastdiff::cuda::reduce_impl<S, false>(x, out, rows, row_stride, seeds, draws, draw_stride, guidance,           \
-                                            guidance_stride, thresholds, partials, batch, numel, num_slots, flags);  \
+                                            guidance_stride, thresholds, partials, batch, numel, num_slots, flags,   \
+                                            cfg_rescale);                                                            \
   }                                                                                                                  \
   extern "C" __global__ void __launch_bounds__(fastdiff::cuda::kThreads) fastdiff_add_noise_##SUFFIX(                \
       const S::T* x0, S::T* xt, const float* alpha, long long alpha_stride, const float* sigma,                      \

@@ -208,13 +208,21 @@ def available() -> tuple[bool, str]:
 
 
 def step(x, out, slots, rows, seeds, draws, guidance, slot_reads, slot_writes, use_out, cfg, noise, langevin,
-         x_out=None, thresholds=None, nonfinite=None):
+         x_out=None, thresholds=None, nonfinite=None, cfg_rescale=None, uncond=False):
     """fastdiff::step on CPU tensors; returns x' (``x_out`` when given, which may be ``x``) and updates ``slots``.
 
     ``thresholds``: optional [B] dynamic thresholds in the math dtype (float32; float64 for float64 x);
-    ``nonfinite``: optional int32 [B] flags, set to 1 for a sample whose stored x' has NaN / Inf."""
+    ``nonfinite``: optional int32 [B] flags, set to 1 for a sample whose stored x' has NaN / Inf;
+    ``cfg_rescale``: optional [B] guidance_rescale factors; ``uncond``: CFG++ rows (the U column)."""
     return ext().step(x, out, slots, rows, seeds, draws, guidance, int(slot_reads), int(slot_writes), bool(use_out),
-                      bool(cfg), bool(noise), bool(langevin), x_out, thresholds, nonfinite)
+                      bool(cfg), bool(noise), bool(langevin), x_out, thresholds, nonfinite, cfg_rescale,
+                      bool(uncond))
+
+
+def step_kernel():
+    """The extension's step itself, for ``fastdiff.ops._step_kernel``: ``step``'s arguments, all positional, with
+    Python ints / bools for the masks and flags (no conversion layer: a loop calls it once per stage)."""
+    return ext().step
 
 
 def add_noise(x0, alpha, sigma, seeds, draws):
@@ -229,4 +237,4 @@ def randn(seeds, draws, shape, dtype, out=None):
 
 OPS = {"step": step, "add_noise": add_noise, "randn": randn}
 
-__all__ = ["OPS", "add_noise", "available", "build", "build_directory", "ext", "randn", "status", "step"]
+__all__ = ["OPS", "add_noise", "available", "build", "build_directory", "ext", "randn", "status", "step", "step_kernel"]

@@ -37,7 +37,7 @@ MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y; the kernels loop over samples b
 ROW_HEAD = 7
 
 # flags (step.cu)
-_USE_OUT, _CFG, _NOISE, _LANGEVIN, _VEC, _THRESHOLD = 1, 2, 4, 8, 16, 32
+_USE_OUT, _CFG, _NOISE, _LANGEVIN, _VEC, _THRESHOLD, _RESCALE, _UNCOND = 1, 2, 4, 8, 16, 32, 64, 128
 
 _SUFFIX = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 NVRTC_OPTIONS = ("--std=c++17", "--fmad=false")
@@ -251,7 +251,7 @@ def _grid_x(ngroups: int) -> int:
 
 
 def step(x, out, slots, rows, seeds, draws, guidance, slot_reads, slot_writes, use_out, cfg, noise, langevin,
-         x_out=None, thresholds=None, nonfinite=None):
+         x_out=None, thresholds=None, nonfinite=None, cfg_rescale=None, uncond=False):
     """One fused sampler stage on the GPU: returns x' and updates ``slots`` in place (``fastdiff.ops`` contract).
 
     Parameters
@@ -259,7 +259,8 @@ def step(x, out, slots, rows, seeds, draws, guidance, slot_reads, slot_writes, u
     x : Tensor [B, *S] fp32 / fp16 / bf16, contiguous, CUDA
     out : Tensor [B or 2B, *S] in x's dtype (read only with ``use_out``; [uncond; cond] with ``cfg``)
     slots : Tensor [K, B, *S] in x's dtype, contiguous, K <= 8 (updated in place)
-    rows : float32 Tensor [B or 1, 7 + (1+K)(2+K)], contiguous (read on device: graph replays follow new values)
+    rows : float32 Tensor [B or 1, 7 + (1+K)(2+K)] (7 + (1+K)(3+K) with ``uncond``), contiguous (read on device:
+        graph replays follow new values)
     seeds : int64 [B];  draws : int64 [B or 1] (< 0: no noise for that sample);  guidance : float32 [B or 1]
     slot_reads, slot_writes : int bitmasks;  use_out, cfg, noise, langevin : bool
     x_out : Tensor like x, optional
@@ -268,6 +269,10 @@ def step(x, out, slots, rows, seeds, draws, guidance, slot_reads, slot_writes, u
         Dynamic thresholds: D = clamp(D, -s_b, s_b) / s_b (``fastdiff.ops.dynamic_threshold``).
     nonfinite : int32 Tensor [B], optional
         Per-sample flags: 1 is OR-ed in (atomically) for a sample whose stored x' has NaN / Inf.
+    cfg_rescale : float32 Tensor [B], optional
+        guidance_rescale's factors m (with ``cfg``): the guided output times m_b.
+    uncond : bool
+        CFG++ rows: M's columns are [x, D, U, S] with U = cx x + co out_u.
 
     One kernel launch (two with ``langevin``: a per-sample reduction of ||z||^2 and ||s||^2 first), no host sync.
     """
@@ -283,7 +288,7 @@ def step(x, out, slots, rows, seeds, draws, guidance, slot_reads, slot_writes, u
         _check_storage("slots", slots)
     if use_out:
         _check_storage("out", out)
-    R = ROW_HEAD + (1 + K) * (2 + K)
+    R = ROW_HEAD + (1 + K) * ((3 if uncond else 2) + K)
     if rows.dtype != torch.float32 or not rows.is_contiguous():  # read on device, as float32 rows of R values
         raise ValueError(f"rows must be float32 and contiguous for the cuda kernel, got {rows.dtype}")
     row_stride = 0 if rows.shape[0] == 1 else R
@@ -301,6 +306,12 @@ def step(x, out, slots, rows, seeds, draws, guidance, slot_reads, slot_writes, u
         _check_cuda("thresholds", thresholds, dev)
     if thresholds is not None and (thresholds.dtype != torch.float32 or (B and thresholds.stride(0) != 1)):
         raise ValueError(f"thresholds must be a contiguous float32 tensor for the cuda kernel, got {thresholds.dtype}")
+    rescale = cfg_rescale is not None and cfg
+    if rescale:
+        _check_cuda("cfg_rescale", cfg_rescale, dev)
+        if cfg_rescale.dtype != torch.float32 or (B and cfg_rescale.stride(0) != 1):
+            raise ValueError(f"cfg_rescale must be a contiguous float32 tensor for the cuda kernel, got "
+                             f"{cfg_rescale.dtype}")
     if nonfinite is not None:
         _check_cuda("nonfinite", nonfinite, dev)
         if nonfinite.dtype != torch.int32 or not nonfinite.is_contiguous():
@@ -318,7 +329,8 @@ def step(x, out, slots, rows, seeds, draws, guidance, slot_reads, slot_writes, u
     mask = (1 << K) - 1
     reads, writes = int(slot_reads) & mask, int(slot_writes) & mask
     flags = (_USE_OUT if use_out else 0) | (_CFG if cfg else 0) | (_NOISE if noise else 0) \
-        | (_LANGEVIN if langevin else 0) | (_THRESHOLD if threshold else 0)
+        | (_LANGEVIN if langevin else 0) | (_THRESHOLD if threshold else 0) | (_RESCALE if rescale else 0) \
+        | (_UNCOND if uncond else 0)
     touched = [x, x_out] + ([out] if use_out else []) + ([slots] if (reads | writes) else [])
     vec = numel % 4 == 0 and _aligned(touched, x.element_size())
     if vec:
@@ -331,6 +343,7 @@ def step(x, out, slots, rows, seeds, draws, guidance, slot_reads, slot_writes, u
     out_arg = out if use_out else None
     guidance_arg = guidance if cfg else None
     thresholds_arg = thresholds if threshold else None
+    rescale_arg = cfg_rescale if rescale else None
 
     partials, num_partials = None, 0
     if langevin:
@@ -341,14 +354,14 @@ def step(x, out, slots, rows, seeds, draws, guidance, slot_reads, slot_writes, u
         _launch(idx, sfx, f"fastdiff_step_reduce_{sfx}", (num_partials, min(B, MAX_GRID_Y)), (
             _ptr(x), _ptr(out_arg), _ptr(rows), _i64(row_stride), _ptr(seeds), _ptr(draws), _i64(draw_stride),
             _ptr(guidance_arg), _i64(guidance_stride), _ptr(thresholds_arg), _ptr(partials), _i64(B), _i64(numel),
-            _i32(K), _i32(flags)))
+            _i32(K), _i32(flags), _ptr(rescale_arg)))
 
     name = f"fastdiff_step_{sfx}_vec_k4" if (vec and K <= 4) else f"fastdiff_step_{sfx}"
     _launch(idx, sfx, name, grid, (
         _ptr(x), _ptr(x_out), _ptr(out_arg), _ptr(slots if K else None), _ptr(rows), _i64(row_stride), _ptr(seeds),
         _ptr(draws), _i64(draw_stride), _ptr(guidance_arg), _i64(guidance_stride), _ptr(thresholds_arg),
         _ptr(partials), _i32(num_partials), _i64(B), _i64(numel), _i32(K), _i32(reads), _i32(writes), _i32(flags),
-        _ptr(nonfinite)))
+        _ptr(nonfinite), _ptr(rescale_arg)))
     return x_out
 
 

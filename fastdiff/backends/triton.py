@@ -68,10 +68,10 @@ def _small(t: torch.Tensor) -> torch.Tensor:
 
 
 def step(x, out, slots, rows, seeds, draws, guidance, slot_reads, slot_writes, use_out, cfg, noise, langevin,
-         x_out=None, thresholds=None, nonfinite=None):
+         x_out=None, thresholds=None, nonfinite=None, cfg_rescale=None, uncond=False):
     """``fastdiff.ops.step_reference`` on the triton kernel; ``x_out`` (may be ``x``) receives x'; ``thresholds``:
     optional float32 [B] dynamic thresholds; ``nonfinite``: optional int32 [B] flags raised for samples whose x'
-    has NaN / Inf."""
+    has NaN / Inf; ``cfg_rescale``: optional float32 [B] guidance_rescale factors; ``uncond``: CFG++ rows."""
     k = _kernels()
     _check_device(k, "x", x)
     _check_storage("x", x)
@@ -86,7 +86,8 @@ def step(x, out, slots, rows, seeds, draws, guidance, slot_reads, slot_writes, u
                              f"{x_out.dtype}")
     return k.step_forward(x, out, slots, _small(rows), _small(seeds), _small(draws), _small(guidance),
                           int(slot_reads), int(slot_writes), bool(use_out), bool(cfg), bool(noise), bool(langevin),
-                          x_out, thresholds=None if thresholds is None else _small(thresholds), nonfinite=nonfinite)
+                          x_out, thresholds=None if thresholds is None else _small(thresholds), nonfinite=nonfinite,
+                          cfg_rescale=None if cfg_rescale is None else _small(cfg_rescale), uncond=bool(uncond))
 
 
 def add_noise(x0, alpha, sigma, seeds, draws):

@@ -6,6 +6,7 @@ import the Plan machinery: each algorithm calls the model, converts its output t
 schedule (alpha, sigma, lambda and their inverses) and the time grid (``fastdiff.timesteps``).
 
     x = fastdiff.reference.sample(model, "heun", schedules.EDM(), 18, x_T, noises=[...])
+    x = fastdiff.reference.sample_cfgpp(cond_model, uncond_model, 1.5, "euler", schedules.EDM(), 18, x_T)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from . import dpm_solver as _dpm
 from . import exp_sde as _exp_sde
 from . import exponential as _exponential
 from . import flow as _flow
+from . import guidance as _guidance
 from . import ode as _ode
 from . import sa_solver as _sa_solver
 from . import sde as _sde
@@ -29,7 +31,10 @@ from . import sigma_ode as _sigma_ode
 from ..timesteps import SPACING_OPTIONS as _SPACING_OPTIONS
 from ._common import Grid, Run
 
-__all__ = ["sample", "REFERENCES", "options"]
+__all__ = ["sample", "sample_cfgpp", "REFERENCES", "CFGPP_REFERENCES", "options"]
+
+# solver name -> fn(guided_run, x, **options): the CFG++ variants (Chung et al. 2024, ComfyUI's *_cfg_pp samplers)
+CFGPP_REFERENCES = _guidance.CFGPP_REFERENCES
 
 # solver name -> fn(run, x, **options); unipc has no entry (it is checked against diffusers).
 REFERENCES = {
@@ -127,3 +132,41 @@ def sample(model, solver, schedule, steps, x_T, noises=None, prediction="epsilon
     x = x_T.to(torch.float64)
     run = Run(model, schedule, prediction, grid, noises, x.shape[0])
     return REFERENCES[solver](run, x, **options_)
+
+
+def sample_cfgpp(cond_model, uncond_model, guidance_scale, solver, schedule, steps, x_T, noises=None,
+                 prediction="epsilon", spacing=None, final="zero", timesteps=None, sigmas=None,
+                 **options_) -> torch.Tensor:
+    """Run the float64 CFG++ reference of ``solver`` from ``x_T`` with guided estimate D = U + w (C - U).
+
+    Parameters
+    ----------
+    cond_model, uncond_model : callable
+        ``model(x [B, ...] float64, t [B] float64) -> out`` in ``prediction``: the conditional and unconditional
+        model (each is called once per stage).
+    guidance_scale : float
+        The guidance weight w.
+    solver : str
+        A key of ``CFGPP_REFERENCES``.
+    schedule, steps, x_T, noises, prediction, spacing, final, timesteps, sigmas, **options_
+        As for ``sample``.
+
+    Returns
+    -------
+    Tensor [B, ...] float64.
+    """
+    if not isinstance(solver, str) or solver not in CFGPP_REFERENCES:
+        raise ValueError(f"no CFG++ reference for solver {solver!r}; they exist for "
+                         f"{', '.join(sorted(CFGPP_REFERENCES))}")
+    spacing_opts = {k: options_.pop(k) for k in _SPACING_OPTIONS if k in options_}
+    allowed = {k: p.default for k, p in list(inspect.signature(CFGPP_REFERENCES[solver]).parameters.items())[2:]}
+    unknown = sorted(set(options_) - set(allowed))
+    if unknown:
+        raise ValueError(f"CFG++ reference {solver!r} has no option(s) {', '.join(unknown)}; its options: {allowed}")
+    if not isinstance(x_T, torch.Tensor) or x_T.dim() < 1:
+        raise ValueError("x_T must be a tensor [B, ...]")
+    grid = Grid(schedule, steps, spacing, final, timesteps, sigmas, spacing_opts)
+    x = x_T.to(torch.float64)
+    u_run = Run(uncond_model, schedule, prediction, grid, noises, x.shape[0])
+    c_run = Run(cond_model, schedule, prediction, grid, None, x.shape[0])
+    return CFGPP_REFERENCES[solver](_guidance.GuidedRun(u_run, c_run, guidance_scale), x, **options_)

@@ -187,9 +187,14 @@ def _lms_coeff(order, s, i, j):
     return integrate.quad(basis, s[i], s[i + 1], epsabs=1e-14, epsrel=1e-13)[0]
 
 
-def lms(run, x, order=4):
-    """k-diffusion ``sample_lms``: linear multistep (Adams-Bashforth) on dy/ds = d in k-diffusion's sigma."""
+def lms(run, x, order=4, past_sigmas=()):
+    """k-diffusion ``sample_lms``: linear multistep (Adams-Bashforth) on dy/ds = d in k-diffusion's sigma.
+
+    ``past_sigmas`` (oldest first): sigmas before the grid of a run started late, as diffusers' LMSDiscreteScheduler
+    after ``set_begin_index(b)``: step i integrates the Lagrange basis over min(b + i + 1, order) nodes reaching back
+    into them, applied to the slopes it has (those since the start)."""
     g = run.grid
+    s_all, P = list(past_sigmas) + list(g.s), len(past_sigmas)
     ds = []
     for i in range(g.steps):
         y = _to_y(x, g.alpha[i], "lms")
@@ -198,9 +203,9 @@ def lms(run, x, order=4):
         ds.append((y - D) / g.s[i])
         if len(ds) > order:
             ds.pop(0)
-        cur_order = min(i + 1, order)
-        coeffs = [_lms_coeff(cur_order, g.s, i, j) for j in range(cur_order)]
-        # x = x + sum_j coeff_j d_{i-j}
+        cur_order = min(P + i + 1, order)
+        coeffs = [_lms_coeff(cur_order, s_all, P + i, j) for j in range(cur_order)]
+        # x = x + sum_j coeff_j d_{i-j} (zip stops at the slopes there are)
         y_next = y + sum(c * d for c, d in zip(coeffs, reversed(ds)))
         x = g.alpha[i + 1] * y_next
     return x

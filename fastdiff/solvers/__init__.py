@@ -12,16 +12,17 @@ import numpy as np
 from . import adams, consistency, ddpm, dpm_solver, exponential, flow, ode, sa_solver, sde, unipc  # noqa: F401  (register)
 from . import ancestral, exp_sde, sigma_ode  # noqa: F401
 from .builder import Builder, Grid, OutOfRange, StageLimit
-from .registry import (MAX_STAGES, SOLVERS, alpha_zero_error, alpha_zero_solvers, check_options,  # noqa: F401
-                       solver_options)
+from .registry import (GUIDANCE_MODES, MAX_STAGES, SOLVERS, alpha_zero_error, alpha_zero_solvers,  # noqa: F401
+                       cfgpp_solvers, check_options, solver_options)
 
 
-def build(name, schedule, prediction, times, final, opts):
-    """Run solver ``name`` over the grid ``times``: returns (stages, num_slots, options used)."""
+def build(name, schedule, prediction, times, final, opts, cfgpp=False):
+    """Run solver ``name`` over the grid ``times`` (its CFG++ variant with ``cfgpp``): returns (stages, num_slots,
+    options used)."""
     spec = SOLVERS[name]
     used = check_options(name, opts)
     grid = Grid(schedule, times, final)
-    b = Builder(schedule, prediction, max_stages=MAX_STAGES)
+    b = Builder(schedule, prediction, max_stages=MAX_STAGES, cfgpp=cfgpp)
     try:
         b.expect(grid.steps)
         with np.errstate(all="ignore"):  # infinities are caught by Plan's finiteness check with a clear message
@@ -35,4 +36,5 @@ def build(name, schedule, prediction, times, final, opts):
     return b.stages, b.num_slots, used
 
 
-__all__ = ["SOLVERS", "solver_options", "build", "Grid", "alpha_zero_solvers", "MAX_STAGES"]
+__all__ = ["SOLVERS", "solver_options", "build", "Grid", "alpha_zero_solvers", "cfgpp_solvers", "GUIDANCE_MODES",
+           "MAX_STAGES"]

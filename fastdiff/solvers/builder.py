@@ -5,6 +5,10 @@ A solver is host code over float64 numbers that drives a ``Builder``:
     X, D = b.call(t)                       # a stage that calls the model at schedule time t
     b.update(x=a * X + c * D, slots={y_hat: X / alpha}, noise=g)
 
+CFG++ variants also name U, the data estimate of the unconditional output: ``X, D, U = b.call(t, uncond=True)``.
+U is its own register (the U column of the rows) in a CFG++ build (``Builder.cfgpp``) and D itself otherwise, so
+a solver written with U gives the plain solver's rows unchanged.
+
 ``X``, ``D`` and slot handles are ``Lin`` (linear combinations of the registers), so solver code reads like the
 paper.  Slots are allocated by name (``b.slot("y_hat")``) or as history rings (``b.history("D", 2)``); the Builder
 counts what was allocated, so no solver counts slot indices.  ``fastdiff.plan`` turns the recorded stages into
@@ -22,7 +26,7 @@ PREDICTIONS = ("epsilon", "x0", "v", "score", "flow")
 
 
 class Lin:
-    """A linear combination of registers: keys "x", "D" or a slot index (int)."""
+    """A linear combination of registers: keys "x", "D", "U" (CFG++) or a slot index (int)."""
 
     __slots__ = ("c",)
 
@@ -113,9 +117,11 @@ class Builder:
 
     X = Lin({"x": 1.0})
     D = Lin({"D": 1.0})
+    U = Lin({"U": 1.0})
 
-    def __init__(self, schedule, prediction: str, max_stages: int | None = None):
+    def __init__(self, schedule, prediction: str, max_stages: int | None = None, cfgpp: bool = False):
         self.schedule = schedule
+        self.cfgpp = bool(cfgpp)  # CFG++ build: U (the unconditional data estimate) is a register of its own
         self.prediction = prediction
         self.max_stages = max_stages
         self.stages: list[Stage] = []
@@ -149,8 +155,9 @@ class Builder:
             self.step = i - start
             yield i
 
-    def call(self, t: float, alpha=None, sigma=None):
-        """Open a stage that calls the model at schedule time ``t``; returns the registers (X, D).
+    def call(self, t: float, alpha=None, sigma=None, uncond: bool = False):
+        """Open a stage that calls the model at schedule time ``t``; returns the registers (X, D), or (X, D, U)
+        with ``uncond`` (U: the unconditional output's data estimate in a CFG++ build, else D itself).
 
         ``alpha``, ``sigma`` override the schedule's values where the noise level differs from the time the
         model is conditioned on (a churned level beyond the schedule's range, see ``Grid.point_at_s``).
@@ -161,6 +168,8 @@ class Builder:
             raise OutOfRange("it needs a model call at a time the schedule does not have (t = nan)")
         cx, co = conversion(self.schedule, self.prediction, t, alpha, sigma)
         self._open = Stage(t=t, cx=cx, co=co, step=self.step)
+        if uncond:
+            return self.X, self.D, (self.U if self.cfgpp else self.D)
         return self.X, self.D
 
     def score_call(self, t: float, alpha: float, sigma: float):

@@ -105,20 +105,23 @@ SOLVER_TYPE = Option("midpoint", _one_of("midpoint", "heun"), "solver_type must 
 
 def _multistep(b, g, order, lower_order_final, solver_type, eta=0.0, s_noise=1.0, euler_at_final=False):
     """DPM-Solver++(2M/3M), and the SDE variant when eta > 0, over the last order - 1 data estimates."""
-    Ds = b.history("D", order - 1)  # Ds[j]: D of step i - j
+    Ds = b.history("D", order - 1)  # Ds[j]: D of step i - j (U in a CFG++ build)
     orders = step_orders(g, order, lower_order_final, euler_at_final)
     for i in b.steps(g.steps):
         a_s, sg_s, lam_s = g.alpha[i], g.sigma[i], g.lam[i]
         a_t, sg_t, lam_t = g.alpha[i + 1], g.sigma[i + 1], g.lam[i + 1]
         h = lam_t - lam_s
         e_h = exp_neg_h(a_t, sg_t, a_s, sg_s)
-        X, D = b.call(g.t[i])
+        X, D, U = b.call(g.t[i], uncond=True)
         o = orders[i]
         # Exponential integrator with data prediction; eta > 0 gives the SDE variant (k-diffusion's h_eta).
         e_eta = e_h**eta if eta else 1.0
         h_eta = h * (1.0 + eta)
         one_minus = neg_expm1(h_eta, e_h ** (1.0 + eta))  # 1 - e^{-h (1 + eta)}
-        x_next = (sg_t / sg_s) * e_eta * X + a_t * one_minus * D
+        if b.cfgpp:  # CFG++ (ComfyUI's sample_dpmpp_2m_cfg_pp): x' = alpha_t (D + e^{-h} (y - U)) + ...
+            x_next = (sg_t / sg_s) * X + a_t * (D - e_h * U)
+        else:
+            x_next = (sg_t / sg_s) * e_eta * X + a_t * one_minus * D
         if o >= 2:
             D_prev = Ds[1]
             r0 = (lam_s - g.lam[i - 1]) / h
@@ -139,15 +142,18 @@ def _multistep(b, g, order, lower_order_final, solver_type, eta=0.0, s_noise=1.0
                 phi_3 = (one_minus / (-h_eta) + 1.0) / h_eta - 0.5  # = (e^{-h} - 1 + h) / h^2 - 1/2 for eta = 0
                 x_next = x_next - (a_t * phi_3) * D2
         noise = sg_t * math.sqrt(max(-math.expm1(-2.0 * eta * h), 0.0)) * s_noise if eta and sg_t > 0 else 0.0
-        Ds.push(D)
+        Ds.push(U)
         b.update(x=x_next, noise=noise)
 
 
 EULER_AT_FINAL = Option(False, _flag, "euler_at_final must be True or False")
 
 
-@solver("dpmpp_2m", alpha_zero=True, lower_order_final=LOWER_ORDER_FINAL, solver_type=SOLVER_TYPE, euler_at_final=EULER_AT_FINAL)
+@solver("dpmpp_2m", alpha_zero=True, cfgpp=True, lower_order_final=LOWER_ORDER_FINAL, solver_type=SOLVER_TYPE,
+        euler_at_final=EULER_AT_FINAL)
 def dpmpp_2m(b, g, lower_order_final, solver_type, euler_at_final):
+    """DPM-Solver++(2M).  Its CFG++ variant (ComfyUI's sample_dpmpp_2m_cfg_pp with lower_order_final=False) renoises
+    with U and forms the second-order difference from the previous step's U: D_1 = (D - U_prev) / r."""
     _multistep(b, g, 2, lower_order_final, solver_type, euler_at_final=euler_at_final)
 
 
@@ -170,16 +176,17 @@ def dpmpp_3m_sde(b, g, eta, s_noise, lower_order_final, solver_type, euler_at_fi
     _multistep(b, g, 3, lower_order_final, solver_type, eta=eta, s_noise=s_noise, euler_at_final=euler_at_final)
 
 
-@solver("dpmpp_2s_ancestral", alpha_zero=True, eta=ETA1, s_noise=S_NOISE)
+@solver("dpmpp_2s_ancestral", alpha_zero=True, cfgpp=True, eta=ETA1, s_noise=S_NOISE)
 def dpmpp_2s_ancestral(b, g, eta, s_noise):
-    """k-diffusion's DPM-Solver++(2S) ancestral: a midpoint step to sigma_down, then noise up."""
+    """k-diffusion's DPM-Solver++(2S) ancestral: a midpoint step to sigma_down, then noise up.  The CFG++ variant
+    (ComfyUI's sample_dpmpp_2s_ancestral_cfg_pp) renoises both stages from y + D - U."""
     y_i = b.slot("y_i")
     for i in b.steps(g.steps):
         s, a_t = g.s[i], g.alpha[i + 1]
         down, up = ancestral_split(s, g.s[i + 1], eta)
-        X, D = b.call(g.t[i])
+        X, D, U = b.call(g.t[i], uncond=True)
         if down == 0:  # Euler to sigma_down = 0, then the ancestral noise (zero only on a step to the clean point)
-            b.update(x=euler_to(D, eps_hat(X, D, g.alpha[i], g.sigma[i]), a_t, 0.0), noise=a_t * up * s_noise)
+            b.update(x=euler_to(D, eps_hat(X, U, g.alpha[i], g.sigma[i]), a_t, 0.0), noise=a_t * up * s_noise)
             continue
         if not math.isfinite(s):
             raise ValueError("dpmpp_2s_ancestral cannot start at alpha = 0 with sigma_down > 0 (its midpoint is at "
@@ -187,7 +194,7 @@ def dpmpp_2s_ancestral(b, g, eta, s_noise):
         h = math.log(s / down)
         s_mid = s * math.exp(-0.5 * h)
         t_mid, a_mid, sg_mid = g.point_at_s(s_mid)
-        y = X / g.alpha[i]
+        y = X / g.alpha[i] + (D - U) if b.cfgpp else X / g.alpha[i]
         # x_2 = (sigma(s)/sigma(t)) y - expm1(-h/2) D, in x = alpha y
         b.update(x=a_mid * ((s_mid / s) * y - math.expm1(-0.5 * h) * D), slots={y_i: y})
         X, D2 = b.call(t_mid, a_mid, sg_mid)

@@ -33,15 +33,17 @@ def _phi2(z):
 
 
 def _res_multistep(b, g, eta, s_noise):
+    """RES multistep; its CFG++ variant (ComfyUI's res_multistep with cfg_pp) renoises from y + D - U, weights U in
+    place of D and keeps the previous U (with U = D outside CFG++ builds these are the plain steps)."""
     D_prev = b.slot("D_prev")
     prev_down = None  # sigma_down of the previous step
     for i in b.steps(g.steps):
         s_i, a_next = g.s[i], g.alpha[i + 1]
         down, up = ancestral_split(s_i, g.s[i + 1], eta)
-        X, D = b.call(g.t[i])
+        X, D, U = b.call(g.t[i], uncond=True)
         noise = a_next * up * s_noise if g.s[i + 1] > 0 else 0.0
         if down == 0 or prev_down is None:
-            b.update(x=euler_to(D, eps_hat(X, D, g.alpha[i], g.sigma[i]), a_next, down), slots={D_prev: D},
+            b.update(x=euler_to(D, eps_hat(X, U, g.alpha[i], g.sigma[i]), a_next, down), slots={D_prev: U},
                      noise=noise)
         else:
             h = math.log(s_i / down)
@@ -50,19 +52,22 @@ def _res_multistep(b, g, eta, s_noise):
             far = prev_down == 0 or not math.isfinite(g.s[i - 1])
             b2 = 0.0 if far else _phi2(-h) * h / math.log(prev_down / g.s[i - 1])
             b1 = _phi1(-h) - b2
-            y_next = (down / s_i) * (X / g.alpha[i]) + h * (b1 * D + b2 * D_prev)
-            b.update(x=a_next * y_next, slots={D_prev: D}, noise=noise)
+            if b.cfgpp:
+                y_next = (down / s_i) * (X / g.alpha[i] + (D - U)) + h * (b1 * U + b2 * D_prev)
+            else:
+                y_next = (down / s_i) * (X / g.alpha[i]) + h * (b1 * D + b2 * D_prev)
+            b.update(x=a_next * y_next, slots={D_prev: U}, noise=noise)
         prev_down = down
 
 
-@solver("res_multistep", alpha_zero=True)
+@solver("res_multistep", alpha_zero=True, cfgpp=True)
 def res_multistep(b, g):
     """RES second-order multistep (ComfyUI's sample_res_multistep); on any grid it equals DPM-Solver++(2M) in its
     heun form without lower_order_final."""
     _res_multistep(b, g, 0.0, 1.0)
 
 
-@solver("res_multistep_ancestral", alpha_zero=True, eta=ETA1, s_noise=S_NOISE)
+@solver("res_multistep_ancestral", alpha_zero=True, cfgpp=True, eta=ETA1, s_noise=S_NOISE)
 def res_multistep_ancestral(b, g, eta, s_noise):
     """RES multistep with ancestral noise (ComfyUI's sample_res_multistep_ancestral)."""
     _res_multistep(b, g, eta, s_noise)

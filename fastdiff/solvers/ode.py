@@ -4,6 +4,10 @@ With y = x / alpha and s = sigma / alpha the PF-ODE of any schedule is dy/ds = (
 (EDM's choice sigma(t) = t, s(t) = 1, their Sec. 3); on the EDM schedule (alpha = 1) these are EDM Algorithms 1
 and 2 literally.  Coefficients are mapped back to x = alpha y.  A step that ends on the clean point is the Euler
 step, which returns D.  Euler here is algebraically DDIM with eta = 0: y + (s' - s) eps_hat = D + s' eps_hat.
+
+CFG++ (Chung et al. 2024; ComfyUI's sample_euler_cfg_pp / sample_euler_ancestral_cfg_pp) takes the slope from the
+unconditional data estimate U: y' = D + s' (y - U) / s, so the written form D + s' eps_hat(U) is the variant (with
+U = D outside CFG++ builds).
 """
 
 import math
@@ -19,11 +23,11 @@ def euler_to(D, d, alpha_next, s_next):
     return alpha_next * (D + s_next * d)
 
 
-@solver("euler", alpha_zero=True)
+@solver("euler", alpha_zero=True, cfgpp=True)
 def euler(b, g):
     for i in b.steps(g.steps):
-        X, D = b.call(g.t[i])
-        b.update(x=euler_to(D, eps_hat(X, D, g.alpha[i], g.sigma[i]), g.alpha[i + 1], g.s[i + 1]))
+        X, D, U = b.call(g.t[i], uncond=True)
+        b.update(x=euler_to(D, eps_hat(X, U, g.alpha[i], g.sigma[i]), g.alpha[i + 1], g.s[i + 1]))
 
 
 def _churn_gamma(s_churn, s_tmin, s_tmax, steps, s):
@@ -65,12 +69,12 @@ def churned_first_stage(b, g, i, churn_opts):
 
 def slope_or_finish(b, g, i):
     """Call the model at step i's start; a step ending on the clean point is finished with D (returns None), else
-    returns (X, D, d) with d the slope dy/ds = eps_hat there."""
-    X, D = b.call(g.t[i])
+    returns (X, D, d) with d the slope dy/ds = eps_hat there (from U in a CFG++ build)."""
+    X, D, U = b.call(g.t[i], uncond=True)
     if g.zero[i + 1]:
         b.update(x=D)
         return None
-    return X, D, eps_hat(X, D, g.alpha[i], g.sigma[i])
+    return X, D, eps_hat(X, U, g.alpha[i], g.sigma[i])
 
 
 @solver("heun", **CHURN)
@@ -124,12 +128,12 @@ def ancestral_split(s_from, s_to, eta):
     return math.sqrt(s_to**2 - up**2), up
 
 
-@solver("euler_ancestral", alpha_zero=True, eta=ETA1, s_noise=S_NOISE)
+@solver("euler_ancestral", alpha_zero=True, cfgpp=True, eta=ETA1, s_noise=S_NOISE)
 def euler_ancestral(b, g, eta, s_noise):
     for i in b.steps(g.steps):
-        X, D = b.call(g.t[i])
+        X, D, U = b.call(g.t[i], uncond=True)
         down, up = ancestral_split(g.s[i], g.s[i + 1], eta)
-        d = eps_hat(X, D, g.alpha[i], g.sigma[i])
+        d = eps_hat(X, U, g.alpha[i], g.sigma[i])
         # Euler to sigma_down, then add noise back up to sigma_{i+1} (in y = x / alpha).
         b.update(x=euler_to(D, d, g.alpha[i + 1], down), noise=g.alpha[i + 1] * up * s_noise)
 
@@ -166,17 +170,28 @@ def lms_coefficients(s, i, order):
     return coeffs
 
 
-@solver("lms", order=Option(4, _int_in(1, 6), "order must be an integer in 1..6"))
-def lms(b, g, order):
-    """k-diffusion's linear multistep (Adams-Bashforth in sigma) over the last ``order`` slopes d."""
+def _past_sigmas(v):
+    return isinstance(v, tuple) and all(isinstance(e, float) and math.isfinite(e) and e > 0 for e in v)
+
+
+@solver("lms", order=Option(4, _int_in(1, 6), "order must be an integer in 1..6"),
+        past_sigmas=Option((), _past_sigmas, "past_sigmas must be a tuple of positive floats"))
+def lms(b, g, order, past_sigmas):
+    """k-diffusion's linear multistep (Adams-Bashforth in sigma) over the last ``order`` slopes d.
+
+    ``past_sigmas``: the sigmas (s) before the grid's first point, oldest first, of a run started late.  diffusers'
+    LMS started at a begin index takes its Lagrange nodes from them too (order min(begin + i + 1, order)) while it has
+    only the slopes since the start (the missing ones weigh 0); () is k-diffusion's warm-up.
+    """
     ds = b.history("d", order - 1)
+    s_all, P = list(past_sigmas) + list(g.s), len(past_sigmas)
     for i in b.steps(g.steps):
         X, D = b.call(g.t[i])
         d = eps_hat(X, D, g.alpha[i], g.sigma[i])
-        cur = min(i + 1, order)
-        c = lms_coefficients(g.s, i, cur)
+        cur = min(P + i + 1, order)
+        c = lms_coefficients(s_all, P + i, cur)
         y_next = X / g.alpha[i] + c[0] * d
-        for j in range(1, cur):
+        for j in range(1, min(i + 1, cur)):
             y_next = y_next + c[j] * ds[j]
         ds.push(d)
         b.update(x=g.alpha[i + 1] * y_next)

@@ -29,19 +29,29 @@ class SolverSpec:
     fn: object  # fn(b: Builder, g: Grid, **options)
     options: dict  # name -> Option
     alpha_zero: bool  # builds where alpha = 0 (the noise end of flows and zero-terminal-SNR schedules)
+    cfgpp: bool = False  # has a CFG++ variant (plan option guidance="cfg++")
 
 
 SOLVERS: dict = {}  # name -> SolverSpec
 
 
-def solver(name: str, alpha_zero: bool = False, **options: Option):
-    """Register ``fn(b, grid, **opts)``; ``alpha_zero``: the solver's rows stay finite where alpha = 0."""
+def solver(name: str, alpha_zero: bool = False, cfgpp: bool = False, **options: Option):
+    """Register ``fn(b, grid, **opts)``; ``alpha_zero``: the solver's rows stay finite where alpha = 0; ``cfgpp``:
+    it has a CFG++ variant (it names U through ``b.call(t, uncond=True)``)."""
 
     def deco(fn):
-        SOLVERS[name] = SolverSpec(fn, options, alpha_zero)
+        SOLVERS[name] = SolverSpec(fn, options, alpha_zero, cfgpp)
         return fn
 
     return deco
+
+
+GUIDANCE_MODES = ("cfg", "cfg++")
+
+
+def cfgpp_solvers() -> list:
+    """Names of the solvers with a CFG++ variant (``fastdiff.plan(..., guidance="cfg++")``)."""
+    return sorted(name for name, spec in SOLVERS.items() if spec.cfgpp)
 
 
 def solver_options(name: str) -> dict:

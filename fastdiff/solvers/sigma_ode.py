@@ -47,11 +47,12 @@ def heunpp2(b, g, **churn_opts):
         b.update(x=a_1 * (y_hat + dt * (d_acc + w_3 * eps_hat(X, D, a_2, g.sigma[i + 2]))))
 
 
-@solver("gradient_estimation", alpha_zero=True,
+@solver("gradient_estimation", alpha_zero=True, cfgpp=True,
         ge_gamma=Option(2.0, lambda v: _real(v) and math.isfinite(v),
                         "ge_gamma must be a finite real number (2: the paper's choice)"))
 def gradient_estimation(b, g, ge_gamma):
-    """Permenter & Yuan 2024 (ComfyUI's sample_gradient_estimation); a step to the clean point returns D."""
+    """Permenter & Yuan 2024 (ComfyUI's sample_gradient_estimation); a step to the clean point returns D.  The
+    CFG++ variant takes the slopes d from U (``slope_or_finish``), as ComfyUI's sample_gradient_estimation_cfg_pp."""
     d_prev = b.slot("d_prev")
     for i in b.steps(g.steps):
         first = slope_or_finish(b, g, i)

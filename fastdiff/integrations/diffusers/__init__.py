@@ -35,17 +35,39 @@ coefficient; UniPC bh1 returns NaN with ``final_sigmas_type="zero"``; a timestep
 as is.  Coefficients are float64 (diffusers' float32 ``1 - alpha_bar`` loses digits near t = 0).  A step where a
 noise prediction has no data estimate (alpha_bar <= 0: betas above 1) raises ``ValueError`` where diffusers returns
 inf / NaN.  Options fastdiff does not implement raise ``NotImplementedError`` naming the option.
+
+k-diffusion's samplers as diffusers ships them (``karras.py``): LMS, KDPM2, KDPM2 ancestral and DPMSolverSDE work in
+y = x / alpha like the Euler family.  LMS after ``set_begin_index`` takes its Lagrange nodes from before the start
+as diffusers does (the ``lms`` option ``past_sigmas``).  KDPM2, KDPM2 ancestral and DPMSolverSDE take two calls per
+step (diffusers interleaves the intermediate timesteps), so a late start must begin on a step's first call (an even
+``begin_index``; an odd one raises ``ValueError``); their ``prediction_type="sample"``, which diffusers does not
+implement, works.  DPMSolverSDE's Brownian tree: without ``noise_sampler_seed`` the two noises of a step are Philox
+draws with the tree's joint law (the same law, other numbers than torchsde's); with it (torchsde installed) a run on
+the scheduler's own counter takes diffusers' tree draws and reproduces diffusers' numbers.
+
+EDM (``edm.py``): EDMEuler and EDM DPM-Solver multistep run on ``fastdiff.schedules.EDM`` in x itself, the rows'
+data-estimate columns set to EDM's preconditioning (c_skip, c_out); ``scale_model_input`` multiplies by c_in.
+Refused: ``EDMEulerScheduler.step(s_churn > 0)`` (diffusers applies the model output of sigma at the churned
+sigma_hat, as in EulerDiscrete) and ``algorithm_type="sde-dpmsolver++"`` with ``solver_order=3`` (diffusers has no
+such update: its step fails).  With ``final_sigmas_type="sigma_min"`` the float32 Karras sigmas can end just below
+sigma_min, so diffusers' last step rises by a relative 2e-7 (its heun order-2 update then divides by a float32 step
+of 0: NaN); fastdiff takes it as a step that keeps sigma.
 """
 
 from __future__ import annotations
 
 from ._base import StepState
+from .edm import EDMDPMSolverMultistepScheduler, EDMEulerScheduler
 from .flow import FlowMatchEulerDiscreteScheduler
+from .karras import (DPMSolverSDEScheduler, KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler,
+                     LMSDiscreteScheduler)
 from .sigma_indexed import (DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler, EulerAncestralDiscreteScheduler,
                             EulerDiscreteScheduler, HeunDiscreteScheduler, UniPCMultistepScheduler)
 from .timestep_indexed import DDIMScheduler, DDPMScheduler, LCMScheduler
 
 __all__ = ["DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
            "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
-           "UniPCMultistepScheduler", "FlowMatchEulerDiscreteScheduler", "LCMScheduler", "StepState"]
+           "UniPCMultistepScheduler", "FlowMatchEulerDiscreteScheduler", "LCMScheduler", "LMSDiscreteScheduler",
+           "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "DPMSolverSDEScheduler", "EDMEulerScheduler",
+           "EDMDPMSolverMultistepScheduler", "StepState"]
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import importlib
 import threading
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -31,7 +32,9 @@ def _unsupported(what: str):
 
 
 def _f64(t) -> np.ndarray:
-    return np.asarray(torch.as_tensor(t).detach().to("cpu", torch.float64).numpy(), dtype=np.float64)
+    if isinstance(t, torch.Tensor):
+        return t.detach().to(device="cpu", dtype=torch.float64).numpy()
+    return np.asarray(t, dtype=np.float64)
 
 
 CX, CO, GAIN = (ROW_HEADER.index(name) for name in ("cx", "co", "g"))  # columns of a flat row
@@ -48,6 +51,13 @@ def data_estimate(rows, x, out):
 _REFUSED_ROW = np.full(row_length(0), np.nan)
 _REFUSED_ROW[GAIN:len(ROW_HEADER)] = 0.0  # no noise, no Langevin term: only D and x' are NaN
 _REFUSED_FLAGS = StageFlags(0, 0, True, False, False)
+
+
+@functools.lru_cache(maxsize=None)
+def _output_class(path: str):
+    """The diffusers class ``module.class`` under diffusers.schedulers (looked up once per name, not per step)."""
+    module, name = path.split(".")
+    return getattr(importlib.import_module(f"diffusers.schedulers.{module}"), name)
 
 
 def _numbered_draws(flags):
@@ -106,9 +116,10 @@ class _Program:
         self._device = {}
 
     def on(self, device, dtype):
-        """Device tensors (rows, x0 rows, draws, noise gain, input scale, timesteps, alpha_next), cached."""
+        """Device tensors (rows, x0 rows, draws, noise gain, input scale, timesteps, alpha_next), cached; ``stages``
+        holds each stage's kernel arguments (``_StageArgs``: row and draw views, Python flags), made once."""
         cdt = torch.float64 if dtype == torch.float64 else torch.float32
-        key = (str(device), cdt)
+        key = (device, cdt)
         hit = self._device.get(key)
         if hit is None:
             def t(a, dt=cdt):
@@ -121,8 +132,31 @@ class _Program:
             hit.update({k: t(v) for k, v in self.extra.items()})
             hit["no_draw"] = torch.full((1,), -1, dtype=torch.int64, device=device)
             hit["no_guidance"] = torch.zeros(1, dtype=torch.float32, device=device)
+            host = self.rows64.astype(np.float32) if cdt == torch.float32 else self.rows64  # the device rows' values
+            hit["stages"] = tuple(
+                _StageArgs(hit["rows"][k : k + 1], hit["x0_rows"][k : k + 1], hit["draws"][k : k + 1],
+                           int(f.slot_reads), int(f.slot_writes), bool(f.use_out), bool(f.noise), bool(f.langevin),
+                           float(host[k, CX]), float(host[k, CO]), float(host[k, GAIN]))
+                for k, f in enumerate(self.flags))
             self._device[key] = hit
         return hit
+
+
+class _StageArgs(NamedTuple):
+    """One stage's kernel arguments on a device: [1, R] row views (the plan's and the x0-input one), the draw [1],
+    and the flags as Python ints / bools (what ``ops._step_kernel`` takes)."""
+
+    rows: torch.Tensor
+    x0_rows: torch.Tensor
+    draws: torch.Tensor
+    reads: int
+    writes: int
+    use_out: bool
+    noise: bool
+    langevin: bool
+    cx: float  # the row's cx, co and noise gain as host numbers (exactly the device row's values): torch ops of x
+    co: float  # in the rows' dtype with these scalars round as with the row's [1] columns, without gathers
+    gain: float
 
 
 _PROGRAMS: dict = {}  # programs by (class, config, begin/eta, timesteps, sigmas), oldest first
@@ -163,6 +197,9 @@ class _FastdiffStep:
     _ready_at_init = False  # diffusers' __init__ holds the training schedule and its step may run on it
     _unknown_timestep_is_last = False  # diffusers treats a timestep off the schedule as the last step
     backend = "auto"  # fastdiff backend for step: "auto", "cpu", "cuda", "triton" or "torch"
+    # set per instance; class defaults so that a lookup before then never reaches diffusers' slow __getattr__
+    _fd_programs = None
+    _fd_slots_own = None
 
     # -- what each scheduler provides --------------------------------------------------------------------------
 
@@ -175,8 +212,7 @@ class _FastdiffStep:
     def _fd_output(self, prev, x0):
         """diffusers' output of step: ``_output`` (module.class under diffusers.schedulers) with prev_sample, and
         pred_original_sample where the scheduler ``_returns_x0``."""
-        module, name = self._output.split(".")
-        output = getattr(importlib.import_module(f"diffusers.schedulers.{module}"), name)
+        output = _output_class(self._output)
         return output(prev_sample=prev, pred_original_sample=x0) if self._returns_x0 else output(prev_sample=prev)
 
     def _fd_tuple(self, prev, x0):
@@ -200,11 +236,16 @@ class _FastdiffStep:
         if stock is None or "set_timesteps" in cls.__dict__ or not cls.__module__.startswith(__package__):
             return  # an intermediate mixin, or a class that defines its own
 
+        try:
+            stock_set_timesteps = stock.set_timesteps
+        except ImportError:  # diffusers' placeholder for a class whose optional dependency (torchsde) is missing:
+            return  # instantiating it raises diffusers' own ImportError, which says what to install
+
         # diffusers' own signature (timesteps= / sigmas= / mu= ...): its retrieve_timesteps inspects it
-        @functools.wraps(stock.set_timesteps)
+        @functools.wraps(stock_set_timesteps)
         def set_timesteps(self, *args, **kwargs):
             self._fd_check_config()
-            stock.set_timesteps(self, *args, **kwargs)
+            stock_set_timesteps(self, *args, **kwargs)
             self._fd_take_schedule()
 
         cls.set_timesteps = set_timesteps
@@ -213,10 +254,22 @@ class _FastdiffStep:
         """Host copies of the timesteps and noise levels, taken once per schedule, so that no later step copies
         from the device (a sync); programs are built from them on first use."""
         self._fd_ts_host = _f64(self.timesteps)
+        # timestep value -> its step as diffusers' index_for_timestep picks it: the second of a repeated one
+        ts = self._fd_ts_host.tolist()
+        self._fd_ts_index = {t: i for i, t in enumerate(ts)}  # the last occurrence
+        if len(self._fd_ts_index) < len(ts):  # repeats: the second occurrence
+            seen = {}
+            for i, t in enumerate(ts):
+                seen[t] = seen.get(t, 0) + 1
+                if seen[t] == 2:
+                    self._fd_ts_index[t] = i
         self._fd_sig_host = _f64(self.sigmas) if hasattr(self, "sigmas") else np.zeros(0)
         self._fd_programs = {}  # (begin index, eta) -> _Program, built on first use
-        self._fd_slots_own = None
+        slots = getattr(self, "_fd_slots_own", None)
+        if slots is not None and slots.numel():  # a new run starts from clean history (kept: its layout is checked)
+            slots.zero_()
         self._fd_begin = 0
+        self._fd_transform = self._fd_x0_transform()  # diffusers' config is frozen: decided once, not per step
 
     def _fd_programs_or_init(self):
         programs = getattr(self, "_fd_programs", None)
@@ -242,8 +295,8 @@ class _FastdiffStep:
         prog = programs.get(key)
         if prog is None:
             # the same configuration and timesteps give the same program: shared across set_timesteps calls
-            gkey = (type(self).__name__, tuple(sorted((k, repr(v)) for k, v in self.config.items())), key,
-                    self._fd_ts_host.tobytes(), self._fd_sig_host.tobytes())
+            gkey = (type(self).__name__, self._fd_config_key(), key, self._fd_ts_host.tobytes(),
+                    self._fd_sig_host.tobytes())
             with _PROGRAMS_LOCK:
                 prog = _PROGRAMS.get(gkey)
             if prog is None:
@@ -254,6 +307,13 @@ class _FastdiffStep:
                     _PROGRAMS[gkey] = prog
             programs[key] = prog
         return prog
+
+    def _fd_config_key(self):
+        """The configuration as a hashable key, made once (diffusers' config is frozen after __init__)."""
+        key = self.__dict__.get("_fd_config_key_cache")
+        if key is None:
+            key = self._fd_config_key_cache = tuple(sorted((k, repr(v)) for k, v in self.config.items()))
+        return key
 
     def new_state(self, begin_index: int = 0) -> StepState:
         """A fresh per-run state for ``step(..., state=...)`` (thread-safe sampling with one scheduler)."""
@@ -268,12 +328,11 @@ class _FastdiffStep:
         if isinstance(timestep, torch.Tensor):
             if timestep.device.type != "cpu":
                 return "device"
-            timestep = timestep.reshape(-1)[0].item()
-        ts = self._fd_ts_host
-        hit = np.flatnonzero(ts == float(timestep))
-        if hit.size == 0:
-            return len(ts) - 1 if self._unknown_timestep_is_last else None
-        return int(hit[1] if hit.size > 1 else hit[0])
+            timestep = timestep.reshape(-1)[0].item() if timestep.dim() else timestep.item()
+        hit = self._fd_ts_index.get(float(timestep))
+        if hit is None:
+            return len(self._fd_ts_host) - 1 if self._unknown_timestep_is_last else None
+        return hit
 
     def _fd_where(self, timestep, step_index, state, eta=None):
         """(program, k) with k the stage of the program: int, or a device-side selector for per-sample steps."""
@@ -295,8 +354,10 @@ class _FastdiffStep:
             k, begin = state.step_index, state.begin_index
         else:
             k, begin = self._fd_counter(timestep), self._fd_begin
-        prog = self._fd_program(begin, eta)
-        return prog, k - (begin if self._stateful else 0)
+        if not self._stateful:
+            begin = 0
+        prog = self._fd_programs.get((begin, eta)) or self._fd_program(begin, eta)
+        return prog, k - begin
 
     def _fd_counter(self, timestep):
         """diffusers' step counter: set on the first call from the begin index, else from the timestep (a host
@@ -346,8 +407,9 @@ class _FastdiffStep:
 
     def _fd_step(self, model_output, timestep, sample, *, generator=None, variance_noise=None, seeds=None,
                  step_index=None, state=None, return_dict=True, eta=None, raw_eps=False):
-        if not isinstance(sample, torch.Tensor) or not isinstance(model_output, torch.Tensor):
-            raise ValueError("model_output and sample must be tensors")
+        if type(sample) is not torch.Tensor or type(model_output) is not torch.Tensor:
+            if not isinstance(sample, torch.Tensor) or not isinstance(model_output, torch.Tensor):
+                raise ValueError("model_output and sample must be tensors")
         if model_output.shape != sample.shape:
             raise ValueError(f"model_output has shape {tuple(model_output.shape)} but sample has "
                              f"{tuple(sample.shape)}: the model must predict one value per sample element (learned "
@@ -358,30 +420,38 @@ class _FastdiffStep:
             raise ValueError("pass either generator or variance_noise, not both")
         B = sample.shape[0]
         prog, k = self._fd_where(timestep, step_index, state, eta)
-        per_sample = not isinstance(k, int)
+        per_sample = type(k) is not int
         if not per_sample and not 0 <= k < prog.num_stages:
             raise ValueError(f"step {k} is outside the {prog.num_stages} steps of this run: call set_timesteps "
                              "again (or set_begin_index) before a new sampling run")
         if not per_sample and k in prog.refused:
             raise ValueError(f"{type(self).__name__} cannot step from timestep {prog.timesteps[k]:g}: "
                              f"{prog.refused[k]}")
-        dev = prog.on(sample.device, sample.dtype)
-        flags = prog.union if per_sample else prog.flags[k]
-        noise = flags.noise
-        rows = self._fd_gather(prog, dev, "rows", k, B)
-        x = sample.contiguous()
-        out = model_output.to(x.dtype).contiguous()
-        bshape = (-1,) + (1,) * (x.dim() - 1)
+        x = sample if sample.is_contiguous() else sample.contiguous()
+        out = model_output if model_output.dtype is x.dtype else model_output.to(x.dtype)
+        out = out if out.is_contiguous() else out.contiguous()
+        dev = prog.on(x.device, x.dtype)
+        if per_sample:  # rows of different stages gathered per sample, run with the union of their flags
+            st = None
+            f = prog.union
+            reads, writes, use_out, noise, langevin = (int(f.slot_reads), int(f.slot_writes), bool(f.use_out),
+                                                       bool(f.noise), bool(f.langevin))
+            rows = self._fd_gather(prog, dev, "rows", k, B)
+        else:  # a stage's precomputed arguments
+            st = dev["stages"][k]
+            rows, reads, writes, use_out, noise, langevin = st.rows, st.reads, st.writes, st.use_out, st.noise, \
+                st.langevin
         x0 = D_raw = None
-        transform = self._fd_x0_transform()
+        transform = self._fd_transform
+        host = st is not None and x.dtype is st.rows.dtype  # the row's host scalars apply to x as they are
         if transform is not None or self._returns_x0:
             # the stage's data estimate (pred_original_sample) with torch ops: one more pass over x and out
-            x0 = D_raw = data_estimate(rows, x, out)
+            x0 = D_raw = x * st.cx + out * st.co if host else data_estimate(rows, x, out)
         if transform is not None:
             # the predicted x0 of the whole sample, clipped / thresholded, is the model output of an x0-row
             x0 = transform(D_raw)
             if not raw_eps:
-                rows = self._fd_gather(prog, dev, "x0_rows", k, B)
+                rows = self._fd_gather(prog, dev, "x0_rows", k, B) if st is None else st.x0_rows
                 out = x0.to(x.dtype).contiguous()
         # noise: diffusers' own draw when a generator or variance_noise is given, else Philox per sample
         external = variance_noise
@@ -394,11 +464,27 @@ class _FastdiffStep:
             noise = False
         else:
             seeds_t = self._fd_seeds(seeds, B, x.device)
-            draws = self._fd_gather(prog, dev, "draws", k, B)
-        prev = ops.step(x, out, self._fd_slots(state, prog, x), rows, seeds_t, draws, dev["no_guidance"],
-                        slot_reads=flags.slot_reads, slot_writes=flags.slot_writes, use_out=flags.use_out, cfg=False,
-                        noise=noise, langevin=flags.langevin, backend=self._fd_kernel(x))
-        if external is not None:
+            draws = self._fd_gather(prog, dev, "draws", k, B) if st is None else st.draws
+        slots = self._fd_slots(state, prog, x)
+        backend, kernel = self._fd_kernel(x)
+        if slots is not None and type(x) is torch.Tensor and type(out) is torch.Tensor \
+                and not torch.compiler.is_compiling():
+            # the layout whose arguments passed ops.step's checks when these slots were made (x and out: above)
+            prev = kernel(x, out, slots, rows, seeds_t, draws, dev["no_guidance"], reads, writes, use_out, False, noise,
+                          langevin, None, None, None)
+        else:  # a new layout of x (the slots follow its shape, dtype, device), a tensor subclass or compile
+            new_slots = slots is None
+            if new_slots:
+                slots = torch.zeros((prog.num_slots,) + tuple(x.shape), dtype=x.dtype, device=x.device)
+            prev = ops.step(x, out, slots, rows, seeds_t, draws, dev["no_guidance"], slot_reads=reads,
+                            slot_writes=writes, use_out=use_out, cfg=False, noise=noise, langevin=langevin,
+                            backend=backend)
+            if new_slots:  # kept only once ops.step accepted them
+                self._fd_keep_slots(state, slots)
+        bshape = (-1,) + (1,) * (x.dim() - 1)
+        if external is not None and host and external.dtype is x.dtype and external.device == x.device:
+            prev += external * st.gain  # (prev is the kernel's new tensor)
+        elif external is not None:
             gain = self._fd_gather(prog, dev, "gain", k, B).reshape(bshape)
             prev = (prev + gain * external.to(device=x.device, dtype=gain.dtype)).to(x.dtype)
         if transform is not None and raw_eps:
@@ -407,9 +493,12 @@ class _FastdiffStep:
             prev = (prev.to(a.dtype) + a * (x0 - D_raw)).to(x.dtype)
         self._fd_advance(state, per_sample or step_index is not None)
         extra = self._fd_extra(prog, dev, k, B, x, model_output, x0)
-        x0_out = extra if extra is not None else (None if x0 is None else x0.to(x.dtype))
-        if not self._returns_x0 and extra is None:
+        if extra is not None:
+            x0_out = extra
+        elif x0 is None or not self._returns_x0:
             x0_out = None
+        else:
+            x0_out = x0 if x0.dtype is x.dtype else x0.to(x.dtype)
         return self._fd_output(prev, x0_out) if return_dict else self._fd_tuple(prev, x0_out)
 
     def _fd_x0_transform(self):
@@ -425,22 +514,30 @@ class _FastdiffStep:
         return None
 
     def _fd_kernel(self, x):
+        """(backend name, its kernel function ``ops._step_kernel``) for x, resolved once per (backend, device type)."""
         if x.dtype == torch.float64 and self.backend == "auto":
-            return "torch"
+            return "torch", ops._step_kernel("torch")
         key = (self.backend, x.device.type)
-        kernel = _KERNELS.get(key)
-        if kernel is None:
-            kernel = _KERNELS[key] = resolve(self.backend, x.device.type)
-        return kernel
+        hit = _KERNELS.get(key)
+        if hit is None:
+            name = resolve(self.backend, x.device.type)
+            hit = _KERNELS[key] = (name, ops._step_kernel(name))
+        return hit
 
     def _fd_slots(self, state, prog, x):
-        holder, attr = (state, "slots") if state is not None else (self, "_fd_slots_own")
-        slots = getattr(holder, attr, None)
-        shape = (prog.num_slots,) + tuple(x.shape)
-        if slots is None or tuple(slots.shape) != shape or slots.dtype != x.dtype or slots.device != x.device:
-            slots = torch.zeros(shape, dtype=x.dtype, device=x.device)
-            setattr(holder, attr, slots)
+        """The run's history slots [K, *x.shape] (``state``'s, else the scheduler's own), or None where x has a new
+        layout (shape, dtype, device): then ``_fd_step`` makes new ones and checks every argument once."""
+        slots = state.slots if state is not None else getattr(self, "_fd_slots_own", None)
+        if (slots is None or slots.shape[0] != prog.num_slots or slots.shape[1:] != x.shape or slots.dtype != x.dtype
+                or slots.device != x.device):
+            return None
         return slots
+
+    def _fd_keep_slots(self, state, slots):
+        if state is not None:
+            state.slots = slots
+        else:
+            self._fd_slots_own = slots
 
     def _fd_advance(self, state, explicit):
         if explicit or self._index_by == "timestep":
@@ -454,7 +551,7 @@ class _FastdiffStep:
 
     def _fd_seeds(self, seeds, batch, device):
         if seeds is None:  # default seeds 0 .. B-1 (cached: a step allocates nothing it need not)
-            key = (batch, str(device))
+            key = (batch, device)
             hit = self._ARANGE.get(key)
             if hit is None:
                 hit = self._ARANGE[key] = torch.arange(batch, dtype=torch.int64, device=device)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 
 from ...plan import StageFlags, identity_row
 from ...plan import plan as make_plan
@@ -142,6 +143,13 @@ class LCMScheduler(_OneStepStages, _d.LCMScheduler):
 
     def _fd_extra(self, prog, dev, k, B, x, model_output, x0):
         # denoised = c_skip x + c_out x0: what the LCM pipeline returns after its last step
+        if type(k) is int and x.dtype is dev["rows"].dtype and model_output.dtype is x.dtype:
+            # one step: its coefficients as host numbers rounded to the rows' dtype (as the device rows are), so
+            # these torch ops round exactly as the gathered [1] columns below would, without the gathers
+            st, rnd = dev["stages"][k], (np.float32 if x.dtype == torch.float32 else float)
+            if x0 is None:
+                x0 = x * st.cx + model_output * st.co
+            return x * float(rnd(prog.extra["c_skip"][k])) + x0 * float(rnd(prog.extra["c_out"][k]))
         bshape = (-1,) + (1,) * (x.dim() - 1)
         rows = self._fd_gather(prog, dev, "rows", k, B)
         cdt = rows.dtype
