@@ -193,8 +193,7 @@ def test_stable_diffusion_pipeline(sd_parts, name, config, call):
     assert_close(f"StableDiffusionPipeline with {name} {config} {call}", got, ref, FP32_RTOL)
 
 
-# the drop-ins added after the first ten (each case runs once its class is in fastdiff.integrations.diffusers);
-# DPMSolverSDE is not here: its Brownian-tree noise is Philox noise of the same law in fastdiff, other numbers
+# the drop-ins added after the first ten (each case runs once its class is in fastdiff.integrations.diffusers)
 MORE_SD_CASES = [
     ("LMSDiscreteScheduler", dict(SD), dict(num_inference_steps=5)),
     ("LMSDiscreteScheduler", dict(SD, use_karras_sigmas=True), dict(num_inference_steps=4)),
@@ -208,6 +207,9 @@ MORE_SD_CASES = [
     ("TCDScheduler", dict(SD), dict(num_inference_steps=4, eta=0.3)),  # the pipeline's eta is TCD's gamma
     ("EDMEulerScheduler", {}, dict(num_inference_steps=4)),
     ("EDMDPMSolverMultistepScheduler", {}, dict(num_inference_steps=5)),
+    # with noise_sampler_seed the drop-in takes diffusers' own Brownian-tree draws (torchsde; without the seed both
+    # draw at random: Philox of the same law in fastdiff)
+    ("DPMSolverSDEScheduler", dict(SD, noise_sampler_seed=3), dict(num_inference_steps=3)),
 ]
 
 
@@ -217,6 +219,8 @@ MORE_SD_CASES = [
 def test_stable_diffusion_pipeline_more_dropins(sd_parts, name, config, call):
     if name not in fdd.__all__:
         pytest.skip(f"fastdiff has no {name} drop-in yet")
+    if name == "DPMSolverSDEScheduler" and importlib.util.find_spec("torchsde") is None:
+        pytest.skip("diffusers' DPMSolverSDEScheduler needs torchsde (pip install -e '.[test]' installs it)")
     test_stable_diffusion_pipeline(sd_parts, name, config, call)
 
 
