@@ -41,6 +41,7 @@ DIVIDE_BY_ALPHA = ("dpm_solver_singlestep", "dpm_solver_multistep", "heun", "dpm
                    "ipndm", "ipndm_v", "deis", "plms", "pndm", "res_multistep", "res_multistep_ancestral", "dpm_fast",
                    "sa_solver", "sa_solver_pece")
 DIVIDE_BY_ALPHA += ("dpm_2_ancestral", "dpmpp_sde", "heunpp2", "seeds_2", "seeds_3", "er_sde")
+DIVIDE_BY_ALPHA += ("deis_logrho",)  # diffusers' DEIS divides by alpha (x / alpha) and log rho
 # options that keep the long inner loops short
 FAST = {"annealed_langevin": {"corrector_steps": 3}}
 
@@ -210,6 +211,8 @@ OPTION_CASES = [
     ("ddim", dict(eta=0.5), _ALL),
     ("ddim", dict(eta=1.0), _ALL),
     ("ddpm", dict(variance="fixed_large"), _ALL),
+    ("tcd", dict(gamma=0.3, float32_floor=True), ("DiscreteVP", "scaled_linear")),
+    ("deis_logrho", dict(order=3, lower_order_final=False), ("DiscreteVP", "EDM")),
     ("heun", dict(s_churn=40.0), ("EDM", "VE", "ContinuousVP")),
     ("heun", dict(s_churn=10.0, s_tmin=0.05, s_tmax=10.0, s_noise=1.003), ("EDM", "DiscreteVP", "scaled_linear")),
     ("heun", dict(s_churn=40.0, s_noise=0.0), ("EDM",)),

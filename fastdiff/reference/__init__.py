@@ -74,6 +74,7 @@ REFERENCES = {
     "ipndm": _adams.ipndm,
     "ipndm_v": _adams.ipndm_v,
     "deis": _adams.deis,
+    "deis_logrho": _adams.deis_logrho,
     "plms": _adams.plms,
     "pndm": _adams.pndm,
     "res_multistep": _exponential.res_multistep,

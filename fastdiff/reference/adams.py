@@ -119,6 +119,42 @@ def deis(run, x, max_order=3):
     return _ab_sampler(run, x, max_order, _deis_coeffs, "deis")
 
 
+def _deis_logrho_coeffs(s, i, order):
+    """C_j = int_{rho_i}^{rho_{i+1}} prod_{k != j} (log r - log rho_{i-k}) / (log rho_{i-j} - log rho_{i-k}) dr
+    (diffusers' DEISMultistepScheduler, rho = k-diffusion's sigma); adaptive quadrature in r."""
+    from scipy import integrate
+
+    logs = [math.log(s[i - k]) for k in range(order)]
+    out = []
+    for j in range(order):
+        def f(r, j=j):
+            p = 1.0
+            for k in range(order):
+                if k != j:
+                    p *= (math.log(r) - logs[k]) / (logs[j] - logs[k])
+            return p
+
+        out.append(integrate.quad(f, s[i], s[i + 1], epsabs=0.0, epsrel=1e-13, limit=200)[0])
+    return out
+
+
+def deis_logrho(run, x, order=2, lower_order_final=True):
+    """diffusers' DEIS (log-rho): y' = y + sum_j C_j eps_{i-j} in y = x / alpha, eps the noise estimate; orders
+    min(order, i + 1), and with ``lower_order_final`` at most 1 and 2 on the last two steps."""
+    g = run.grid
+    buffer = []
+    for i in range(g.steps):
+        out = run.eval(x, g.t[i])
+        y = _to_y(x, g.alpha[i], "deis_logrho")
+        eps = (y - out.x0) / g.s[i]  # (x - alpha x0) / sigma
+        o = min(order, i + 1, g.steps - i) if lower_order_final else min(order, i + 1)
+        c = _deis_logrho_coeffs(g.s, i, o)
+        y = y + c[0] * eps + sum(c[j] * buffer[-j] for j in range(1, o))
+        buffer = (buffer + [eps])[-2:]
+        x = g.alpha[i + 1] * y
+    return x
+
+
 # ---- PNDM / PLMS -------------------------------------------------------------------------------------------------
 
 

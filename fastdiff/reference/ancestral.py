@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from ..schedules import DiscreteVP
 from .ode import _D, _to_y, ancestral_step, point_at_s
 
@@ -66,11 +68,12 @@ def flow_euler_ancestral(run, x, eta=1.0, s_noise=1.0):
     return x
 
 
-def tcd(run, x, gamma=0.3):
+def tcd(run, x, gamma=0.3, float32_floor=False):
     """TCD strategic stochastic sampling: x0, eps at t; x_s = alpha_s x0 + sigma_s eps at s = floor((1 - gamma) t')
     (where t' is an integer timestep of a DiscreteVP, else (1 - gamma) t'); then the forward process from s to t':
     x_t' = (alpha_t' / alpha_s) x_s + sqrt(sigma_t'^2 - alpha_t'^2 sigma_s^2 / alpha_s^2) z.  The last step
-    returns x_s (no noise), a step to the clean point the data estimate."""
+    returns x_s (no noise), a step to the clean point the data estimate.  ``float32_floor``: (1 - gamma) t' is a
+    float32 product (diffusers' torch arithmetic) before the floor."""
     g, sch = run.grid, run.schedule
     for i in range(g.steps):
         out = run.eval(x, g.t[i])
@@ -79,6 +82,9 @@ def tcd(run, x, gamma=0.3):
             continue
         s = (1 - gamma) * g.t[i + 1]
         if isinstance(sch, DiscreteVP) and float(g.t[i + 1]).is_integer():
+            if float32_floor:
+                f32 = torch.float32
+                s = (torch.tensor(1 - gamma, dtype=f32) * torch.tensor(g.t[i + 1], dtype=f32)).item()
             s = math.floor(s)
         if s == g.t[i + 1]:  # gamma = 0 (or s = t' = 0): x_s is the DDIM step to t'
             a_s, sg_s = g.alpha[i + 1], g.sigma[i + 1]

@@ -14,6 +14,10 @@ s = sigma / alpha) in a history ring and combine them with Adams-Bashforth weigh
   and integrated exactly in s: y' = y + sum_j C_j d_{i-j}, C_j = int_{s_i}^{s_{i+1}} L_j(tau(s)) ds, L_j the
   Lagrange basis on tau_i, tau_{i-1}, ...  tau(s) is the time of the VP-SDE fitted to s = 0.002 at tau = 1e-3 and
   s = 80 at tau = 1 (ComfyUI's deis.py), whatever the model's schedule.
+- ``deis_logrho`` (diffusers' DEISMultistepScheduler): the noise estimate extrapolated by a polynomial in
+  log rho (rho = sigma / alpha = k-diffusion's sigma) and integrated exactly in rho, orders 1-3, warm-up
+  min(order, i + 1); ``lower_order_final`` lowers the last two steps to orders 1 and 2 (diffusers does so below 15
+  steps of its whole schedule, which the caller decides).
 - ``pndm`` / ``plms`` (Liu et al. 2022): the pseudo transfer phi (DDIM's step from s to t with a given eps) applied
   with the 4-step AB combination of eps; ``pndm`` warms up with three pseudo Runge-Kutta steps (4 calls each,
   at t, the time midpoint twice, and the step's end), ``plms`` with diffusers' skip_prk_steps scheme (a repeated
@@ -29,7 +33,7 @@ import numpy as np
 
 from .builder import eps_hat
 from .ode import slope_or_finish
-from .registry import Option, _int_in, solver
+from .registry import LOWER_ORDER_FINAL, Option, _int_in, solver
 
 # Fixed-step Adams-Bashforth weights on [d_i, d_{i-1}, ...] by order.
 AB_WEIGHTS = {
@@ -145,6 +149,48 @@ def deis_weights(s, i, o):
 def deis(b, g, max_order):
     """DEIS tAB of order min(max_order, i + 1) (ComfyUI's sample_deis, deis_mode='tab')."""
     _sigma_space_multistep(b, g, max_order, lambda i, o: deis_weights(g.s, i, o))
+
+
+# ---- DEIS (log-rho, diffusers' form) ------------------------------------------------------------------------------
+
+def deis_logrho_weights(rho, i, o):
+    """C_j = int_{rho_i}^{rho_{i+1}} L_j(log r) dr for j < o, L_j the Lagrange basis on log rho_i, log rho_{i-1},
+    ... (closed forms: int l dr = r (l - 1), int l^2 dr = r (l^2 - 2 l + 2) with l = log r)."""
+    lg = [math.log(rho[i - k]) for k in range(o)]
+
+    def antiderivative(r, j):  # int prod_{k != j} (log r - lg_k) / (lg_j - lg_k) dr
+        if r == 0.0:
+            return 0.0
+        l = math.log(r)
+        others = [lg[k] for k in range(o) if k != j]
+        den = math.prod(lg[j] - c for c in others)
+        if o == 1:
+            return r
+        if o == 2:
+            return r * (l - 1.0 - others[0]) / den
+        c, d = others  # (l - c)(l - d) = l^2 - (c + d) l + c d
+        return r * ((l * l - 2.0 * l + 2.0) - (c + d) * (l - 1.0) + c * d) / den
+
+    return [antiderivative(rho[i + 1], j) - antiderivative(rho[i], j) for j in range(o)]
+
+
+@solver("deis_logrho", order=Option(2, _int_in(1, 3), "order must be 1, 2 or 3"),
+        lower_order_final=LOWER_ORDER_FINAL)
+def deis_logrho(b, g, order, lower_order_final):
+    """diffusers' DEIS multistep (log-rho): x' = alpha' (x / alpha + sum_j C_j eps_{i-j})."""
+    eps = b.history("eps", order - 1)
+    for i in b.steps(g.steps):
+        X, D = b.call(g.t[i])
+        e = eps_hat(X, D, g.alpha[i], g.sigma[i])
+        o = min(order, i + 1)
+        if lower_order_final:
+            o = min(o, g.steps - i)
+        w = deis_logrho_weights(g.s, i, o)
+        y_next = X / g.alpha[i] + w[0] * e
+        for j in range(1, o):
+            y_next = y_next + w[j] * eps[j]
+        eps.push(e)
+        b.update(x=g.alpha[i + 1] * y_next)
 
 
 # ---- PNDM / PLMS ------------------------------------------------------------------------------------------------

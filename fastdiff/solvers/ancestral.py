@@ -11,10 +11,12 @@
 
 import math
 
+import numpy as np
+
 from ..schedules import DiscreteVP
 from .builder import OutOfRange, eps_hat
 from .ode import ancestral_split, euler_to
-from .registry import ETA1, S_NOISE, Option, _nonneg, _real, solver
+from .registry import ETA1, S_NOISE, Option, _flag, _nonneg, _real, solver
 
 
 @solver("dpm_2_ancestral", eta=ETA1, s_noise=S_NOISE)
@@ -66,13 +68,16 @@ def flow_euler_ancestral(b, g, eta, s_noise):
 
 
 @solver("tcd", alpha_zero=True,
-        gamma=Option(0.3, lambda v: _real(v) and 0.0 <= v <= 1.0, "gamma must be a number in [0, 1]"))
-def tcd(b, g, gamma):
+        gamma=Option(0.3, lambda v: _real(v) and 0.0 <= v <= 1.0, "gamma must be a number in [0, 1]"),
+        float32_floor=Option(False, _flag, "float32_floor must be True or False"))
+def tcd(b, g, gamma, float32_floor):
     """TCD's strategic stochastic sampling (diffusers' TCDScheduler, whose ``eta`` is the paper's gamma).
 
     x_s = alpha_s D + sigma_s eps_hat at s = (1 - gamma) t' (floored where t' is an integer timestep of a DiscreteVP
     schedule, as diffusers does), then x' = (alpha' / alpha_s) x_s + sqrt(sigma'^2 - (alpha' sigma_s / alpha_s)^2) z.
     The last step returns x_s without noise (diffusers); a step to the clean point returns D.  gamma = 0 is DDIM.
+    ``float32_floor``: the product (1 - gamma) t' in float32 before the floor, as diffusers' torch code forms it
+    (it lands on the integer above where the float64 product is just below one).
     """
     discrete = isinstance(g.schedule, DiscreteVP)
     for i in b.steps(g.steps):
@@ -82,6 +87,8 @@ def tcd(b, g, gamma):
             continue
         t_s = (1.0 - gamma) * g.t[i + 1]
         if discrete and float(g.t[i + 1]).is_integer():  # diffusers' integer timesteps
+            if float32_floor:
+                t_s = float(np.float32(1.0 - gamma) * np.float32(g.t[i + 1]))
             t_s = float(math.floor(t_s))
         a_s, sg_s = (g.alpha[i + 1], g.sigma[i + 1]) if t_s == g.t[i + 1] else g.at(t_s)  # gamma = 0: DDIM
         x_s = a_s * D + sg_s * eps_hat(X, D, g.alpha[i], g.sigma[i])

@@ -52,6 +52,19 @@ sigma_hat, as in EulerDiscrete) and ``algorithm_type="sde-dpmsolver++"`` with ``
 such update: its step fails).  With ``final_sigmas_type="sigma_min"`` the float32 Karras sigmas can end just below
 sigma_min, so diffusers' last step rises by a relative 2e-7 (its heun order-2 update then divides by a float32 step
 of 0: NaN); fastdiff takes it as a step that keeps sigma.
+
+DEIS runs fastdiff's ``deis_logrho`` rows, TCD ``tcd`` (with ``float32_floor``: diffusers forms (1 - gamma) t' in
+float32 before the floor), FlowMatchHeun ``flow_heun``.  iPNDM, PNDM and SA-Solver are rows written in diffusers'
+own arithmetic over x, the model output and history slots (``multistep.py``), because their steps depend on more
+than the grid: iPNDM's order is diffusers' count of calls since ``set_timesteps`` (a second loop after resetting the
+step index continues the history), PNDM's calls follow its counter (``step_prk`` / ``step_plms`` with another
+timestep get a row of their own), SA-Solver's corrector re-uses the previous step's noise, which the rows keep in
+x: the corrected sample is x + (corrector gradient - previous predictor gradient), exact when ``sample`` is the
+previous call's ``prev_sample``, as in every sampling loop.  Their history lives in the slots, so assigning
+``scheduler.ets`` (diffusers' list) does not feed the rows; PNDM's ``step_plms`` guard still reads it.  Refused on
+purpose: noise from torch's global RNG when no ``generator`` is given (fastdiff draws Philox per sample, ``seeds=``;
+diffusers' SA-Solver full-loop tests seed the global RNG and fail for that reason), ``s_churn > 0`` for
+FlowMatchHeun.  Like diffusers, TCD's step neither clips nor thresholds.
 """
 
 from __future__ import annotations
@@ -59,15 +72,19 @@ from __future__ import annotations
 from ._base import StepState
 from .edm import EDMDPMSolverMultistepScheduler, EDMEulerScheduler
 from .flow import FlowMatchEulerDiscreteScheduler
+from .flow_heun import FlowMatchHeunDiscreteScheduler
 from .karras import (DPMSolverSDEScheduler, KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler,
                      LMSDiscreteScheduler)
+from .multistep import DEISMultistepScheduler, IPNDMScheduler, PNDMScheduler, SASolverScheduler
 from .sigma_indexed import (DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler, EulerAncestralDiscreteScheduler,
                             EulerDiscreteScheduler, HeunDiscreteScheduler, UniPCMultistepScheduler)
+from .tcd import TCDScheduler
 from .timestep_indexed import DDIMScheduler, DDPMScheduler, LCMScheduler
 
 __all__ = ["DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
            "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
            "UniPCMultistepScheduler", "FlowMatchEulerDiscreteScheduler", "LCMScheduler", "LMSDiscreteScheduler",
            "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "DPMSolverSDEScheduler", "EDMEulerScheduler",
-           "EDMDPMSolverMultistepScheduler", "StepState"]
-
+           "EDMDPMSolverMultistepScheduler", "DEISMultistepScheduler", "IPNDMScheduler", "TCDScheduler",
+           "FlowMatchHeunDiscreteScheduler", "PNDMScheduler", "SASolverScheduler",
+           "StepState"]  # StepState last: the tests take the schedulers as __all__[:-1]
