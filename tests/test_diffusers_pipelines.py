@@ -193,7 +193,7 @@ def test_stable_diffusion_pipeline(sd_parts, name, config, call):
     assert_close(f"StableDiffusionPipeline with {name} {config} {call}", got, ref, FP32_RTOL)
 
 
-# the drop-ins added after the first ten (each case runs once its class is in fastdiff.integrations.diffusers)
+# the twelve drop-ins added after the first ten
 MORE_SD_CASES = [
     ("LMSDiscreteScheduler", dict(SD), dict(num_inference_steps=5)),
     ("LMSDiscreteScheduler", dict(SD, use_karras_sigmas=True), dict(num_inference_steps=4)),
@@ -217,8 +217,6 @@ MORE_SD_CASES = [
 @pytest.mark.parametrize("name,config,call", MORE_SD_CASES,
                          ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(MORE_SD_CASES)])
 def test_stable_diffusion_pipeline_more_dropins(sd_parts, name, config, call):
-    if name not in fdd.__all__:
-        pytest.skip(f"fastdiff has no {name} drop-in yet")
     if name == "DPMSolverSDEScheduler" and importlib.util.find_spec("torchsde") is None:
         pytest.skip("diffusers' DPMSolverSDEScheduler needs torchsde (pip install -e '.[test]' installs it)")
     test_stable_diffusion_pipeline(sd_parts, name, config, call)
@@ -341,8 +339,6 @@ def test_stable_diffusion_3_pipeline(sd3_parts, config, call):
 @needs_transformers
 def test_stable_diffusion_3_pipeline_flow_match_heun(sd3_parts):
     """FlowMatchHeun in SD3's pipeline (Flux's passes sigmas=, which FlowMatchHeun's set_timesteps lacks)."""
-    if "FlowMatchHeunDiscreteScheduler" not in fdd.__all__:
-        pytest.skip("fastdiff has no FlowMatchHeunDiscreteScheduler drop-in yet")
     components, embeds = sd3_parts
     got, ref = run_both("StableDiffusion3Pipeline", components, "FlowMatchHeunDiscreteScheduler", SD3, **embeds,
                         height=16, width=16, guidance_scale=4.0, output_type="latent", num_inference_steps=3)
