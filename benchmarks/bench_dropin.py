@@ -39,7 +39,7 @@ SCHEDULERS = {
     "UniPCMultistepScheduler": dict(SD),
     "FlowMatchEulerDiscreteScheduler": dict(num_train_timesteps=1000),
     "LCMScheduler": dict(SD),
-    # a seeded Brownian tree: the drop-in then takes diffusers' own tree draws (unseeded, each draws at random)
+    # seeded: diffusers then draws its Brownian tree from this seed and the drop-in takes the same draws
     "DPMSolverSDEScheduler": dict(SD, noise_sampler_seed=0),
 }
 SIZES = [(1, 4, 64, 64), (1, 16, 128, 128)]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import numpy as np
+
+from ...plan import StageFlags, identity_row
 from ...plan import plan as make_plan
 from ...schedules import RectifiedFlow
 from ._base import _d, _Program, _unsupported
@@ -25,8 +28,16 @@ class FlowMatchEulerDiscreteScheduler(_SigmaScheduler, _d.FlowMatchEulerDiscrete
         sig = self._fd_sig_host
         # t_min below diffusers' smallest sigma (shifted or Karras sigmas go below 1 / num_train_timesteps)
         flow = RectifiedFlow(t_min=min(1e-3, float(sig[sig > 0].min())), t_max=max(1.0, float(sig.max())))
-        p = make_plan("flow_euler", flow, prediction="flow", boundaries=list(sig))
-        return _Program(p.shared_rows(), p.stage_flags, p.draw, 0, self._fd_ts_host)
+        # a sigma repeated in the user's sigmas= is a step of length 0 (diffusers leaves x as is): the plan's grid
+        # is strictly decreasing, so it skips them and those calls get an identity row
+        still = np.flatnonzero(sig[1:] == sig[:-1])
+        p = make_plan("flow_euler", flow, prediction="flow", boundaries=list(np.delete(sig, still + 1)))
+        rows, flags, draws = list(p.shared_rows()), list(p.stage_flags), list(p.draw)
+        for k in still:
+            rows.insert(k, identity_row(0))
+            flags.insert(k, StageFlags(0, 0, False, False, False))
+            draws.insert(k, -1)
+        return _Program(rows, flags, draws, 0, self._fd_ts_host)
 
     def step(self, model_output, timestep, sample, s_churn: float = 0.0, s_tmin: float = 0.0,
              s_tmax: float = float("inf"), s_noise: float = 1.0, generator=None, per_token_timesteps=None,
