@@ -87,10 +87,26 @@ REFERENCES = {
 
 def options(solver: str) -> dict:
     """The options of a reference solver and their defaults."""
-    if solver not in REFERENCES:
-        raise ValueError(f"no reference for solver {solver!r}; references exist for {', '.join(sorted(REFERENCES))}")
-    sig = inspect.signature(REFERENCES[solver])
+    return _options_of(REFERENCES, solver, "reference")
+
+
+def _options_of(table, solver, what) -> dict:
+    if not isinstance(solver, str) or solver not in table:
+        raise ValueError(f"no {what} for solver {solver!r}; they exist for {', '.join(sorted(table))}")
+    sig = inspect.signature(table[solver])
     return {k: p.default for k, p in list(sig.parameters.items())[2:]}
+
+
+def _checked_start(table, what, solver, schedule, steps, x_T, spacing, final, timesteps, sigmas, options_):
+    """Check a reference call's solver, options and x_T (``options_`` loses the spacing options); -> (grid, x)."""
+    allowed = _options_of(table, solver, what)
+    spacing_opts = {k: options_.pop(k) for k in _SPACING_OPTIONS if k in options_}
+    unknown = sorted(set(options_) - set(allowed))
+    if unknown:
+        raise ValueError(f"{what} {solver!r} has no option(s) {', '.join(unknown)}; its options: {allowed}")
+    if not isinstance(x_T, torch.Tensor) or x_T.dim() < 1:
+        raise ValueError("x_T must be a tensor [B, ...]")
+    return Grid(schedule, steps, spacing, final, timesteps, sigmas, spacing_opts), x_T.to(torch.float64)
 
 
 def sample(model, solver, schedule, steps, x_T, noises=None, prediction="epsilon", spacing=None, final="zero",
@@ -120,17 +136,8 @@ def sample(model, solver, schedule, steps, x_T, noises=None, prediction="epsilon
     -------
     Tensor [B, ...] float64.
     """
-    if not isinstance(solver, str) or solver not in REFERENCES:
-        raise ValueError(f"no reference for solver {solver!r}; references exist for {', '.join(sorted(REFERENCES))}")
-    spacing_opts = {k: options_.pop(k) for k in _SPACING_OPTIONS if k in options_}
-    allowed = options(solver)
-    unknown = sorted(set(options_) - set(allowed))
-    if unknown:
-        raise ValueError(f"reference {solver!r} has no option(s) {', '.join(unknown)}; its options: {allowed}")
-    if not isinstance(x_T, torch.Tensor) or x_T.dim() < 1:
-        raise ValueError("x_T must be a tensor [B, ...]")
-    grid = Grid(schedule, steps, spacing, final, timesteps, sigmas, spacing_opts)
-    x = x_T.to(torch.float64)
+    grid, x = _checked_start(REFERENCES, "reference", solver, schedule, steps, x_T, spacing, final, timesteps,
+                             sigmas, options_)
     run = Run(model, schedule, prediction, grid, noises, x.shape[0])
     return REFERENCES[solver](run, x, **options_)
 
@@ -156,18 +163,8 @@ def sample_cfgpp(cond_model, uncond_model, guidance_scale, solver, schedule, ste
     -------
     Tensor [B, ...] float64.
     """
-    if not isinstance(solver, str) or solver not in CFGPP_REFERENCES:
-        raise ValueError(f"no CFG++ reference for solver {solver!r}; they exist for "
-                         f"{', '.join(sorted(CFGPP_REFERENCES))}")
-    spacing_opts = {k: options_.pop(k) for k in _SPACING_OPTIONS if k in options_}
-    allowed = {k: p.default for k, p in list(inspect.signature(CFGPP_REFERENCES[solver]).parameters.items())[2:]}
-    unknown = sorted(set(options_) - set(allowed))
-    if unknown:
-        raise ValueError(f"CFG++ reference {solver!r} has no option(s) {', '.join(unknown)}; its options: {allowed}")
-    if not isinstance(x_T, torch.Tensor) or x_T.dim() < 1:
-        raise ValueError("x_T must be a tensor [B, ...]")
-    grid = Grid(schedule, steps, spacing, final, timesteps, sigmas, spacing_opts)
-    x = x_T.to(torch.float64)
+    grid, x = _checked_start(CFGPP_REFERENCES, "CFG++ reference", solver, schedule, steps, x_T, spacing, final,
+                             timesteps, sigmas, options_)
     u_run = Run(uncond_model, schedule, prediction, grid, noises, x.shape[0])
     c_run = Run(cond_model, schedule, prediction, grid, None, x.shape[0])
     return CFGPP_REFERENCES[solver](_guidance.GuidedRun(u_run, c_run, guidance_scale), x, **options_)
