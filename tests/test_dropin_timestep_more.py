@@ -341,3 +341,12 @@ def test_add_noise_matches_diffusers(name, config):
         s.set_timesteps(6)
     t = stock.timesteps[[0, 3, 5]]
     assert_close(f"{name} add_noise", ours.add_noise(x0, noise, t), stock.add_noise(x0, noise, t), FP32_RTOL)
+
+
+def test_ipndm_has_no_add_noise_like_diffusers():
+    """diffusers' IPNDMScheduler has no add_noise; the drop-in must not offer one that fails on a missing table."""
+    ours = fdd.IPNDMScheduler()
+    assert not hasattr(diffusers.IPNDMScheduler(), "add_noise")
+    assert not hasattr(ours, "add_noise")
+    with pytest.raises(AttributeError, match="has no attribute 'add_noise'"):
+        ours.add_noise(torch.zeros(1, 2), torch.zeros(1, 2), torch.tensor([1]))

@@ -78,6 +78,13 @@ class IPNDMScheduler(_FastdiffStep, _d.IPNDMScheduler):
     set_timesteps + 1), so a second loop after resetting the step index continues the history as diffusers' does.
     The last three ets sit in three slots shifted on each call."""
 
+    @property
+    def add_noise(self):
+        # diffusers' iPNDM has no add_noise (its schedule has no alphas_cumprod to noise with): keep it absent, as
+        # there, rather than inherit the mixin's, which would fail on the missing table.  (diffusers' config
+        # __getattr__ then raises its usual "object has no attribute 'add_noise'".)
+        raise AttributeError("add_noise")
+
     def _fd_take_schedule(self):
         super()._fd_take_schedule()
         self._fd_calls = 0  # diffusers' len(self.ets): calls since set_timesteps
