@@ -359,6 +359,15 @@ def _check_x(name, x):
                          f"backend) data: convert it with .float()")
 
 
+def _check_per_sample(name, t, x, dev, what, source):
+    """A per-sample [B] tensor in x's compute dtype on x's device (thresholds, cfg_rescale)."""
+    B, want = x.shape[0], compute_dtype(x.dtype)
+    if not isinstance(t, torch.Tensor) or t.dtype != want or tuple(t.shape) != (B,):
+        raise ValueError(f"{name} must be a {want} tensor with {what} per sample ([{B}]) for {x.dtype} x "
+                         f"(from {source}), got {_describe(t)}")
+    _check_tensor_arg(name, t, None, dev)
+
+
 def _check_step_args(x, out, slots, rows, seeds, draws, guidance, slot_reads, slot_writes, use_out, cfg, thresholds,
                      z, backend, x_out=None, nonfinite=None, cfg_rescale=None, uncond=False):
     _check_x("x", x)
@@ -393,22 +402,12 @@ def _check_step_args(x, out, slots, rows, seeds, draws, guidance, slot_reads, sl
     if thresholds is not None:
         if not use_out:
             raise ValueError("thresholds are given for a stage without model output (use_out=False): drop them")
-        want = compute_dtype(x.dtype)
-        if (not isinstance(thresholds, torch.Tensor) or thresholds.dtype != want
-                or tuple(thresholds.shape) != (B,)):
-            raise ValueError(f"thresholds must be a {want} tensor with one entry per sample ([{B}]) for {x.dtype} x "
-                             f"(from fastdiff.thresholding.dynamic_threshold), got {_describe(thresholds)}")
-        _check_tensor_arg("thresholds", thresholds, None, dev)
+        _check_per_sample("thresholds", thresholds, x, dev, "one entry", "fastdiff.thresholding.dynamic_threshold")
     if cfg_rescale is not None:
         if not cfg:
             raise ValueError("cfg_rescale (guidance_rescale's factors) is given for a stage without guidance "
                              "(cfg=False): drop it, it rescales the guided output")
-        want = compute_dtype(x.dtype)
-        if (not isinstance(cfg_rescale, torch.Tensor) or cfg_rescale.dtype != want
-                or tuple(cfg_rescale.shape) != (B,)):
-            raise ValueError(f"cfg_rescale must be a {want} tensor with one factor per sample ([{B}]) for {x.dtype} x "
-                             f"(from fastdiff.guidance.rescale_factors), got {_describe(cfg_rescale)}")
-        _check_tensor_arg("cfg_rescale", cfg_rescale, None, dev)
+        _check_per_sample("cfg_rescale", cfg_rescale, x, dev, "one factor", "fastdiff.guidance.rescale_factors")
     if z is not None:
         if backend != "torch":
             raise ValueError(f"z= (external unit noise) is taken by the torch backend only; the {backend!r} kernel "
