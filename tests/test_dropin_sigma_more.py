@@ -7,14 +7,13 @@ noise's law, and the options refused on purpose.
 from __future__ import annotations
 
 import copy
-import threading
 
 import numpy as np
 import pytest
 import torch
 
 from peers import FP32_RTOL, assert_close
-from test_integration_diffusers import GM, LINEAR, SD, model_fn, run_loop, x_start
+from test_integration_diffusers import GM, LINEAR, SD, assert_threads_equal_sequential, model_fn, run_loop, x_start
 
 diffusers = pytest.importorskip("diffusers")
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword",
@@ -352,16 +351,7 @@ def test_stateless_runs_share_one_scheduler_across_threads(name, config):
             x = s.step(out, t, x, seeds=[b], state=st).prev_sample
         results[b] = x
 
-    seq, par = {}, {}
-    for b in range(3):
-        run(b, seq)
-    threads = [threading.Thread(target=run, args=(b, par)) for b in range(3)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    for b in range(3):
-        assert torch.equal(seq[b], par[b])
+    assert_threads_equal_sequential(run, 3)
     assert s.step_index is None  # the scheduler's own counter was never touched
 
 

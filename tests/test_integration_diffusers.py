@@ -313,6 +313,20 @@ def test_per_sample_timesteps_equal_each_sample_alone(name, config, use_index):
         assert torch.allclose(got[b:b + 1], alone, rtol=1e-5, atol=1e-5), (b, (got[b] - alone[0]).abs().max())
 
 
+def assert_threads_equal_sequential(run, n):
+    """``run(b, results)`` for b < n, once one after another and once on n threads at a time: equal bit for bit."""
+    seq, par = {}, {}
+    for b in range(n):
+        run(b, seq)
+    threads = [threading.Thread(target=run, args=(b, par)) for b in range(n)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    for b in range(n):
+        assert torch.equal(seq[b], par[b])
+
+
 def test_stateless_runs_share_one_scheduler_across_threads():
     s = fdd.DPMSolverMultistepScheduler(**SD, algorithm_type="sde-dpmsolver++")
     s.set_timesteps(8)
@@ -326,16 +340,7 @@ def test_stateless_runs_share_one_scheduler_across_threads():
             x = s.step(out, t, x, seeds=[b], state=st).prev_sample
         results[b] = x
 
-    seq, par = {}, {}
-    for b in range(3):
-        run(b, seq)
-    threads = [threading.Thread(target=run, args=(b, par)) for b in range(3)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    for b in range(3):
-        assert torch.equal(seq[b], par[b])
+    assert_threads_equal_sequential(run, 3)
     assert s.step_index is None  # the scheduler's own counter was never touched
 
 
