@@ -560,8 +560,9 @@ class _FastdiffStep:
         if host is None:
             host = dev["hot"] = (tuple(None if k in prog.refused else st for k, st in enumerate(dev["stages"])),
                                  tuple(float(v) for v in prog.in_scale))
-        self._fd_hot = _Hot(self._fd_programs, begin, prog.num_stages, host[0], prog.peer_draws, host[1], x.shape, x.dtype, x.device, slots, seeds_t,
-                            dev["no_draw"], dev["no_guidance"], kernel, self.backend, eta, prog, dev)
+        self._fd_hot = _Hot(self._fd_programs, begin, prog.num_stages, host[0], prog.peer_draws, host[1], x.shape,
+                            x.dtype, x.device, slots, seeds_t, dev["no_draw"], dev["no_guidance"], kernel,
+                            self.backend, eta, prog, dev)
 
     def _fd_step_hot(self, hot, model_output, timestep, sample, generator, return_dict):
         """The common step on a recorded layout (``_Hot``): the same arguments and results as the checked path
