@@ -21,7 +21,10 @@ Three tables, every provider timed interleaved (round-robin) in one run, so a sh
 3. ``bandwidth``: ``fastdiff.sample`` per step at 4M and 32M elements (one sample) for ddim, dpmpp_2m and
    euler_ancestral, as a fraction of torch's copy bandwidth measured in the same rounds.  Per step = (loop of
    S steps - loop of 1 step) / (S - 1), which removes the per-call costs (prior, result allocation); bytes per
-   step are the streams the stage must move (x, the model output, the slots read, x', the slots written).
+   step are the streams the stage must move (x, the model output, the slots read, x', the slots written).  The
+   normals alone (``fastdiff.ops.randn`` of one sample into a preallocated buffer, same backend, same rounds) give
+   a noisy step's ceiling, ``noise_ceiling_fraction``: the fraction it would reach if everything but drawing its
+   normals were free.
 
 ``--quick`` (fewer repeats; 25 steps become 10 in the bandwidth table) writes ``loop_quick.json``, never the full
 results ``loop.json``.
@@ -213,7 +216,11 @@ def bandwidth_rows(repeats, steps):
         out = torch.randn((1, n), generator=g)
         model = lambda x, t: out  # noqa: E731
         dst = torch.empty_like(x_T)
-        cases = {"copy": lambda: dst.copy_(x_T)}
+        z = torch.empty_like(x_T)
+        backend = fd.backends.resolve("auto", x_T.device.type)
+        cases = {"copy": lambda: dst.copy_(x_T),
+                 # the normals alone (one per element, as an ancestral step draws), into a preallocated buffer
+                 "noise": lambda: fd.ops.randn((1, n), [7], 1, backend=backend, out=z)}
         plans = {}
         for solver in BANDWIDTH_SOLVERS:
             for s in (1, steps):
@@ -222,13 +229,27 @@ def bandwidth_rows(repeats, steps):
         t = time_interleaved(cases, repeats=repeats, warmup=1)
         copy_bw = 2 * n * 4 / t["copy"]["median"]
         rows.append({"table": "bandwidth", "size": size_name, "provider": "torch-copy", "GBps": copy_bw / 1e9})
+        noise_s = t["noise"]["median"]
+        threads = torch.get_num_threads()
+        rows.append({"table": "bandwidth", "size": size_name, "provider": "fastdiff-randn", "backend": backend,
+                     "ms": noise_s * 1e3, "ns_per_normal_per_thread": noise_s * 1e9 * threads / n,
+                     "threads": threads})
+        print(f"{size_name:4s} {'normals alone':16s} {noise_s * 1e3:8.3f} ms ({noise_s * 1e9 * threads / n:.2f} ns "
+              f"per normal and thread, {threads} threads)", flush=True)
         for solver in BANDWIDTH_SOLVERS:
             per_step = (t[f"{solver}/{steps}"]["median"] - t[f"{solver}/1"]["median"]) / (steps - 1)
-            bw = stage_bytes(plans[(solver, steps)], 4, n) / per_step
-            rows.append({"table": "bandwidth", "size": size_name, "provider": "fastdiff", "solver": solver,
-                         "per_step_ms": per_step * 1e3, "GBps": bw / 1e9, "fraction_of_copy": bw / copy_bw})
+            nbytes = stage_bytes(plans[(solver, steps)], 4, n)
+            bw = nbytes / per_step
+            row = {"table": "bandwidth", "size": size_name, "provider": "fastdiff", "solver": solver,
+                   "per_step_ms": per_step * 1e3, "GBps": bw / 1e9, "fraction_of_copy": bw / copy_bw}
+            ceiling = ""
+            if any(f.noise for f in plans[(solver, steps)].stage_flags):
+                # the fraction this step would reach if everything but drawing its normals were free
+                row["noise_ceiling_fraction"] = nbytes / noise_s / copy_bw
+                ceiling = f"  (drawing the normals alone: {row['noise_ceiling_fraction']:.2f})"
+            rows.append(row)
             print(f"{size_name:4s} {solver:16s} {per_step * 1e3:8.3f} ms/step  {bw / 1e9:6.2f} GB/s  "
-                  f"{bw / copy_bw:.2f} of copy ({copy_bw / 1e9:.2f} GB/s)", flush=True)
+                  f"{bw / copy_bw:.2f} of copy ({copy_bw / 1e9:.2f} GB/s){ceiling}", flush=True)
     return rows
 
 

@@ -228,6 +228,18 @@ def test_normals_counter_high_word():
     np.testing.assert_allclose(got, want, rtol=0, atol=NORMAL_TOL * max(1.0, float(np.abs(want).max())))
 
 
+@pytest.mark.parametrize("numel", [1000, 1001, 4096, 257])
+def test_randn_fp32_bits_equal_the_normals_kernel(numel):
+    """fp32 randn draws whole blocks straight into the output and a sample's ragged last chunk through a
+    temporary: either way every sample holds exactly the normals kernel's bits for its seed, and nothing spills
+    into the next sample."""
+    seeds = [SEEDS[1], SEEDS[2], 5]
+    z = cpu.OPS["randn"](rng.seeds_tensor(seeds), torch.tensor([7]), (3, numel), torch.float32)
+    for b, seed in enumerate(seeds):
+        want = PROBE.normals_fast(seed if seed < 2**63 else seed - 2**64, 7, 0, (numel + 3) // 4)[:numel]
+        assert torch.equal(z[b], want), (numel, b)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_randn_dtypes_cast_once(dtype):
     z = cpu.OPS["randn"](rng.seeds_tensor(SEEDS[:2]), torch.tensor([1]), (2, 3, 33), dtype)
