@@ -121,7 +121,7 @@ def _check_device(device) -> Optional[torch.device]:
 
 
 def _check_seeds(seeds, batch) -> Optional[list]:
-    """None, or the seeds as a list: one integer in [0, 2**64) per sample."""
+    """None, or the seeds as a list of Python ints: one integer in [0, 2**64) per sample."""
     if seeds is None:
         return None
     if isinstance(seeds, numbers.Integral) or (isinstance(seeds, torch.Tensor) and seeds.dim() == 0):
@@ -132,8 +132,7 @@ def _check_seeds(seeds, batch) -> Optional[list]:
     n = seeds.numel() if isinstance(seeds, torch.Tensor) else len(seeds)
     if n != batch:
         raise ValueError(f"seeds has {n} entries but the batch has {batch} samples: give one seed per sample")
-    rng.seeds_tensor(seeds)  # checks each seed: an integer in [0, 2**64)
-    return seeds
+    return rng._normalize_seeds(seeds, batch)  # checks each seed: an integer in [0, 2**64)
 
 
 def _check_mapping(name, value):
