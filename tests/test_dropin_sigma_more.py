@@ -251,6 +251,16 @@ def test_lms_step_order_argument_matches_diffusers():
         assert_close(f"LMS order={order}", got, ref, FP32_RTOL)
 
 
+def test_dpmsolver_sde_step_s_noise_matches_diffusers():
+    """step's s_noise reaches the rows (the program key's second entry): with diffusers' own tree draws, and without
+    a seed at s_noise = 0 (no noise on either side, whatever diffusers' random tree draws)."""
+    for s_noise in (0.5, 1.3):
+        got, ref = both("DPMSolverSDEScheduler", dict(SD, noise_sampler_seed=4), 6, step_kwargs={"s_noise": s_noise})
+        assert_close(f"DPMSolverSDE s_noise={s_noise}", got, ref, FP32_RTOL)
+    got, ref = both("DPMSolverSDEScheduler", dict(SD), 6, step_kwargs={"s_noise": 0.0})
+    assert_close("DPMSolverSDE s_noise=0 without a seed", got, ref, FP32_RTOL)
+
+
 def test_edm_euler_takes_pred_original_sample_like_diffusers():
     stock, ours = diffusers.EDMEulerScheduler(), fdd.EDMEulerScheduler()
     x0 = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(11))

@@ -65,7 +65,7 @@ class EDMEulerScheduler(_EDMScheduler, _d.EDMEulerScheduler):
     _output = "scheduling_edm_euler.EDMEulerSchedulerOutput"
     _returns_x0 = True
 
-    def _fd_solver(self, begin):
+    def _fd_solver(self, begin, eta=None):
         return "euler", {}
 
     def step(self, model_output, timestep, sample, s_churn: float = 0.0, s_tmin: float = 0.0,

@@ -9,18 +9,12 @@ diffusers' own float32 values.
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import torch
 
 from ._base import GAIN, _d, _f64
 from .sigma_indexed import _EulerFamily
 
-
-# LMS's order and DPMSolverSDE's s_noise come with step (the program key's second entry) and reach _fd_solver through
-# an attribute set for the build: one build at a time
-_BUILD_LOCK = threading.RLock()
 
 
 def _alpha(s):
@@ -70,18 +64,12 @@ class LMSDiscreteScheduler(_EulerFamily, _d.LMSDiscreteScheduler):
     between the sigmas, on the step to sigma = 0 too) on fastdiff's ``lms`` rows."""
 
     _output = "scheduling_lms_discrete.LMSDiscreteSchedulerOutput"
-    _fd_order = 4
 
-    def _fd_solver(self, begin):
-        order = self._fd_order
+    def _fd_solver(self, begin, eta=None):
+        order = 4 if eta is None else eta  # the program key's second entry: step's order (None: 4)
         # a late start (set_begin_index): diffusers' Lagrange nodes reach back before it
         past = tuple(float(v) for v in self._fd_sig_host[max(0, begin - order + 1) : begin])
         return "lms", {"order": order, "past_sigmas": past}
-
-    def _fd_build(self, begin, eta):
-        with _BUILD_LOCK:
-            self._fd_order = 4 if eta is None else eta  # the program key's second entry: step's order (None: 4)
-            return super()._fd_build(begin, eta)
 
     def step(self, model_output, timestep, sample, order: int = 4, return_dict: bool = True, *, seeds=None,
              step_index=None, state=None):
@@ -101,7 +89,7 @@ class KDPM2DiscreteScheduler(_TwoCallEuler, _d.KDPM2DiscreteScheduler):
         n = (len(self._fd_ts_host) + 1) // 2
         return _f64(self.sigmas_interpol)[1 : 2 * n - 1 : 2]
 
-    def _fd_solver(self, begin):
+    def _fd_solver(self, begin, eta=None):
         return "dpm_2", {}
 
     def step(self, model_output, timestep, sample, return_dict: bool = True, *, seeds=None, step_index=None,
@@ -121,7 +109,7 @@ class KDPM2AncestralDiscreteScheduler(_TwoCallEuler, _d.KDPM2AncestralDiscreteSc
         n = (len(self._fd_ts_host) + 1) // 2
         return _f64(self.sigmas_interpol)[0 : 2 * n - 2 : 2]
 
-    def _fd_solver(self, begin):
+    def _fd_solver(self, begin, eta=None):
         return "dpm_2_ancestral", {"eta": 1.0}
 
     def _fd_peer_draws(self, n):
@@ -154,23 +142,23 @@ class DPMSolverSDEScheduler(_TwoCallEuler, _d.DPMSolverSDEScheduler):
     """
 
     _output = "scheduling_dpmsolver_sde.DPMSolverSDESchedulerOutput"
-    _fd_s_noise = 1.0
 
     def _fd_mids(self):
         return _sde_midpoints(torch.as_tensor(self._fd_base()[:-1], dtype=torch.float32))
 
-    def _fd_solver(self, begin):
-        return "dpmpp_sde", {"eta": 1.0, "s_noise": self._fd_s_noise, "r": 0.5}
+    def _fd_solver(self, begin, eta=None):
+        """``eta``, the program key's second entry: None (s_noise 1), s_noise, or ("tree", s_noise): rows without
+        noise (s_noise 0 in the plan), whose gains _fd_build sets to diffusers' sigma_up s_noise."""
+        s_noise = 0.0 if isinstance(eta, tuple) else 1.0 if eta is None else eta
+        return "dpmpp_sde", {"eta": 1.0, "s_noise": s_noise, "r": 0.5}
 
     def _fd_build(self, begin, eta):
-        """``eta``, the program key's second entry: None (s_noise 1), s_noise, or ("tree", s_noise): rows without
-        noise whose gains are diffusers' sigma_up s_noise, for the tree's draws given as variance noise."""
+        """The program of ``_fd_solver``'s rows; for the tree's draws (given as variance noise, eta = ("tree",
+        s_noise)) the rows' noise gains are diffusers' float32 sigma_up times s_noise."""
         tree = isinstance(eta, tuple)
-        s_noise = eta[1] if tree else 1.0 if eta is None else eta
-        with _BUILD_LOCK:
-            self._fd_s_noise = 0.0 if tree else s_noise
-            prog = super()._fd_build(begin, eta)
+        prog = super()._fd_build(begin, eta)
         if tree:
+            s_noise = eta[1]
             read, land = self._fd_levels(begin)
             base = np.repeat(self._fd_base()[:-1], 2)[begin : begin + len(read)]  # each call's step start
             s = torch.as_tensor(base, dtype=torch.float32)

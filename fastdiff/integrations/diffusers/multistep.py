@@ -25,7 +25,7 @@ class DEISMultistepScheduler(_SigmaScheduler, _d.DEISMultistepScheduler):
             _unsupported(f"algorithm_type={c.algorithm_type!r} / solver_type={c.solver_type!r} (diffusers itself "
                          "only steps 'deis' / 'logrho')")
 
-    def _fd_solver(self, begin):
+    def _fd_solver(self, begin, eta=None):
         c = self.config
         # diffusers lowers the last two orders when its whole schedule has fewer than 15 steps
         cool_down = bool(c.lower_order_final) and len(self._fd_ts_host) < 15

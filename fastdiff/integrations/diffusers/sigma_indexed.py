@@ -24,7 +24,9 @@ class _SigmaScheduler(_FastdiffStep):
     _stateful = True
     _one_step = False  # each step a plan of its own (no history): Euler, Euler ancestral
 
-    def _fd_solver(self, begin):  # -> (solver name, options)  # pragma: no cover - abstract
+    def _fd_solver(self, begin, eta=None):  # pragma: no cover - abstract
+        """(solver name, plan options) of the program from call ``begin``; ``eta``: the program key's second entry
+        (what ``step`` passed beyond the schedule, e.g. LMS's order; None: the default)."""
         raise NotImplementedError
 
     def _fd_sigmas(self, begin):
@@ -50,7 +52,7 @@ class _SigmaScheduler(_FastdiffStep):
     def _fd_build(self, begin, eta):
         grid = np.array(self._fd_grid(begin), dtype=np.float64)
         ts = self._fd_ts_host[begin:]
-        solver, opts = self._fd_solver(begin)
+        solver, opts = self._fd_solver(begin, eta)
         # diffusers may step between equal noise levels, where every update leaves x as is: the last step with
         # final_sigmas_type="sigma_min" on Karras / exponential / beta / Lu sigmas, and a timestep that rounding
         # repeats (DPM-Solver's set_timesteps(1000); diffusers' next step divides by the zero step there, NaN)
@@ -152,7 +154,7 @@ class EulerDiscreteScheduler(_OneStepEuler, _d.EulerDiscreteScheduler):
 
     _output = "scheduling_euler_discrete.EulerDiscreteSchedulerOutput"
 
-    def _fd_solver(self, begin):
+    def _fd_solver(self, begin, eta=None):
         return "euler", {}
 
     def step(self, model_output, timestep, sample, s_churn: float = 0.0, s_tmin: float = 0.0,
@@ -170,7 +172,7 @@ class EulerAncestralDiscreteScheduler(_OneStepEuler, _d.EulerAncestralDiscreteSc
 
     _output = "scheduling_euler_ancestral_discrete.EulerAncestralDiscreteSchedulerOutput"
 
-    def _fd_solver(self, begin):
+    def _fd_solver(self, begin, eta=None):
         return "euler_ancestral", {"eta": 1.0}
 
     def _fd_peer_draws(self, n):
@@ -194,7 +196,7 @@ class HeunDiscreteScheduler(_EulerFamily, _d.HeunDiscreteScheduler):
         sig = self._fd_sigmas(begin)  # [s0, s1, s1, ..., s_{n-1}, s_{n-1}, 0]
         return np.concatenate([sig[0:-1:2], sig[-1:]])
 
-    def _fd_solver(self, begin):
+    def _fd_solver(self, begin, eta=None):
         return "heun", {}
 
     def step(self, model_output, timestep, sample, return_dict: bool = True, *, seeds=None, step_index=None,
@@ -214,7 +216,7 @@ class DPMSolverMultistepScheduler(_SigmaScheduler, _d.DPMSolverMultistepSchedule
         if c.algorithm_type == "sde-dpmsolver" and c.solver_order == 3:
             _unsupported("algorithm_type='sde-dpmsolver' with solver_order=3 (diffusers has no such update)")
 
-    def _fd_solver(self, begin):
+    def _fd_solver(self, begin, eta=None):
         c = self.config
         opts = {"solver_type": c.solver_type, "lower_order_final": bool(c.lower_order_final),
                 "euler_at_final": bool(c.euler_at_final)}
@@ -243,7 +245,7 @@ class DPMSolverSinglestepScheduler(_SigmaScheduler, _d.DPMSolverSinglestepSchedu
 
     _unknown_timestep_is_last = True
 
-    def _fd_solver(self, begin):
+    def _fd_solver(self, begin, eta=None):
         c = self.config
         sub = [int(o) for o in self.order_list][begin:]
         orders = tuple(min(o, j + 1) for j, o in enumerate(sub))  # diffusers lowers the first orders of a late start
@@ -272,7 +274,7 @@ class UniPCMultistepScheduler(_SigmaScheduler, _d.UniPCMultistepScheduler):
         if c.solver_p is not None:
             _unsupported("solver_p (an external predictor)")
 
-    def _fd_solver(self, begin):
+    def _fd_solver(self, begin, eta=None):
         c = self.config
         disabled = tuple(int(s) - begin for s in (c.disable_corrector or []) if int(s) >= begin)
         return "unipc", {"order": int(c.solver_order), "solver_type": c.solver_type,
