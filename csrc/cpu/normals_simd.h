@@ -15,9 +15,11 @@
 //     Philox words (w0, w2) and (w1, w3) are merged into one zmm each, so one Box-Muller pass gives all 32
 //     normals; the counters are laid out [0, 4, 1, 5, 2, 6, 3, 7] so that two unpacks interleave them into memory
 //     order;
-//   normals_blocks_avx2:     the same on ymm (AVX2 + FMA, 4 blocks per ymm, counters [0, 2, 1, 3]), with the
-//     Box-Muller stages of 8 blocks interleaved with the Philox rounds of the next 8 (software pipelining: on a
-//     4-pipe core neither the integer Philox nor the float Box-Muller fills the pipes alone).
+//   normals_blocks_avx2:     the same on ymm (AVX2 + FMA, 4 blocks per ymm, counters [0, 2, 1, 3]), software-
+//     pipelined in three stages over groups of 8 blocks: the Philox rounds of one group run interleaved with the
+//     log of the group before and the rest of Box-Muller of the one before that (on a 4-pipe core neither the
+//     integer Philox nor the float Box-Muller fills the pipes alone, and no dependency chain is then longer than
+//     Philox's).
 // normals_blocks() picks the widest path compiled: each is faster than the portable loops, and fused multiply-adds
 // are faster than separate multiplies and adds (benchmarks/README.md has the numbers).
 #pragma once
@@ -342,12 +344,92 @@ static inline void philox8_round(Philox4* p, __m256i ka, __m256i kb) {
   for (int v = 0; v < 2; ++v) philox_round_avx2(p[v].x, p[v].y, p[v].z, p[v].w, ka, kb);
 }
 
-// Philox + Box-Muller fused in registers, software-pipelined: a step takes the words of 8 blocks (two Philox4)
-// through Box-Muller while the Philox rounds of the next 8 blocks run between its stages.
+// The round keys of a call, broadcast.
+struct PhiloxKeys {
+  __m256i a[10], b[10];
+};
+
+// One step of normals_blocks_avx2's three-stage pipeline, on groups of 8 blocks (two Philox4 / BoxMuller8): the
+// Philox rounds of the next group (NEXT), the log of the current group (s, from its radius words wa), and the
+// radius, angle and normals of the previous group (PREV: t, with its angle words wbp), stored at dst (`left`
+// blocks).  The three are independent; their stages alternate so that integer and float work mix.  (Written out
+// per BoxMuller8: g++'s register allocation, hence the speed, changes with small rewrites of this function;
+// benchmark any change, e.g. with tests/cpu_rng_probe.cpp's normals_fast.)
+template <bool NEXT, bool PREV>
+static inline void normals_pipeline_step(Philox4* p, const PhiloxKeys& k, uint64_t next_base, __m256i order,
+                                         uint32_t draw, BoxMuller8* s, const __m256i* wa, BoxMuller8* t,
+                                         const __m256i* wbp, float* dst, int64_t left) {
+  if (NEXT) {
+    philox8_begin(p, next_base, order, draw);
+    philox8_round(p, k.a[0], k.b[0]);
+  }
+  if (PREV) {
+    bm_radius(t[0]);
+    bm_radius(t[1]);
+    bm_angle_begin(t[0], wbp[0]);
+    bm_angle_begin(t[1], wbp[1]);
+  }
+  if (NEXT) philox8_round(p, k.a[1], k.b[1]);
+  bm_log_begin(s[0], wa[0]);
+  bm_log_begin(s[1], wa[1]);
+  if (NEXT) philox8_round(p, k.a[2], k.b[2]);
+  if (PREV) {
+    bm_angle_reduce(t[0]);
+    bm_angle_reduce(t[1]);
+  }
+  if (NEXT) philox8_round(p, k.a[3], k.b[3]);
+  bm_log_horner3(s[0], 1.1676998740E-1f, -1.2420140846E-1f, 1.4249322787E-1f);
+  bm_log_horner3(s[1], 1.1676998740E-1f, -1.2420140846E-1f, 1.4249322787E-1f);
+  if (NEXT) philox8_round(p, k.a[4], k.b[4]);
+  if (PREV) {
+    bm_angle_poly(t[0]);
+    bm_angle_poly(t[1]);
+  }
+  if (NEXT) philox8_round(p, k.a[5], k.b[5]);
+  bm_log_horner3(s[0], -1.6668057665E-1f, 2.0000714765E-1f, -2.4999993993E-1f);
+  bm_log_horner3(s[1], -1.6668057665E-1f, 2.0000714765E-1f, -2.4999993993E-1f);
+  if (NEXT) philox8_round(p, k.a[6], k.b[6]);
+  if (PREV) {
+    __m256 rc, rs;
+    bm_finish(t[0], rc, rs);
+    store_normals4(dst, rc, rs, left);
+    bm_finish(t[1], rc, rs);
+    store_normals4(dst + 16, rc, rs, left - 4);
+  }
+  if (NEXT) philox8_round(p, k.a[7], k.b[7]);
+  bm_log_end(s[0]);
+  bm_log_end(s[1]);
+  if (NEXT) {
+    philox8_round(p, k.a[8], k.b[8]);
+    philox8_round(p, k.a[9], k.b[9]);
+  }
+}
+
+// The radius, angle and normals of a group whose log is done (the last group), `left` blocks.
+static inline void normals_group_finish(BoxMuller8* t, const __m256i* wb, float* dst, int64_t left) {
+  for (int v = 0; v < 2; ++v) {
+    if (left - 4 * v <= 0) break;
+    bm_radius(t[v]);
+    bm_angle_begin(t[v], wb[v]);
+    bm_angle_reduce(t[v]);
+    bm_angle_poly(t[v]);
+    __m256 rc, rs;
+    bm_finish(t[v], rc, rs);
+    store_normals4(dst + 16 * v, rc, rs, left - 4 * v);
+  }
+}
+
+// Philox + Box-Muller fused in registers, software-pipelined over groups of 8 blocks in three stages: while the
+// Philox rounds of group g + 1 run, group g goes through the log and group g - 1 through the radius (sqrt), the
+// angle and the stores.  Box-Muller's dependency chain (~90 cycles: uniform, the log's 9 dependent multiply-adds,
+// the sqrt) is thus cut in two, and no chain within a step is longer than Philox's 10 rounds (~50 cycles).  With
+// Box-Muller whole in one step (two stages) that chain set the pace: a step's ~380 instructions exceed the
+// reorder window, so out-of-order execution cannot overlap consecutive steps (llvm-mca's Zen 3 model: 134 cycles
+// per 32 normals against a resource bound of 87.5; measured 1.44 ns per normal on one core, 1.24 ns now).
 static inline void normals_blocks_avx2(uint64_t seed, uint32_t draw, uint64_t blk0, int64_t nb, float* __restrict z) {
   if (nb <= 0) return;
   const __m256i order = _mm256_setr_epi64x(0, 2, 1, 3);
-  __m256i ka[10], kb[10];  // the round keys, broadcast
+  PhiloxKeys k;
   {
     uint32_t a = (uint32_t)seed, b = (uint32_t)(seed >> 32);
     for (int round = 0; round < 10; ++round) {
@@ -355,65 +437,51 @@ static inline void normals_blocks_avx2(uint64_t seed, uint32_t draw, uint64_t bl
         a += PHILOX_W0;
         b += PHILOX_W1;
       }
-      ka[round] = _mm256_set1_epi32((int)a);
-      kb[round] = _mm256_set1_epi32((int)b);
+      k.a[round] = _mm256_set1_epi32((int)a);
+      k.b[round] = _mm256_set1_epi32((int)b);
     }
   }
+  const int64_t groups = (nb + 7) / 8;
   Philox4 p[2];
   philox8_begin(p, blk0, order, draw);
-  for (int round = 0; round < 10; ++round) philox8_round(p, ka[round], kb[round]);
-  BoxMuller8 s[2];
-  int64_t j = 0;
-  for (; j + 8 < nb; j += 8) {  // blocks [j, j + 8) to normals while Philox computes [j + 8, j + 16)
-    const __m256i wa0 = radius_words(p[0]), wa1 = radius_words(p[1]);
-    const __m256i wb0 = angle_words(p[0]), wb1 = angle_words(p[1]);
-    philox8_begin(p, blk0 + (uint64_t)(j + 8), order, draw);
-    philox8_round(p, ka[0], kb[0]);
-    bm_log_begin(s[0], wa0);
-    bm_log_begin(s[1], wa1);
-    philox8_round(p, ka[1], kb[1]);
-    bm_log_horner3(s[0], 1.1676998740E-1f, -1.2420140846E-1f, 1.4249322787E-1f);
-    bm_log_horner3(s[1], 1.1676998740E-1f, -1.2420140846E-1f, 1.4249322787E-1f);
-    philox8_round(p, ka[2], kb[2]);
-    bm_log_horner3(s[0], -1.6668057665E-1f, 2.0000714765E-1f, -2.4999993993E-1f);
-    bm_log_horner3(s[1], -1.6668057665E-1f, 2.0000714765E-1f, -2.4999993993E-1f);
-    philox8_round(p, ka[3], kb[3]);
-    bm_log_end(s[0]);
-    bm_log_end(s[1]);
-    philox8_round(p, ka[4], kb[4]);
-    bm_radius(s[0]);
-    bm_radius(s[1]);
-    philox8_round(p, ka[5], kb[5]);
-    bm_angle_begin(s[0], wb0);
-    bm_angle_begin(s[1], wb1);
-    philox8_round(p, ka[6], kb[6]);
-    bm_angle_reduce(s[0]);
-    bm_angle_reduce(s[1]);
-    philox8_round(p, ka[7], kb[7]);
-    bm_angle_poly(s[0]);
-    philox8_round(p, ka[8], kb[8]);
-    bm_angle_poly(s[1]);
-    philox8_round(p, ka[9], kb[9]);
-    __m256 rc0, rs0, rc1, rs1;
-    bm_finish(s[0], rc0, rs0);
-    bm_finish(s[1], rc1, rs1);
-    store_normals4(z + 4 * j, rc0, rs0, 4);
-    store_normals4(z + 4 * j + 16, rc1, rs1, 4);
+  for (int round = 0; round < 10; ++round) philox8_round(p, k.a[round], k.b[round]);
+  BoxMuller8 s[2], t[2];         // the current group (log), the previous one (radius, angle, normals)
+  __m256i wa[2], wb[2], wbp[2];  // radius / angle words of the current group, angle words of the previous one
+  auto take_words = [&]() {
+    for (int v = 0; v < 2; ++v) {
+      wa[v] = radius_words(p[v]);
+      wb[v] = angle_words(p[v]);
+    }
+  };
+  take_words();
+  if (groups == 1) {
+    bm_log_begin(s[0], wa[0]);
+    bm_log_begin(s[1], wa[1]);
+    for (int v = 0; v < 2; ++v) {
+      bm_log_horner3(s[v], 1.1676998740E-1f, -1.2420140846E-1f, 1.4249322787E-1f);
+      bm_log_horner3(s[v], -1.6668057665E-1f, 2.0000714765E-1f, -2.4999993993E-1f);
+      bm_log_end(s[v]);
+    }
+    normals_group_finish(s, wb, z, nb);
+    return;
   }
-  for (int v = 0; v < 2; ++v) {  // the last 1-8 blocks: the same stages in a row
-    BoxMuller8 t;
-    bm_log_begin(t, radius_words(p[v]));
-    bm_log_horner3(t, 1.1676998740E-1f, -1.2420140846E-1f, 1.4249322787E-1f);
-    bm_log_horner3(t, -1.6668057665E-1f, 2.0000714765E-1f, -2.4999993993E-1f);
-    bm_log_end(t);
-    bm_radius(t);
-    bm_angle_begin(t, angle_words(p[v]));
-    bm_angle_reduce(t);
-    bm_angle_poly(t);
-    __m256 rc, rs;
-    bm_finish(t, rc, rs);
-    store_normals4(z + 4 * (j + 4 * v), rc, rs, nb - (j + 4 * v));
+  normals_pipeline_step<true, false>(p, k, blk0 + 8, order, draw, s, wa, t, wbp, z, 0);  // log 0, Philox 1
+  for (int64_t g = 1; g + 1 < groups; ++g) {
+    t[0] = s[0];
+    t[1] = s[1];
+    wbp[0] = wb[0];
+    wbp[1] = wb[1];
+    take_words();
+    normals_pipeline_step<true, true>(p, k, blk0 + (uint64_t)(8 * (g + 1)), order, draw, s, wa, t, wbp,
+                                      z + 32 * (g - 1), 8);
   }
+  t[0] = s[0];
+  t[1] = s[1];
+  wbp[0] = wb[0];
+  wbp[1] = wb[1];
+  take_words();
+  normals_pipeline_step<false, true>(p, k, 0, order, draw, s, wa, t, wbp, z + 32 * (groups - 2), 8);
+  normals_group_finish(s, wb, z + 32 * (groups - 1), nb - 8 * (groups - 1));
 }
 #endif
 
