@@ -44,7 +44,7 @@ using fastdiff::f32_from_bits;
 
 // natural log of a positive normal float.  v = 2^e (1 + f) with 1 + f in [sqrt(1/2), sqrt(2)), found with integer
 // ops only (offsetting the bits by those of sqrt(1/2)); the same e, f as Cephes' frexp-and-compare, without a branch.
-static inline float log_f32(float v) {
+static FD_SIMD_INLINE float log_f32(float v) {
   const uint32_t ix = bits_from_f32(v) - 0x3F3504F3u;
   const float e = (float)((int32_t)ix >> 23);
   const float f = f32_from_bits((ix & 0x007FFFFFu) + 0x3F3504F3u) - 1.0f;  // exact (Sterbenz)
@@ -66,7 +66,7 @@ static inline float log_f32(float v) {
 }
 
 // sin and cos of theta in [0, 2pi): reduce by multiples of pi/2 (3-part Cody-Waite), then minimax polynomials
-static inline void sincos_f32(float t, float& s, float& c) {
+static FD_SIMD_INLINE void sincos_f32(float t, float& s, float& c) {
   int32_t j = (int32_t)(t * 1.27323954473516f);  // octant, t * 4/pi
   j = (j + 1) & ~1;                              // round up to even: nearest multiple of pi/2
   const float y = (float)j;
@@ -117,18 +117,18 @@ static inline void normals_blocks_portable(uint64_t seed, uint32_t draw, uint64_
 
 #if defined(__AVX512F__)
 // The functions above on 16 lanes, operation for operation (so bit for bit).
-static inline __m512 ps(float v) { return _mm512_set1_ps(v); }
-static inline __m512 mul(__m512 a, __m512 b) { return _mm512_mul_ps(a, b); }
-static inline __m512 add(__m512 a, __m512 b) { return _mm512_add_ps(a, b); }
-static inline __m512 sub(__m512 a, __m512 b) { return _mm512_sub_ps(a, b); }
-static inline __m512 fma(__m512 a, __m512 b, __m512 c) { return _mm512_fmadd_ps(a, b, c); }
+static FD_SIMD_INLINE __m512 ps(float v) { return _mm512_set1_ps(v); }
+static FD_SIMD_INLINE __m512 mul(__m512 a, __m512 b) { return _mm512_mul_ps(a, b); }
+static FD_SIMD_INLINE __m512 add(__m512 a, __m512 b) { return _mm512_add_ps(a, b); }
+static FD_SIMD_INLINE __m512 sub(__m512 a, __m512 b) { return _mm512_sub_ps(a, b); }
+static FD_SIMD_INLINE __m512 fma(__m512 a, __m512 b, __m512 c) { return _mm512_fmadd_ps(a, b, c); }
 
-static inline __m512 uniform_avx512(__m512i w) {  // uint_to_uniform: ~i for negative i is i ^ (i >> 31)
+static FD_SIMD_INLINE __m512 uniform_avx512(__m512i w) {  // uint_to_uniform: ~i for negative i is i ^ (i >> 31)
   const __m512i i = _mm512_xor_si512(w, _mm512_srai_epi32(w, 31));
   return mul(_mm512_cvtepi32_ps(i), ps(4.6566127342e-10f));
 }
 
-static inline __m512 log_avx512(__m512 v) {
+static FD_SIMD_INLINE __m512 log_avx512(__m512 v) {
   const __m512i off = _mm512_set1_epi32(0x3F3504F3);
   const __m512i ix = _mm512_sub_epi32(_mm512_castps_si512(v), off);
   const __m512 e = _mm512_cvtepi32_ps(_mm512_srai_epi32(ix, 23));
@@ -151,7 +151,7 @@ static inline __m512 log_avx512(__m512 v) {
   return fma(ps(0.693359375f), e, r);
 }
 
-static inline void sincos_avx512(__m512 t, __m512& s, __m512& c) {
+static FD_SIMD_INLINE void sincos_avx512(__m512 t, __m512& s, __m512& c) {
   __m512i j = _mm512_cvttps_epi32(mul(t, ps(1.27323954473516f)));
   j = _mm512_and_si512(_mm512_add_epi32(j, _mm512_set1_epi32(1)), _mm512_set1_epi32(~1));
   const __m512 y = _mm512_cvtepi32_ps(j);
@@ -225,13 +225,13 @@ static inline void normals_blocks_avx512(uint64_t seed, uint32_t draw, uint64_t 
 // (BoxMuller8) so that normals_blocks_avx2 can interleave them with the Philox rounds of the next blocks: Philox
 // is integer multiplies, shifts and XORs, Box-Muller is float multiply-adds, and out-of-order execution cannot
 // overlap the two when each comes as one long run (one Philox step is ~160 operations).
-static inline __m256 ps8(float v) { return _mm256_set1_ps(v); }
-static inline __m256 mul(__m256 a, __m256 b) { return _mm256_mul_ps(a, b); }
-static inline __m256 add(__m256 a, __m256 b) { return _mm256_add_ps(a, b); }
-static inline __m256 sub(__m256 a, __m256 b) { return _mm256_sub_ps(a, b); }
-static inline __m256 fma(__m256 a, __m256 b, __m256 c) { return _mm256_fmadd_ps(a, b, c); }
+static FD_SIMD_INLINE __m256 ps8(float v) { return _mm256_set1_ps(v); }
+static FD_SIMD_INLINE __m256 mul(__m256 a, __m256 b) { return _mm256_mul_ps(a, b); }
+static FD_SIMD_INLINE __m256 add(__m256 a, __m256 b) { return _mm256_add_ps(a, b); }
+static FD_SIMD_INLINE __m256 sub(__m256 a, __m256 b) { return _mm256_sub_ps(a, b); }
+static FD_SIMD_INLINE __m256 fma(__m256 a, __m256 b, __m256 c) { return _mm256_fmadd_ps(a, b, c); }
 
-static inline __m256 uniform_avx2(__m256i w) {  // uint_to_uniform: ~i for negative i is i ^ (i >> 31)
+static FD_SIMD_INLINE __m256 uniform_avx2(__m256i w) {  // uint_to_uniform: ~i for negative i is i ^ (i >> 31)
   const __m256i i = _mm256_xor_si256(w, _mm256_srai_epi32(w, 31));
   return mul(_mm256_cvtepi32_ps(i), ps8(4.6566127342e-10f));
 }
@@ -246,7 +246,7 @@ struct BoxMuller8 {
   __m256 sp, cp;       // the polynomials of sin q, cos q
 };
 
-static inline void bm_log_begin(BoxMuller8& s, __m256i wa) {
+static FD_SIMD_INLINE void bm_log_begin(BoxMuller8& s, __m256i wa) {
   const __m256 v = _mm256_max_ps(uniform_avx2(wa), ps8(1e-7f));
   const __m256i off = _mm256_set1_epi32(0x3F3504F3);
   const __m256i ix = _mm256_sub_epi32(_mm256_castps_si256(v), off);
@@ -256,31 +256,31 @@ static inline void bm_log_begin(BoxMuller8& s, __m256i wa) {
   s.f2 = mul(s.f, s.f);
   s.y = fma(ps8(7.0376836292E-2f), s.f, ps8(-1.1514610310E-1f));
 }
-static inline void bm_log_horner3(BoxMuller8& s, float c0, float c1, float c2) {
+static FD_SIMD_INLINE void bm_log_horner3(BoxMuller8& s, float c0, float c1, float c2) {
   s.y = fma(s.y, s.f, ps8(c0));
   s.y = fma(s.y, s.f, ps8(c1));
   s.y = fma(s.y, s.f, ps8(c2));
 }
-static inline void bm_log_end(BoxMuller8& s) {
+static FD_SIMD_INLINE void bm_log_end(BoxMuller8& s) {
   s.y = fma(s.y, s.f, ps8(3.3333331174E-1f));
   s.y = mul(mul(s.y, s.f), s.f2);
   s.y = fma(ps8(-2.12194440E-4f), s.e, s.y);
   s.y = fma(ps8(-0.5f), s.f2, s.y);
 }
-static inline void bm_radius(BoxMuller8& s) {
+static FD_SIMD_INLINE void bm_radius(BoxMuller8& s) {
   const __m256 ln = fma(ps8(0.693359375f), s.e, add(s.f, s.y));
   s.r = _mm256_sqrt_ps(mul(ps8(-2.0f), ln));
 }
-static inline void bm_angle_begin(BoxMuller8& s, __m256i wb) {
+static FD_SIMD_INLINE void bm_angle_begin(BoxMuller8& s, __m256i wb) {
   s.t = mul(ps8(6.2831855f), uniform_avx2(wb));
   const __m256i j = _mm256_cvttps_epi32(mul(s.t, ps8(1.27323954473516f)));
   s.j = _mm256_and_si256(_mm256_add_epi32(j, _mm256_set1_epi32(1)), _mm256_set1_epi32(~1));
 }
-static inline void bm_angle_reduce(BoxMuller8& s) {
+static FD_SIMD_INLINE void bm_angle_reduce(BoxMuller8& s) {
   const __m256 y = _mm256_cvtepi32_ps(s.j);
   s.q = fma(y, ps8(-3.77489497744594108e-8f), fma(y, ps8(-2.4187564849853515625e-4f), fma(y, ps8(-0.78515625f), s.t)));
 }
-static inline void bm_angle_poly(BoxMuller8& s) {
+static FD_SIMD_INLINE void bm_angle_poly(BoxMuller8& s) {
   const __m256 z = mul(s.q, s.q);
   __m256 sp = ps8(-1.9515295891E-4f);
   sp = fma(sp, z, ps8(8.3321608736E-3f));
@@ -294,7 +294,7 @@ static inline void bm_angle_poly(BoxMuller8& s) {
 // The normals r cos, r sin.  Quadrant q = (j >> 1) & 3 (j even): swap where bit 1 of j is set (vblendvps reads
 // the sign bit: bit 1 << 30); sin negated where bit 2 of j is set, cos where bit 2 of j + 2 is: XORs of the sign
 // bit (bit 2 << 29 = bit 31).
-static inline void bm_finish(const BoxMuller8& s, __m256& rc, __m256& rs) {
+static FD_SIMD_INLINE void bm_finish(const BoxMuller8& s, __m256& rc, __m256& rs) {
   const __m256 swap = _mm256_castsi256_ps(_mm256_slli_epi32(s.j, 30));
   const __m256 sv = _mm256_blendv_ps(s.sp, s.cp, swap), cv = _mm256_blendv_ps(s.cp, s.sp, swap);
   const __m256 sign = _mm256_castsi256_ps(_mm256_set1_epi32((int)0x80000000u));
@@ -313,17 +313,17 @@ struct Philox4 {
 
 // (w0, w2) and (w1, w3) of each block side by side: the odd 32-bit elements take w2 / w3 (the low halves of z /
 // w); the even elements keep w0 / w1.  Box-Muller on the pairs gives [n0, n2] and [n1, n3] of each block.
-static inline __m256i radius_words(const Philox4& p) {
+static FD_SIMD_INLINE __m256i radius_words(const Philox4& p) {
   return _mm256_blend_epi32(p.x, _mm256_shuffle_epi32(p.z, 0xA0), 0xAA);  // [0,0,2,2]
 }
-static inline __m256i angle_words(const Philox4& p) {
+static FD_SIMD_INLINE __m256i angle_words(const Philox4& p) {
   return _mm256_blend_epi32(p.y, _mm256_shuffle_epi32(p.w, 0xA0), 0xAA);
 }
 
 // The 16 normals of 4 blocks at dst: the 64-bit lanes hold blocks [0, 2, 1, 3], so per 128-bit lane k unpacklo
 // gives [n0 n1 n2 n3] of block k and unpackhi that of block 2 + k: blocks 0-1, then 2-3, in memory order.  Only
 // the first `left` blocks are stored (left >= 4: all).
-static inline void store_normals4(float* dst, __m256 rc, __m256 rs, int64_t left) {
+static FD_SIMD_INLINE void store_normals4(float* dst, __m256 rc, __m256 rs, int64_t left) {
   const __m256 lo = _mm256_unpacklo_ps(rc, rs), hi = _mm256_unpackhi_ps(rc, rs);
   if (left >= 4) {
     _mm256_storeu_ps(dst, lo);
@@ -337,10 +337,10 @@ static inline void store_normals4(float* dst, __m256 rc, __m256 rs, int64_t left
 }
 
 // Philox of 8 blocks (two Philox4): counters of blocks base + [0, 8), then one round
-static inline void philox8_begin(Philox4* p, uint64_t base, __m256i order, uint32_t draw) {
+static FD_SIMD_INLINE void philox8_begin(Philox4* p, uint64_t base, __m256i order, uint32_t draw) {
   for (int v = 0; v < 2; ++v) philox_counters_avx2(base + 4 * v, order, draw, 0u, p[v].x, p[v].y, p[v].z, p[v].w);
 }
-static inline void philox8_round(Philox4* p, __m256i ka, __m256i kb) {
+static FD_SIMD_INLINE void philox8_round(Philox4* p, __m256i ka, __m256i kb) {
   for (int v = 0; v < 2; ++v) philox_round_avx2(p[v].x, p[v].y, p[v].z, p[v].w, ka, kb);
 }
 
@@ -356,7 +356,7 @@ struct PhiloxKeys {
 // per BoxMuller8: g++'s register allocation, hence the speed, changes with small rewrites of this function;
 // benchmark any change, e.g. with tests/cpu_rng_probe.cpp's normals_fast.)
 template <bool NEXT, bool PREV>
-static inline void normals_pipeline_step(Philox4* p, const PhiloxKeys& k, uint64_t next_base, __m256i order,
+static FD_SIMD_INLINE void normals_pipeline_step(Philox4* p, const PhiloxKeys& k, uint64_t next_base, __m256i order,
                                          uint32_t draw, BoxMuller8* s, const __m256i* wa, BoxMuller8* t,
                                          const __m256i* wbp, float* dst, int64_t left) {
   if (NEXT) {
@@ -406,7 +406,7 @@ static inline void normals_pipeline_step(Philox4* p, const PhiloxKeys& k, uint64
 }
 
 // The radius, angle and normals of a group whose log is done (the last group), `left` blocks.
-static inline void normals_group_finish(BoxMuller8* t, const __m256i* wb, float* dst, int64_t left) {
+static FD_SIMD_INLINE void normals_group_finish(BoxMuller8* t, const __m256i* wb, float* dst, int64_t left) {
   for (int v = 0; v < 2; ++v) {
     if (left - 4 * v <= 0) break;
     bm_radius(t[v]);

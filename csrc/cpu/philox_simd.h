@@ -16,6 +16,15 @@
 
 #include "philox.h"
 
+// The register-level helpers below must be inlined into their loops (their arguments are registers, their state
+// lives in registers): in a large translation unit (the extension's bindings.cpp, with every storage type's kernels)
+// g++'s inliner otherwise leaves some as calls, with the state passed through memory (seen: a third slower).
+#if defined(__GNUC__)
+#define FD_SIMD_INLINE inline __attribute__((always_inline))
+#else
+#define FD_SIMD_INLINE inline
+#endif
+
 namespace fastdiff {
 namespace simd {
 
@@ -40,12 +49,12 @@ static inline void philox_blocks_scalar(uint64_t blk0, uint32_t c2, uint32_t c3,
 // low halves) gives the 8 full products, hi = the products' high halves moved down by a vpshufd (port 5, beside
 // the multiplies on port 0), lo = the products themselves.  The high halves of the lanes carry garbage that no
 // multiply reads and XOR never moves into a low half; the low halves hold exactly philox.h's words.
-static inline __m512i hi_to_lo(__m512i p) { return _mm512_shuffle_epi32(p, (_MM_PERM_ENUM)0xF5); }  // [1,1,3,3]
+static FD_SIMD_INLINE __m512i hi_to_lo(__m512i p) { return _mm512_shuffle_epi32(p, (_MM_PERM_ENUM)0xF5); }  // [1,1,3,3]
 
 // 10 Philox rounds on V independent zmm of 8 counters each (words x, y, z, w in the low halves of the 64-bit
 // lanes; the V chains hide vpmuludq's latency).  Shared by the raw stream below and the normals (normals_simd.h).
 template <int V>
-static inline void philox_rounds_avx512(__m512i* x, __m512i* y, __m512i* z, __m512i* w, uint32_t k0, uint32_t k1) {
+static FD_SIMD_INLINE void philox_rounds_avx512(__m512i* x, __m512i* y, __m512i* z, __m512i* w, uint32_t k0, uint32_t k1) {
   const __m512i m0 = _mm512_set1_epi64(PHILOX_M0), m1 = _mm512_set1_epi64(PHILOX_M1);
   uint32_t ka = k0, kb = k1;
 #pragma GCC unroll 10
@@ -68,7 +77,7 @@ static inline void philox_rounds_avx512(__m512i* x, __m512i* y, __m512i* z, __m5
 
 // Counters of 8 blocks: 64-bit lanes block = base + lanes[i] (the carry into the high word comes with the 64-bit
 // add), word 2 = c2, word 3 = c3.
-static inline void philox_counters_avx512(uint64_t base, __m512i lanes, uint32_t c2, uint32_t c3, __m512i& x,
+static FD_SIMD_INLINE void philox_counters_avx512(uint64_t base, __m512i lanes, uint32_t c2, uint32_t c3, __m512i& x,
                                           __m512i& y, __m512i& z, __m512i& w) {
   const __m512i blk = _mm512_add_epi64(_mm512_set1_epi64((long long)base), lanes);
   x = blk;                           // low half: block lo
@@ -119,11 +128,11 @@ static inline void philox_blocks_avx512(uint64_t blk0, uint32_t c2, uint32_t c3,
 // ymm instead: each word of 4 counters in the low halves of the 64-bit lanes, so that one _mm256_mul_epu32 gives
 // the 4 full products and hi = their high halves moved down (16 operations per round and 8 counters; the words
 // come out as pairs of 64-bit lanes, which is what Box-Muller pairs up anyway).
-static inline __m256i hi_to_lo(__m256i p) { return _mm256_shuffle_epi32(p, 0xF5); }  // [1,1,3,3]
+static FD_SIMD_INLINE __m256i hi_to_lo(__m256i p) { return _mm256_shuffle_epi32(p, 0xF5); }  // [1,1,3,3]
 
 // Counters of 4 blocks in the 64-bit-lane layout: block = base + lanes[i] (the carry into the high word comes with
 // the 64-bit add), word 2 = c2, word 3 = c3.
-static inline void philox_counters_avx2(uint64_t base, __m256i lanes, uint32_t c2, uint32_t c3, __m256i& x,
+static FD_SIMD_INLINE void philox_counters_avx2(uint64_t base, __m256i lanes, uint32_t c2, uint32_t c3, __m256i& x,
                                         __m256i& y, __m256i& z, __m256i& w) {
   const __m256i blk = _mm256_add_epi64(_mm256_set1_epi64x((long long)base), lanes);
   x = blk;                         // low half: block lo
@@ -134,7 +143,7 @@ static inline void philox_counters_avx2(uint64_t base, __m256i lanes, uint32_t c
 
 // One Philox round on 4 counters in the 64-bit-lane layout, round keys (ka, kb) broadcast to every 32-bit lane.
 // The high halves of the lanes carry garbage that no multiply reads and XOR never moves into a low half.
-static inline void philox_round_avx2(__m256i& x, __m256i& y, __m256i& z, __m256i& w, __m256i ka, __m256i kb) {
+static FD_SIMD_INLINE void philox_round_avx2(__m256i& x, __m256i& y, __m256i& z, __m256i& w, __m256i ka, __m256i kb) {
   const __m256i p0 = _mm256_mul_epu32(x, _mm256_set1_epi64x(PHILOX_M0));
   const __m256i p1 = _mm256_mul_epu32(z, _mm256_set1_epi64x(PHILOX_M1));
   x = _mm256_xor_si256(hi_to_lo(p1), _mm256_xor_si256(y, ka));  // hi1 ^ y ^ ka (the key XOR off the mul's chain)
@@ -143,7 +152,7 @@ static inline void philox_round_avx2(__m256i& x, __m256i& y, __m256i& z, __m256i
   w = p0;                                                        // lo0
 }
 
-static inline void mulhilo_x8(__m256i a, __m256i m, __m256i& lo, __m256i& hi) {
+static FD_SIMD_INLINE void mulhilo_x8(__m256i a, __m256i m, __m256i& lo, __m256i& hi) {
   const __m256i pe = _mm256_mul_epu32(a, m);
   const __m256i po = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);
   lo = _mm256_blend_epi32(pe, _mm256_slli_epi64(po, 32), 0xAA);
