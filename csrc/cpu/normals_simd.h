@@ -357,8 +357,8 @@ struct PhiloxKeys {
 // benchmark any change, e.g. with tests/cpu_rng_probe.cpp's normals_fast.)
 template <bool NEXT, bool PREV>
 static FD_SIMD_INLINE void normals_pipeline_step(Philox4* p, const PhiloxKeys& k, uint64_t next_base, __m256i order,
-                                         uint32_t draw, BoxMuller8* s, const __m256i* wa, BoxMuller8* t,
-                                         const __m256i* wbp, float* dst, int64_t left) {
+                                                 uint32_t draw, BoxMuller8* s, const __m256i* wa, BoxMuller8* t,
+                                                 const __m256i* wbp, float* dst, int64_t left) {
   if (NEXT) {
     philox8_begin(p, next_base, order, draw);
     philox8_round(p, k.a[0], k.b[0]);

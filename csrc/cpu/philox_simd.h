@@ -54,7 +54,8 @@ static FD_SIMD_INLINE __m512i hi_to_lo(__m512i p) { return _mm512_shuffle_epi32(
 // 10 Philox rounds on V independent zmm of 8 counters each (words x, y, z, w in the low halves of the 64-bit
 // lanes; the V chains hide vpmuludq's latency).  Shared by the raw stream below and the normals (normals_simd.h).
 template <int V>
-static FD_SIMD_INLINE void philox_rounds_avx512(__m512i* x, __m512i* y, __m512i* z, __m512i* w, uint32_t k0, uint32_t k1) {
+static FD_SIMD_INLINE void philox_rounds_avx512(__m512i* x, __m512i* y, __m512i* z, __m512i* w, uint32_t k0,
+                                                uint32_t k1) {
   const __m512i m0 = _mm512_set1_epi64(PHILOX_M0), m1 = _mm512_set1_epi64(PHILOX_M1);
   uint32_t ka = k0, kb = k1;
 #pragma GCC unroll 10
@@ -78,7 +79,7 @@ static FD_SIMD_INLINE void philox_rounds_avx512(__m512i* x, __m512i* y, __m512i*
 // Counters of 8 blocks: 64-bit lanes block = base + lanes[i] (the carry into the high word comes with the 64-bit
 // add), word 2 = c2, word 3 = c3.
 static FD_SIMD_INLINE void philox_counters_avx512(uint64_t base, __m512i lanes, uint32_t c2, uint32_t c3, __m512i& x,
-                                          __m512i& y, __m512i& z, __m512i& w) {
+                                                  __m512i& y, __m512i& z, __m512i& w) {
   const __m512i blk = _mm512_add_epi64(_mm512_set1_epi64((long long)base), lanes);
   x = blk;                           // low half: block lo
   y = _mm512_srli_epi64(blk, 32);    // block hi
@@ -133,7 +134,7 @@ static FD_SIMD_INLINE __m256i hi_to_lo(__m256i p) { return _mm256_shuffle_epi32(
 // Counters of 4 blocks in the 64-bit-lane layout: block = base + lanes[i] (the carry into the high word comes with
 // the 64-bit add), word 2 = c2, word 3 = c3.
 static FD_SIMD_INLINE void philox_counters_avx2(uint64_t base, __m256i lanes, uint32_t c2, uint32_t c3, __m256i& x,
-                                        __m256i& y, __m256i& z, __m256i& w) {
+                                                __m256i& y, __m256i& z, __m256i& w) {
   const __m256i blk = _mm256_add_epi64(_mm256_set1_epi64x((long long)base), lanes);
   x = blk;                         // low half: block lo
   y = _mm256_srli_epi64(blk, 32);  // block hi

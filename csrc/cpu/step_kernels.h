@@ -11,8 +11,9 @@
 // Memory: ONE pass over x, out (both CFG halves), the slots read, x' and the slots written (a large fp32 x' with
 // streaming stores, see STREAM_MIN).  Work is split into OpenMP items of (sample, tile of TILE elements); an item
 // walks its tile in CHUNKs of 256 elements.  With fp32 (fp64) storage x, out and the slots are read straight from
-// memory; fp16 / bf16 chunks are converted into fp32 temporaries.  D, the noise and partial sums live in per-thread temporaries that stay in L1, so every element of
-// DRAM / L3 is touched once while each inner loop is a simple unit-stride loop over a chunk.  Outputs are summed
+// memory; fp16 / bf16 chunks are converted into fp32 temporaries.  D, the noise and partial sums live in per-thread
+// temporaries that stay in L1, so every element of DRAM / L3 is touched once while each inner loop is a simple
+// unit-stride loop over a chunk.  Outputs are summed
 // two terms per pass in the reference's order (three in one pass for the common a x + b D + g z), the last pass
 // converting and storing; they are written in an order where none overwrites a register that a later output
 // still reads (x' in place, a slot read and rewritten), with a copy to a temporary only for cyclic reads.

@@ -16,7 +16,6 @@ from ._base import GAIN, _d, _f64
 from .sigma_indexed import _EulerFamily
 
 
-
 def _alpha(s):
     return 1.0 / np.sqrt(1.0 + np.asarray(s, dtype=np.float64) ** 2)
 
