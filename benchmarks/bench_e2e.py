@@ -18,7 +18,11 @@ numbers is at the level of the model's own jitter, so the loop is also timed wit
 precomputed output (``loop_alone_per_step``): the sampler's own cost per step, precisely.  Every loop's result is
 checked against fastdiff's (eager model) before timing.
 
-    python benchmarks/bench_e2e.py [--quick] [--no-compile] [--steps 1,4,10] [--out PATH]
+On a GPU (``--device cuda``) the same loops run with models and tensors on the device; ``fastdiff.Sampler`` runs the
+whole loop as one CUDA graph (its default there), every timed call ends with ``torch.cuda.synchronize()``, and each
+row also gives ``sampler_share``: (loop - model alone) / loop.
+
+    python benchmarks/bench_e2e.py [--quick] [--no-compile] [--steps 1,4,10] [--device cuda] [--out PATH]
 """
 
 from __future__ import annotations
@@ -43,11 +47,11 @@ RTOL = 1e-3  # loop vs loop, relative to the data scale: fp32 models through up 
 
 def diffusers_loop(model, sched_cls, config, steps, x_T, kwargs, guided, w):
     ds = sched_cls(**config)
-    ds.set_timesteps(steps)
+    ds.set_timesteps(steps, device=x_T.device)
     x = x_T * ds.init_noise_sigma
     for t in ds.timesteps:
         xin = ds.scale_model_input(x, t)
-        tt = torch.full((x.shape[0] * (2 if guided else 1),), float(t))
+        tt = torch.full((x.shape[0] * (2 if guided else 1),), float(t), device=x.device)
         if guided:
             out = model(torch.cat([xin, xin]), tt, **kwargs)
             out_u, out_c = out.chunk(2)
@@ -58,13 +62,13 @@ def diffusers_loop(model, sched_cls, config, steps, x_T, kwargs, guided, w):
     return x
 
 
-def synthetic_unet():
+def synthetic_unet(device="cpu"):
     from diffusers import UNet2DModel
 
     torch.manual_seed(0)
     net = UNet2DModel(sample_size=32, in_channels=4, out_channels=4, layers_per_block=1,
                       block_out_channels=(64, 128, 128), down_block_types=("DownBlock2D",) * 3,
-                      up_block_types=("UpBlock2D",) * 3, norm_num_groups=32).eval()
+                      up_block_types=("UpBlock2D",) * 3, norm_num_groups=32).eval().to(device)
 
     def model(x, t):
         return net(x, t).sample
@@ -74,15 +78,16 @@ def synthetic_unet():
 
 @torch.no_grad()  # not inference_mode: a compiled model recompiles when inference and normal tensors mix
 def run_case(name, model, sched, config, shape, kwargs, guided, w, steps_list, repeats, prediction="epsilon",
-             compile_model=True):
+             compile_model=True, device=torch.device("cpu")):
     from diffusers import DPMSolverMultistepScheduler
 
     rows = []
     seeds = list(range(shape[0]))
-    x_T = fd.rng.randn(shape, seeds)
+    x_T = fd.rng.randn(shape, seeds).to(device)
     b = shape[0] * (2 if guided else 1)
     xin = torch.cat([x_T, x_T]) if guided else x_T
-    tt = torch.full((b,), 500.0)
+    tt = torch.full((b,), 500.0, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
     models = {"": model}
     if compile_model:
         compiled = torch.compile(model, backend="inductor", dynamic=False)
@@ -90,7 +95,7 @@ def run_case(name, model, sched, config, shape, kwargs, guided, w, steps_list, r
         compiled(xin, tt, **kwargs)  # compiles; the loops then call it with these shapes and dtypes only
         print(f"{name}: torch.compile of the model took {time.perf_counter() - t0:.0f} s")
         models["+compile"] = compiled
-    null_out = torch.randn(xin.shape)
+    null_out = torch.randn(xin.shape, device=device)
 
     def null_model(x, t, **kw):  # the loop without a model: a precomputed output
         return null_out
@@ -129,7 +134,7 @@ def run_case(name, model, sched, config, shape, kwargs, guided, w, steps_list, r
                 diffs[p] = float((cases[p]() - ref).abs().max())
                 if not diffs[p] <= RTOL * scale:
                     raise AssertionError(f"{name} {steps} steps: {p} differs from fastdiff by {diffs[p]:.3g}")
-        times = time_interleaved(cases, repeats=repeats, warmup=1)
+        times = time_interleaved(cases, repeats=repeats, warmup=1, sync=sync)
         line = []
         for suffix in models:
             alone_t = times["model alone" + suffix]
@@ -137,9 +142,10 @@ def run_case(name, model, sched, config, shape, kwargs, guided, w, steps_list, r
                 p = loop + suffix
                 t = times[p]
                 rows.append(dict(bench="e2e", model=name, steps=steps, nfe=plan.nfe, provider=p,
-                                 compiled_model=bool(suffix), backend=fd.backends.resolve("auto"), time=t,
-                                 model_alone=alone_t,
+                                 compiled_model=bool(suffix), backend=fd.backends.resolve("auto", device.type),
+                                 device=str(device), time=t, model_alone=alone_t,
                                  host_overhead_per_step=(t["median"] - alone_t["median"]) / max(plan.nfe, 1),
+                                 sampler_share=(t["median"] - alone_t["median"]) / t["median"],
                                  loop_alone_per_step=times[f"{loop} (null model)"]["median"] / max(plan.nfe, 1),
                                  vs_fastdiff=t["median"] / times["fastdiff"]["median"],
                                  vs_fastdiff_same_model=t["median"] / times["fastdiff" + suffix]["median"],
@@ -159,8 +165,12 @@ def main(argv=None, quick=False):
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled-model providers")
     parser.add_argument("--steps", help="comma-separated step counts (default 1,4,10,25,50; --quick 1,4,10)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but torch.cuda.is_available() is False here")
     quick = quick or args.quick
     steps_list = [int(s) for s in args.steps.split(",")] if args.steps else [1, 4, 10] if quick else STEPS
     repeats = 2 if quick else 5
@@ -175,21 +185,21 @@ def main(argv=None, quick=False):
     try:
         from fastdiff.models import digits
 
-        unet = digits.pretrained_unet()
-        labels = torch.arange(64) % 10
+        unet = digits.pretrained_unet().to(device)
+        labels = torch.arange(64, device=device) % 10
         kwargs = {"label": torch.cat([torch.full_like(labels, 10), labels])}
         cfg = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", timestep_spacing="trailing",
                    final_sigmas_type="zero", prediction_type="v_prediction")
         rows += run_case("digits", unet, digits.schedule(), cfg, (64, 1, 8, 8), kwargs, True, 2.0, steps_list,
-                         repeats, prediction=digits.PREDICTION, compile_model=compile_model)
+                         repeats, prediction=digits.PREDICTION, compile_model=compile_model, device=device)
     except FileNotFoundError as e:
         print(f"(digits skipped: {e})")
-    model, n_params = synthetic_unet()
+    model, n_params = synthetic_unet(device)
     print(f"synthetic UNet2DModel: {n_params / 1e6:.1f} M parameters")
     cfg = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                timestep_spacing="trailing", final_sigmas_type="zero")
     rows += run_case("synthetic", model, fd.schedules.DiscreteVP.scaled_linear(), cfg, (4, 4, 32, 32), {}, False,
-                     None, steps_list, repeats, compile_model=compile_model)
+                     None, steps_list, repeats, compile_model=compile_model, device=device)
     load1 = loadavg()
     if load0 > 0.6 * (os.cpu_count() or 1):  # at the start, before this script's own threads count
         print("WARNING: the machine was busy: OpenMP regions wait for descheduled threads, so these timings (and, "
