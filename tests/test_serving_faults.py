@@ -123,8 +123,11 @@ def test_cancel_before_start():
 def test_cancel_during_sampling_frees_its_rows():
     gate = Gate(block_call=2)
     plan = fd.plan("euler", SCH, 5)
-    with ContinuousBatcher(gate, max_batch=4) as b:
-        futs = [b.submit(plan, s, SHAPE) for s in range(3)]
+    b = ContinuousBatcher(gate, max_batch=4)
+    # queued before the worker starts, so that its first tick admits all three (submitting to a running batcher
+    # races its first tick, which may admit only the first)
+    futs = [b.submit(plan, s, SHAPE) for s in range(3)]
+    with b:
         assert gate.reached.wait(WAIT)  # all three are sampling
         assert futs[0].cancel()
         gate.release.set()
