@@ -132,7 +132,7 @@ def _check_seeds(seeds, batch) -> Optional[list]:
     n = seeds.numel() if isinstance(seeds, torch.Tensor) else len(seeds)
     if n != batch:
         raise ValueError(f"seeds has {n} entries but the batch has {batch} samples: give one seed per sample")
-    return rng._normalize_seeds(seeds, batch)  # checks each seed: an integer in [0, 2**64)
+    return rng._normalize_seeds(seeds, None)  # checks each seed (the count is checked above): in [0, 2**64)
 
 
 def _check_mapping(name, value):

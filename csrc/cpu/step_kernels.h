@@ -242,8 +242,17 @@ static OutputOrder plan_outputs(const StepArgs<T, A>& p, const A* M, bool direct
   return o;
 }
 
+// Dynamic thresholding of a chunk: v = clamp(v, -s, s) / s, written with compares so NaN stays NaN (as torch.clamp).
+template <class A>
+static inline void threshold_chunk(A s, A* v, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    const A d = v[j];
+    v[j] = (d > s ? s : (d < -s ? -s : d)) / s;
+  }
+}
+
 // D = cx x + co out, out = out_u + w (out_c - out_u) with cfg; one pass, storage converted on the fly.  With
-// dynamic thresholds, D = clamp(D, -s, s) / s (written with compares so NaN stays NaN, as torch.clamp).
+// dynamic thresholds, D = clamp(D, -s, s) / s (threshold_chunk).
 template <class T, class A>
 static inline void compute_D(const StepArgs<T, A>& p, int64_t b, int64_t off, const A* c, const A* xr, A* D,
                              int64_t n) {
@@ -267,13 +276,7 @@ static inline void compute_D(const StepArgs<T, A>& p, int64_t b, int64_t off, co
   } else {
     for (int64_t j = 0; j < n; ++j) D[j] = cx * xr[j] + co * (A)St<T>::get(ou[j]);
   }
-  if (p.thresholds) {
-    const A s = p.thresholds[b];
-    for (int64_t j = 0; j < n; ++j) {
-      const A d = D[j];
-      D[j] = (d > s ? s : (d < -s ? -s : d)) / s;
-    }
-  }
+  if (p.thresholds) threshold_chunk(p.thresholds[b], D, n);
 }
 
 // CFG++'s U = cx x + co out_u (thresholded as D); only with cfg (without it U is D itself).
@@ -284,13 +287,7 @@ static inline void compute_U(const StepArgs<T, A>& p, int64_t b, int64_t off, co
   const A cx = c[0], co = c[1];
   const S* __restrict ou = p.out + off;
   for (int64_t j = 0; j < n; ++j) U[j] = cx * xr[j] + co * (A)St<T>::get(ou[j]);
-  if (p.thresholds) {
-    const A s = p.thresholds[b];
-    for (int64_t j = 0; j < n; ++j) {
-      const A d = U[j];
-      U[j] = (d > s ? s : (d < -s ? -s : d)) / s;
-    }
-  }
+  if (p.thresholds) threshold_chunk(p.thresholds[b], U, n);
 }
 
 template <class A>
